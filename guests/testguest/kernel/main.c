@@ -1,0 +1,112 @@
+/* Boot flow. Every CPU arrives here on its own kernel stack. CPU 0 reads the boot
+ * information, builds the page tables and the working-set geometry, starts the
+ * timer and then releases the others; each CPU then loads its descriptor tables
+ * and drops to the ring-3 workload. */
+#include "kernel.h"
+#include "../include/fmt.h"
+
+#define WS_ALIGN 0x200000UL /* the working set starts on a 2 MiB page */
+#define MAP_LIMIT (4UL << 30) /* paging.c maps the low 4 GiB */
+
+extern void user_main(u64 cpu);
+extern u8 ustacks[MAX_CPUS][USTACK_SIZE];
+
+u8 exit_status;
+static struct boot_info boot_info;
+static volatile u32 go;
+
+static void print_line(struct line *l)
+{
+	line_end(l);
+	console_write(l->buf, l->len);
+}
+
+/* Place the sequence table and the pages in one usable RAM range above the image. */
+static int working_set_init(const struct kparams *kp)
+{
+	u64 pages = kp->mem_mib * (1UL << 20) / PAGE_SIZE;
+	u64 table = (pages * sizeof(u32) + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1);
+	u64 floor = ((u64)__image_end + WS_ALIGN - 1) & ~(WS_ALIGN - 1);
+	u64 best = 0;
+
+	for (u32 i = 0; i < boot_info.nr_ram; i++) {
+		u64 start = boot_info.ram[i].start, end = boot_info.ram[i].end;
+
+		start = start < floor ? floor : (start + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1);
+		end = (end > MAP_LIMIT ? MAP_LIMIT : end) & ~(PAGE_SIZE - 1);
+		if (end <= start)
+			continue;
+		if (end - start >= table + pages * PAGE_SIZE) {
+			tg_params.seq = (u32 *)start;
+			tg_params.base = (u8 *)(start + table);
+			tg_params.total_pages = pages;
+			return 1;
+		}
+		if (end - start > best)
+			best = end - start;
+	}
+	struct line l = { 0 };
+
+	line_str(&l, "tg: ERROR not enough RAM for");
+	line_kv(&l, "tg.mem", kp->mem_mib);
+	line_kv(&l, "largest_mib", best >> 20);
+	print_line(&l);
+	return 0;
+}
+
+static void bsp_init(enum boot_kind kind, u64 info)
+{
+	struct kparams kp;
+	struct line l = { 0 };
+
+	bootinfo_read(&boot_info, kind, info);
+	cmdline_parse(boot_info.cmdline, &kp);
+	serial_init();
+	line_str(&l, "tg: snapvisor-testguest 1");
+	line_kv(&l, "cpus", kp.cpus);
+	line_kv(&l, "mem", kp.mem_mib);
+	line_kv(&l, "seed", kp.seed);
+	print_line(&l);
+
+	idt_init();
+	paging_init();
+	for (u32 c = 0; c < MAX_CPUS; c++)
+		tss_init(c);
+	gdt_idt_load(0);
+	paging_load();
+
+	exit_status = (u8)kp.exit_status;
+	tg_params.seed = kp.seed;
+	tg_params.rate_mib = kp.rate;
+	tg_params.rounds = kp.rounds;
+	tg_params.pages = kp.pages;
+	tg_params.verify_every = kp.verify;
+	tg_params.corrupt_round = kp.corrupt;
+	tg_params.cpus = (u32)kp.cpus;
+	if (!working_set_init(&kp))
+		power_off(EXIT_NO_MEMORY);
+
+	pic_pit_init(kp.ticks);
+	while (!tg_ticks)
+		__asm__ volatile("sti; hlt; cli" ::: "memory");
+	console_write("tg: timer ok\n", 13);
+}
+
+__attribute__((noreturn)) void kmain(u32 cpu, enum boot_kind kind, u64 info)
+{
+	if (cpu == 0) {
+		bsp_init(kind, info);
+		__atomic_store_n(&go, 1, __ATOMIC_RELEASE);
+	} else {
+		while (!__atomic_load_n(&go, __ATOMIC_ACQUIRE))
+			cpu_relax();
+		if (cpu >= tg_params.cpus)
+			for (;;)
+				__asm__ volatile("cli; hlt");
+		gdt_idt_load(cpu);
+		paging_load();
+		lapic_wake_init();
+	}
+	/* -8: user_main starts as if called, with a return-address slot */
+	enter_user((u64)user_main, (u64)ustacks[cpu] + USTACK_SIZE - 8, cpu);
+}

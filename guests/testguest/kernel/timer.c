@@ -1,0 +1,67 @@
+/* The tick source: PIT channel 0 at 1 kHz through the remapped 8259 PIC to the
+ * BSP (IRQ0 -> vector 32, counted by irq0 in entry64.S). APs do not see PIC
+ * interrupts; to sleep between ticks they arm a one-shot LAPIC timer instead. */
+#include "kernel.h"
+
+#define PIC1 0x20
+#define PIC2 0xa0
+#define PIT_CH0 0x40
+#define PIT_CMD 0x43
+#define PIT_HZ 1193182UL
+#define TICK_HZ 1000UL
+
+#define LAPIC_BASE 0xfee00000UL
+#define LAPIC_SVR 0xf0
+#define LAPIC_LVT_TIMER 0x320
+#define LAPIC_TIMER_INIT 0x380
+#define LAPIC_TIMER_DIV 0x3e0
+#define LAPIC_TIMER_VECTOR 48
+#define LAPIC_SPURIOUS_VECTOR 63
+/* KVM's LAPIC timer counts at 1 GHz: about one timer tick. */
+#define LAPIC_WAKE_COUNT 1000000U
+
+u64 tick_line_every;
+
+static void lapic_write(u32 reg, u32 v)
+{
+	*(volatile u32 *)(LAPIC_BASE + reg) = v;
+}
+
+void pic_pit_init(u64 every)
+{
+	if (every) {
+		tick_line_every = every;
+		tick_countdown = every;
+	}
+	/* ICW1..4: edge triggered, cascade, vectors 0x20 / 0x28, 8086 mode */
+	outb(PIC1, 0x11);
+	outb(PIC2, 0x11);
+	outb(PIC1 + 1, 0x20);
+	outb(PIC2 + 1, 0x28);
+	outb(PIC1 + 1, 0x04);
+	outb(PIC2 + 1, 0x02);
+	outb(PIC1 + 1, 0x01);
+	outb(PIC2 + 1, 0x01);
+	outb(PIC1 + 1, 0xfe); /* only IRQ0 */
+	outb(PIC2 + 1, 0xff);
+
+	/* channel 0, lobyte/hibyte, mode 2 (rate generator) */
+	outb(PIT_CMD, 0x34);
+	outb(PIT_CH0, (u8)(PIT_HZ / TICK_HZ));
+	outb(PIT_CH0, (u8)((PIT_HZ / TICK_HZ) >> 8));
+}
+
+void lapic_wake_init(void)
+{
+	lapic_write(LAPIC_SVR, 0x100 | LAPIC_SPURIOUS_VECTOR);
+	lapic_write(LAPIC_TIMER_DIV, 0xb); /* divide by 1 */
+	lapic_write(LAPIC_LVT_TIMER, LAPIC_TIMER_VECTOR); /* one-shot */
+}
+
+/* Called from SYS_WAIT with interrupts off: sleep until the next interrupt. */
+void wait_tick(u32 cpu)
+{
+	if (cpu)
+		lapic_write(LAPIC_TIMER_INIT, LAPIC_WAKE_COUNT);
+	__asm__ volatile("sti; hlt; cli" ::: "memory");
+}
