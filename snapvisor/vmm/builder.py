@@ -1,0 +1,198 @@
+"""The one place that wires a VM together: for a fresh boot, or from saved state
+(Firecracker's build_microvm_for_boot / build_microvm_from_snapshot)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Callable, Mapping
+
+from snapvisor.vmm.bus import MmioBus, PioBus
+from snapvisor.vmm.devices.console import SerialInputPump
+from snapvisor.vmm.devices.i8042 import COMMAND_PORT, I8042
+from snapvisor.vmm.devices.power import POWER_OFF_PORT, PowerOffPort
+from snapvisor.vmm.devices.serial import COM1_IRQ, COM1_PORT, PORT_COUNT, Serial, SerialOutput
+from snapvisor.vmm.errors import VmConfigError, VmStateError
+from snapvisor.vmm.exit_status import ExitStatus
+from snapvisor.vmm.irqchip import Irqchip
+from snapvisor.vmm.kvm import Kvm, VcpuFd, ffi
+from snapvisor.vmm.kvm import bindings as b
+from snapvisor.vmm.loader import load_kernel
+from snapvisor.vmm.memory import PAGE_SIZE, FileBacking, GuestMemory
+from snapvisor.vmm.vcpu import Vcpu
+from snapvisor.vmm.vm import STATE_VERSION, Vm
+
+# Where KVM may put the three pages it needs on Intel hosts (below the 4 GiB
+# boundary, inside the MMIO hole, away from the LAPIC/IOAPIC).
+KVM_TSS_ADDRESS = 0xFFFBD000
+MIN_MEM_SIZE = 2 << 20
+
+
+@dataclass
+class VmConfig:
+    kernel: Path
+    initrd: Path | None = None
+    cmdline: str = "console=ttyS0"
+    mem_size: int = 256 << 20
+    vcpus: int = 1
+    serial_out: BinaryIO | int | None = None  # None: the VMM's stdout
+    serial_in: BinaryIO | int | None = None  # None: no console input
+    prefault_memory: bool = False  # MAP_POPULATE guest RAM: slower start, faster first touch
+
+
+def _host_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _check_resources(kvm: Kvm, vcpus: int, mem_size: int) -> None:
+    max_vcpus = kvm.check_extension(b.KVM_CAP_NR_VCPUS) or 4
+    if not 1 <= vcpus <= max_vcpus:
+        raise VmConfigError(f"{vcpus} vCPUs requested; this host's KVM supports 1 to {max_vcpus} per VM")
+    if mem_size < MIN_MEM_SIZE or mem_size % PAGE_SIZE:
+        raise VmConfigError(f"memory size {mem_size} bytes: it must be at least 2 MiB and a multiple of 4 KiB")
+    if mem_size > _host_memory():
+        raise VmConfigError(
+            f"memory size {mem_size >> 20} MiB is more than this host's {_host_memory() >> 20} MiB of RAM"
+        )
+
+
+class _Parts:
+    """Everything a VM is made of, created in dependency order; on failure the
+    ExitStack closes what was already opened."""
+
+    def __init__(
+        self,
+        stack: ExitStack,
+        vcpu_count: int,
+        mem_size: int,
+        serial_out: BinaryIO | int | None,
+        serial_in: BinaryIO | int | None,
+        backing: Mapping[str, FileBacking] | None = None,
+        prefault: bool = False,
+    ) -> None:
+        self.kvm = Kvm.open()
+        stack.callback(self.kvm.close)
+        _check_resources(self.kvm, vcpu_count, mem_size)
+        self.vm_fd = self.kvm.create_vm()
+        stack.callback(self.vm_fd.close)
+        self.vm_fd.set_tss_addr(KVM_TSS_ADDRESS)
+        self.irqchip = Irqchip.create(self.vm_fd)
+        self.memory = GuestMemory.create(self.vm_fd, mem_size, backing, prefault)
+        stack.callback(self.memory.close)
+
+        self.pio_bus = PioBus()
+        self.mmio_bus = MmioBus()
+        self.vm: Vm | None = None
+        output = SerialOutput(sys.stdout.fileno() if serial_out is None else serial_out)
+        self.serial = Serial(output, lambda level: self.irqchip.set_irq_line(COM1_IRQ, level))
+        self.power = PowerOffPort(lambda code: self._exit(ExitStatus(code, "poweroff", f"the guest powered off with status {code}")))
+        self.i8042 = I8042(lambda: self._exit(ExitStatus(0, "reset", "the guest reset the machine through the i8042")))
+        self.pio_bus.register(COM1_PORT, PORT_COUNT, self.serial)
+        self.pio_bus.register(POWER_OFF_PORT, 1, self.power)
+        self.pio_bus.register(COMMAND_PORT, 1, self.i8042)
+        self.devices = {"serial": self.serial, "power": self.power, "i8042": self.i8042}
+        self.serial_input = SerialInputPump(serial_in, self.serial) if serial_in is not None else None
+
+        supported_msrs = self.kvm.get_msr_index_list()
+        xsave_size = self.kvm.check_extension(b.KVM_CAP_XSAVE2)
+        run_size = self.kvm.get_vcpu_mmap_size()
+        self.supported_cpuid = self.kvm.get_supported_cpuid()
+        self.vcpus: list[Vcpu] = []
+        for index in range(vcpu_count):
+            fd = self.vm_fd.create_vcpu(index, run_size)
+            stack.callback(fd.close)
+            if index == 0:
+                supported_msrs = _msrs_readable(fd, supported_msrs)
+            self.vcpus.append(Vcpu(index, fd, self.pio_bus, self.mmio_bus, supported_msrs, xsave_size))
+
+    def _exit(self, status: ExitStatus) -> None:
+        assert self.vm is not None
+        self.vm.request_exit(status)
+
+    def assemble(self, config: dict) -> Vm:
+        self.vm = Vm(
+            kvm=self.kvm,
+            vm_fd=self.vm_fd,
+            memory=self.memory,
+            irqchip=self.irqchip,
+            vcpus=self.vcpus,
+            serial=self.serial,
+            devices=self.devices,
+            config=config,
+            serial_input=self.serial_input,
+        )
+        return self.vm
+
+
+def _msrs_readable(vcpu_fd: VcpuFd, indices: list[int]) -> list[int]:
+    """The subset of KVM_GET_MSR_INDEX_LIST that KVM_GET_MSRS accepts here
+    (the kernel stops at the first one it refuses)."""
+    remaining = list(indices)
+    while True:
+        msrs = ffi.new("struct kvm_msrs *", {"nmsrs": len(remaining), "entries": len(remaining)})
+        for i, index in enumerate(remaining):
+            msrs.entries[i].index = index
+        read = vcpu_fd.get_msrs(msrs)
+        if read == len(remaining):
+            return remaining
+        del remaining[read]
+
+
+def build_microvm_for_boot(cfg: VmConfig) -> Vm:
+    """A VM with the kernel loaded and every vCPU at its reset/entry state; not started."""
+    with ExitStack() as stack:
+        parts = _Parts(stack, cfg.vcpus, cfg.mem_size, cfg.serial_out, cfg.serial_in, prefault=cfg.prefault_memory)
+        boot = load_kernel(parts.memory, Path(cfg.kernel), Path(cfg.initrd) if cfg.initrd else None, cfg.cmdline)
+        for vcpu in parts.vcpus:
+            enters = vcpu.index == 0 or boot.all_vcpus_at_entry
+            vcpu.configure_for_boot(parts.supported_cpuid, boot.entry if enters else None)
+        vm = parts.assemble(
+            {
+                "vcpus": cfg.vcpus,
+                "mem_size": cfg.mem_size,
+                "cmdline": cfg.cmdline,
+                "kernel": str(cfg.kernel),
+                "initrd": str(cfg.initrd) if cfg.initrd else None,
+            }
+        )
+        stack.pop_all()
+        return vm
+
+
+def build_microvm_from_state(
+    state: dict,
+    serial_out: BinaryIO | int | None = None,
+    serial_in: BinaryIO | int | None = None,
+    memory_fill: Callable[[GuestMemory], None] | None = None,
+    memory_backing: Mapping[str, FileBacking] | None = None,
+) -> Vm:
+    """A paused-equivalent VM (not started) with the same layout as `state`,
+    guest RAM filled by `memory_fill` (or mapped from `memory_backing`), and
+    every part restored; `vm.start()` continues where the guest was."""
+    if state.get("version") != STATE_VERSION:
+        raise VmStateError(f"VM state version {state.get('version')} is not {STATE_VERSION}")
+    config = state["config"]
+    with ExitStack() as stack:
+        parts = _Parts(stack, config["vcpus"], config["mem_size"], serial_out, serial_in, backing=memory_backing)
+        saved_layout = [(r["name"], r["gpa"], r["size"]) for r in state["memory"]["regions"]]
+        layout = [(r.name, r.gpa, r.size) for r in parts.memory.regions]
+        if saved_layout != layout:
+            raise VmStateError(f"saved memory layout {saved_layout} does not match the rebuilt one {layout}")
+        if memory_fill is not None:
+            memory_fill(parts.memory)
+        parts.irqchip.restore(state["irqchip"])
+        for vcpu, vcpu_state in zip(parts.vcpus, state["vcpus"], strict=True):
+            vcpu.restore(vcpu_state)
+        for name, device in parts.devices.items():
+            if name not in state["devices"]:
+                raise VmStateError(f"the saved state has no {name} device")
+            try:
+                device.restore(state["devices"][name])
+            except ValueError as exc:
+                raise VmStateError(str(exc)) from None
+        vm = parts.assemble(dict(config))
+        stack.pop_all()
+        return vm

@@ -1,0 +1,30 @@
+"""The power-off port: a byte written to port 0x501 powers the VM off, and that
+byte is the VM's exit status (docs/architecture.md, "Test guest protocol").
+
+ACPI-less on purpose: a guest needs one `out` instruction to stop with a result.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+POWER_OFF_PORT = 0x501
+STATE_VERSION = 1
+
+
+class PowerOffPort:
+    def __init__(self, on_power_off: Callable[[int], None]) -> None:
+        self._on_power_off = on_power_off
+
+    def read(self, offset: int, size: int) -> int:
+        return 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self._on_power_off(value & 0xFF)
+
+    def save(self) -> dict:
+        return {"version": STATE_VERSION}
+
+    def restore(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"power-off port state version {state.get('version')} is not {STATE_VERSION}")

@@ -1,0 +1,64 @@
+"""The in-kernel interrupt controllers (PIC pair, IOAPIC; each vCPU's LAPIC is
+saved with the vCPU), the in-kernel PIT (channel 0 on IRQ 0, owns ports
+0x40-0x43 and 0x61) and the VM clock, as one stateful part."""
+
+from __future__ import annotations
+
+from snapvisor.vmm.errors import VmStateError
+from snapvisor.vmm.kvm import VmFd, ffi
+from snapvisor.vmm.kvm import bindings as b
+
+STATE_VERSION = 1
+_CHIPS = {
+    "pic_master": b.KVM_IRQCHIP_PIC_MASTER,
+    "pic_slave": b.KVM_IRQCHIP_PIC_SLAVE,
+    "ioapic": b.KVM_IRQCHIP_IOAPIC,
+}
+# Clock flags KVM_SET_CLOCK should not act on: with REALTIME it would add the
+# wall time spent stopped, and the guest would see a jump.
+_CLOCK_FLAGS_TO_DROP = b.KVM_CLOCK_REALTIME | b.KVM_CLOCK_HOST_TSC
+
+
+class Irqchip:
+    def __init__(self, vm_fd: VmFd) -> None:
+        self._vm_fd = vm_fd
+
+    @classmethod
+    def create(cls, vm_fd: VmFd) -> "Irqchip":
+        vm_fd.create_irqchip()
+        vm_fd.create_pit2(b.KVM_PIT_SPEAKER_DUMMY)
+        return cls(vm_fd)
+
+    def set_irq_line(self, irq: int, level: int) -> None:
+        self._vm_fd.irq_line(irq, level)
+
+    def save(self) -> dict:
+        state = {"version": STATE_VERSION}
+        for name, chip_id in _CHIPS.items():
+            state[name] = bytes(ffi.buffer(self._vm_fd.get_irqchip(chip_id)))
+        state["pit"] = bytes(ffi.buffer(self._vm_fd.get_pit2()))
+        state["clock"] = bytes(ffi.buffer(self._vm_fd.get_clock()))
+        return state
+
+    def restore(self, state: dict) -> None:
+        """PIT, then clock, then the PICs and the IOAPIC."""
+        if state.get("version") != STATE_VERSION:
+            raise VmStateError(f"irqchip state version {state.get('version')} is not {STATE_VERSION}")
+        self._vm_fd.set_pit2(_load("struct kvm_pit_state2", state["pit"]))
+        clock = _load("struct kvm_clock_data", state["clock"])
+        clock.flags &= ~_CLOCK_FLAGS_TO_DROP
+        self._vm_fd.set_clock(clock)
+        for name, chip_id in _CHIPS.items():
+            chip = _load("struct kvm_irqchip", state[name])
+            if chip.chip_id != chip_id:
+                raise VmStateError(f"saved {name} carries chip id {chip.chip_id}, expected {chip_id}")
+            self._vm_fd.set_irqchip(chip)
+
+
+def _load(ctype: str, data: bytes):
+    size = ffi.sizeof(ctype)
+    if len(data) != size:
+        raise VmStateError(f"saved {ctype} is {len(data)} bytes, expected {size}")
+    cdata = ffi.new(ctype + " *")
+    ffi.memmove(cdata, data, size)
+    return cdata

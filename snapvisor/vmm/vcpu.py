@@ -1,0 +1,316 @@
+"""One vCPU: its boot configuration, its state save/restore, and its run loop
+(one thread per vCPU; the loop is a single dispatch on the exit reason)."""
+
+from __future__ import annotations
+
+import errno
+import signal
+import struct
+import threading
+from typing import TYPE_CHECKING
+
+from snapvisor.vmm.bus import MmioBus, PioBus
+from snapvisor.vmm.errors import KvmError, VmRuntimeError, VmStateError
+from snapvisor.vmm.exit_status import ERROR_EXIT_CODE, ExitStatus
+from snapvisor.vmm.kvm import VcpuFd, ffi
+from snapvisor.vmm.kvm import bindings as b
+from snapvisor.vmm.loader import x86
+
+if TYPE_CHECKING:
+    from snapvisor.vmm.vm import VcpuControl
+
+STATE_VERSION = 1
+
+# The signal that kicks a vCPU thread out of KVM_RUN. Its handler does nothing:
+# the point is that KVM_RUN returns EINTR. A real-time signal so it never
+# collides with the usual ones.
+KICK_SIGNAL = signal.SIGRTMIN + 2
+
+MSR_IA32_MISC_ENABLE = 0x1A0
+MISC_ENABLE_FAST_STRING = 1 << 0
+
+LAPIC_LVT0 = 0x350
+LAPIC_LVT1 = 0x360
+LVT_DELIVERY_MODE_MASK = 0x700
+LVT_MODE_EXTINT = 0x700
+LVT_MODE_NMI = 0x400
+LVT_MASKED = 1 << 16
+
+CPUID_FEATURES = 0x1
+CPUID_EXT_TOPOLOGY = 0xB
+CPUID_EXT_TOPOLOGY_V2 = 0x1F
+CPUID_HYPERVISOR_BIT = 1 << 31
+
+_IO_EXIT = struct.Struct("<BBHIQ")  # struct kvm_run_io at the exit union
+_LE_U32 = struct.Struct("<I")
+
+
+def _kick_handler(signum: int, frame: object) -> None:
+    """Intentionally empty: delivery alone interrupts KVM_RUN."""
+
+
+def install_kick_handler() -> None:
+    """Install the no-op handler for KICK_SIGNAL (must happen on the main thread once)."""
+    if signal.getsignal(KICK_SIGNAL) is _kick_handler:
+        return
+    if threading.current_thread() is not threading.main_thread():
+        raise VmRuntimeError(
+            "the first VM of a process must be started from the main thread "
+            "(it installs the signal handler that pauses vCPUs)"
+        )
+    signal.signal(KICK_SIGNAL, _kick_handler)
+
+
+def vcpu_cpuid(supported, apic_id: int):
+    """A copy of KVM_GET_SUPPORTED_CPUID's table with this vCPU's APIC id filled in."""
+    table = ffi.new("struct kvm_cpuid2 *", {"nent": supported.nent, "entries": supported.nent})
+    ffi.memmove(table.entries, supported.entries, supported.nent * ffi.sizeof("struct kvm_cpuid_entry2"))
+    for i in range(table.nent):
+        entry = table.entries[i]
+        if entry.function == CPUID_FEATURES:
+            entry.ebx = (entry.ebx & 0x00FFFFFF) | (apic_id << 24)
+            entry.ecx |= CPUID_HYPERVISOR_BIT
+        elif entry.function in (CPUID_EXT_TOPOLOGY, CPUID_EXT_TOPOLOGY_V2):
+            entry.edx = apic_id
+    return table
+
+
+def _struct_bytes(cdata) -> bytes:
+    return bytes(ffi.buffer(cdata))
+
+
+def _struct_from(ctype: str, data: bytes, what: str):
+    expected = ffi.sizeof(ctype)
+    if len(data) != expected:
+        raise VmStateError(f"saved {what} is {len(data)} bytes, this host's {ctype} is {expected}")
+    cdata = ffi.new(ctype + " *")
+    ffi.memmove(cdata, data, expected)
+    return cdata
+
+
+class Vcpu:
+    def __init__(
+        self,
+        index: int,
+        fd: VcpuFd,
+        pio_bus: PioBus,
+        mmio_bus: MmioBus,
+        msr_indices: list[int],
+        xsave_size: int,
+    ) -> None:
+        self.index = index
+        self.fd = fd
+        self._pio_bus = pio_bus
+        self._mmio_bus = mmio_bus
+        self._msr_indices = msr_indices
+        self._xsave_size = xsave_size
+        self._cpuid_bytes = b""
+        self.thread: threading.Thread | None = None
+
+    # --- configuration -------------------------------------------------------
+    def set_cpuid(self, cpuid) -> None:
+        self.fd.set_cpuid2(cpuid)
+        self._cpuid_bytes = bytes(ffi.buffer(cpuid.entries, cpuid.nent * ffi.sizeof("struct kvm_cpuid_entry2")))
+
+    def configure_for_boot(self, supported_cpuid, entry: int | None) -> None:
+        """CPUID, MSRs and LAPIC for a fresh CPU; with `entry`, 64-bit mode at
+        that address and RUNNABLE (otherwise an AP waits for INIT/SIPI)."""
+        self.set_cpuid(vcpu_cpuid(supported_cpuid, self.index))
+        msrs = ffi.new("struct kvm_msrs *", {"nmsrs": 1, "entries": 1})
+        msrs.entries[0].index = MSR_IA32_MISC_ENABLE
+        msrs.entries[0].data = MISC_ENABLE_FAST_STRING
+        self.fd.set_msrs(msrs)
+        self._route_legacy_interrupts()
+        if entry is None:
+            return
+        sregs = self.fd.get_sregs()
+        x86.set_long_mode_sregs(sregs)
+        self.fd.set_sregs(sregs)
+        regs = ffi.new("struct kvm_regs *")
+        x86.set_entry_regs(regs, entry)
+        self.fd.set_regs(regs)
+        self.fd.set_mp_state(ffi.new("struct kvm_mp_state *", {"mp_state": b.KVM_MP_STATE_RUNNABLE}))
+
+    def _route_legacy_interrupts(self) -> None:
+        """LINT0 = ExtINT (PIC output, virtual-wire mode), LINT1 = NMI, as a
+        PC's firmware leaves them: a guest that never programs its LAPIC still
+        gets PIC interrupts."""
+        lapic = self.fd.get_lapic()
+        registers = ffi.buffer(lapic.regs)
+        for offset, mode in ((LAPIC_LVT0, LVT_MODE_EXTINT), (LAPIC_LVT1, LVT_MODE_NMI)):
+            value = _LE_U32.unpack_from(registers, offset)[0]
+            value = (value & ~(LVT_DELIVERY_MODE_MASK | LVT_MASKED)) | mode
+            _LE_U32.pack_into(registers, offset, value)
+        self.fd.set_lapic(lapic)
+
+    # --- persistence -------------------------------------------------------------
+    def save(self) -> dict:
+        msrs = ffi.new("struct kvm_msrs *", {"nmsrs": len(self._msr_indices), "entries": len(self._msr_indices)})
+        for i, index in enumerate(self._msr_indices):
+            msrs.entries[i].index = index
+        read = self.fd.get_msrs(msrs)
+        if read != len(self._msr_indices):
+            raise VmStateError(f"vCPU {self.index}: KVM_GET_MSRS read {read} of {len(self._msr_indices)} MSRs")
+        xsave = self.fd.get_xsave2(self._xsave_size) if self._xsave_size > 4096 else self.fd.get_xsave()
+        return {
+            "version": STATE_VERSION,
+            "index": self.index,
+            "cpuid": self._cpuid_bytes,
+            "regs": _struct_bytes(self.fd.get_regs()),
+            "sregs": _struct_bytes(self.fd.get_sregs()),
+            "fpu": _struct_bytes(self.fd.get_fpu()),
+            "xsave": bytes(ffi.buffer(xsave, max(self._xsave_size, 4096))),
+            "xcrs": _struct_bytes(self.fd.get_xcrs()),
+            "msrs": [(msrs.entries[i].index, msrs.entries[i].data) for i in range(read)],
+            "lapic": _struct_bytes(self.fd.get_lapic()),
+            "vcpu_events": _struct_bytes(self.fd.get_vcpu_events()),
+            "debugregs": _struct_bytes(self.fd.get_debugregs()),
+            "mp_state": self.fd.get_mp_state().mp_state,
+        }
+
+    def restore(self, state: dict) -> None:
+        """Order matters: CPUID first (it shapes what the rest accepts), LAPIC
+        before MSRs (TSC deadline) and before VCPU_EVENTS, MP_STATE last."""
+        if state.get("version") != STATE_VERSION:
+            raise VmStateError(f"vCPU state version {state.get('version')} is not {STATE_VERSION}")
+        entry_size = ffi.sizeof("struct kvm_cpuid_entry2")
+        count = len(state["cpuid"]) // entry_size
+        cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": count, "entries": count})
+        ffi.memmove(cpuid.entries, state["cpuid"], count * entry_size)
+        self.set_cpuid(cpuid)
+        self.fd.set_sregs(_struct_from("struct kvm_sregs", state["sregs"], "sregs"))
+        self.fd.set_regs(_struct_from("struct kvm_regs", state["regs"], "regs"))
+        self.fd.set_fpu(_struct_from("struct kvm_fpu", state["fpu"], "fpu"))
+        xsave_data = state["xsave"]
+        if len(xsave_data) < 4096:
+            raise VmStateError(f"saved xsave area is {len(xsave_data)} bytes, at least 4096 expected")
+        xsave = ffi.new("struct kvm_xsave *", {"extra": (len(xsave_data) - 4096) // 4})
+        ffi.memmove(xsave, xsave_data, len(xsave_data))
+        self.fd.set_xsave(xsave)
+        self.fd.set_xcrs(_struct_from("struct kvm_xcrs", state["xcrs"], "xcrs"))
+        self.fd.set_lapic(_struct_from("struct kvm_lapic_state", state["lapic"], "lapic"))
+        saved_msrs = state["msrs"]
+        msrs = ffi.new("struct kvm_msrs *", {"nmsrs": len(saved_msrs), "entries": len(saved_msrs)})
+        for i, (index, data) in enumerate(saved_msrs):
+            msrs.entries[i].index = index
+            msrs.entries[i].data = data
+        written = self.fd.set_msrs(msrs)
+        if written != len(saved_msrs):
+            raise VmStateError(
+                f"vCPU {self.index}: this host refused MSR {saved_msrs[written][0]:#x} (KVM_SET_MSRS wrote {written} of {len(saved_msrs)})"
+            )
+        self.fd.set_debugregs(_struct_from("struct kvm_debugregs", state["debugregs"], "debugregs"))
+        self.fd.set_vcpu_events(_struct_from("struct kvm_vcpu_events", state["vcpu_events"], "vcpu_events"))
+        self.fd.set_mp_state(ffi.new("struct kvm_mp_state *", {"mp_state": state["mp_state"]}))
+
+    # --- running ----------------------------------------------------------------------
+    def kick(self) -> None:
+        """Make the thread leave KVM_RUN soon: immediate_exit covers the window
+        before it enters, the signal interrupts it once inside."""
+        self.fd.run.immediate_exit = 1
+        thread = self.thread
+        if thread is not None and thread.ident is not None and thread.is_alive():
+            try:
+                signal.pthread_kill(thread.ident, KICK_SIGNAL)
+            except ProcessLookupError:
+                pass  # the thread ended between the check and the kill
+
+    def clear_kick(self) -> None:
+        self.fd.run.immediate_exit = 0
+
+    def run_loop(self, control: "VcpuControl") -> None:
+        try:
+            status = self._run(control)
+        except KvmError as exc:
+            status = ExitStatus(ERROR_EXIT_CODE, "error", f"vCPU {self.index}: {exc}")
+        except Exception as exc:  # a device bug must not leave the VM hanging
+            status = ExitStatus(ERROR_EXIT_CODE, "error", f"vCPU {self.index}: VMM failure: {exc!r}")
+        control.vcpu_finished(self, status)
+
+    def _run(self, control: "VcpuControl") -> ExitStatus | None:
+        fd = self.fd
+        run = fd.run
+        buffer = fd.run_buffer
+        run_once = fd.run_once
+        pio_lookup = self._pio_bus.lookup
+        unpack_io = _IO_EXIT.unpack_from
+        union_offset = b.RUN_EXIT_UNION_OFFSET
+        while True:
+            try:
+                run_once()
+            except KvmError as exc:
+                if exc.errno not in (errno.EINTR, errno.EAGAIN):
+                    raise
+                if control.stopping:
+                    return None
+                control.park_if_paused(self)
+                if control.stopping:
+                    return None
+                continue
+
+            match run.exit_reason:
+                case b.KVM_EXIT_IO:
+                    direction, size, port, count, data_offset = unpack_io(buffer, union_offset)
+                    target = pio_lookup(port)
+                    for _ in range(count):
+                        if direction == b.KVM_EXIT_IO_OUT:
+                            if target is not None:
+                                value = buffer[data_offset] if size == 1 else int.from_bytes(
+                                    buffer[data_offset : data_offset + size], "little"
+                                )
+                                target[0].write(target[1], size, value)
+                        else:
+                            value = target[0].read(target[1], size) if target is not None else 0xFFFFFFFF
+                            buffer[data_offset : data_offset + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(
+                                size, "little"
+                            )
+                        data_offset += size
+                case b.KVM_EXIT_MMIO:
+                    self._handle_mmio(run.u.mmio)
+                case b.KVM_EXIT_INTR:
+                    pass  # a signal arrived; the next KVM_RUN returns EINTR or continues
+                case b.KVM_EXIT_SHUTDOWN:
+                    return ExitStatus(0, "reset", f"vCPU {self.index} triple-faulted (KVM_EXIT_SHUTDOWN)")
+                case b.KVM_EXIT_SYSTEM_EVENT:
+                    event = run.u.system_event.type
+                    if event == b.KVM_SYSTEM_EVENT_RESET:
+                        return ExitStatus(0, "reset", "the guest asked for a reset")
+                    if event == b.KVM_SYSTEM_EVENT_SHUTDOWN:
+                        return ExitStatus(0, "poweroff", "the guest shut down")
+                    return ExitStatus(ERROR_EXIT_CODE, "error", f"vCPU {self.index}: system event {event}")
+                case b.KVM_EXIT_INTERNAL_ERROR:
+                    return ExitStatus(ERROR_EXIT_CODE, "error", self._describe_internal_error(run.u.internal))
+                case b.KVM_EXIT_FAIL_ENTRY:
+                    reason = run.u.fail_entry.hardware_entry_failure_reason
+                    return ExitStatus(
+                        ERROR_EXIT_CODE, "error", f"vCPU {self.index}: KVM could not enter the guest (hardware reason {reason:#x})"
+                    )
+                case b.KVM_EXIT_HLT:
+                    # Only without an in-kernel LAPIC; ours always has one.
+                    return ExitStatus(0, "poweroff", f"vCPU {self.index} halted")
+                case other:
+                    return ExitStatus(ERROR_EXIT_CODE, "error", f"vCPU {self.index}: unexpected KVM exit reason {other}")
+
+    def _handle_mmio(self, mmio) -> None:
+        size = mmio.len
+        target = self._mmio_bus.lookup(mmio.phys_addr, size)
+        if mmio.is_write:
+            if target is not None:
+                value = int.from_bytes(ffi.buffer(mmio.data, size), "little")
+                target[0].write(target[1], size, value)
+        else:
+            value = target[0].read(target[1], size) if target is not None else (1 << (8 * size)) - 1
+            ffi.memmove(mmio.data, value.to_bytes(size, "little"), size)
+
+    def _describe_internal_error(self, internal) -> str:
+        try:
+            rip = self.fd.get_regs().rip
+            where = f" at RIP {rip:#x}"
+        except KvmError:
+            where = ""
+        if internal.suberror == b.KVM_INTERNAL_ERROR_EMULATION:
+            detail = "KVM could not emulate an instruction"
+        else:
+            detail = f"KVM internal error (suberror {internal.suberror})"
+        data = " ".join(f"{internal.data[i]:#x}" for i in range(min(internal.ndata, 16)))
+        return f"vCPU {self.index}: {detail}{where}" + (f" [data {data}]" if data else "")
