@@ -52,7 +52,7 @@ def _check_resources(kvm: Kvm, vcpus: int, mem_size: int) -> None:
     if not 1 <= vcpus <= max_vcpus:
         raise VmConfigError(f"{vcpus} vCPUs requested; this host's KVM supports 1 to {max_vcpus} per VM")
     if mem_size < MIN_MEM_SIZE or mem_size % PAGE_SIZE:
-        raise VmConfigError(f"memory size {mem_size} bytes: it must be at least 2 MiB and a multiple of 4 KiB")
+        raise VmConfigError(f"memory size {mem_size} bytes is not usable: it must be at least 2 MiB and a multiple of 4 KiB")
     if mem_size > _host_memory():
         raise VmConfigError(
             f"memory size {mem_size >> 20} MiB is more than this host's {_host_memory() >> 20} MiB of RAM"
