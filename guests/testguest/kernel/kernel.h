@@ -71,7 +71,9 @@ void idt_init(void);
 void tss_init(u32 cpu);
 
 /* paging.c */
-void paging_init(void);
+#define MAP_LIMIT (4UL << 30) /* paging.c maps RAM below 4 GiB */
+#define LAPIC_PHYS 0xfee00000UL
+void paging_init(u64 ram_top);
 void paging_load(void);
 
 /* timer.c */

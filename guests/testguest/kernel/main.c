@@ -6,7 +6,6 @@
 #include "../include/fmt.h"
 
 #define WS_ALIGN 0x200000UL /* the working set starts on a 2 MiB page */
-#define MAP_LIMIT (4UL << 30) /* paging.c maps the low 4 GiB */
 
 extern void user_main(u64 cpu);
 extern u8 ustacks[MAX_CPUS][USTACK_SIZE];
@@ -54,6 +53,16 @@ static int working_set_init(const struct kparams *kp)
 	return 0;
 }
 
+static u64 ram_top(void)
+{
+	u64 top = 0;
+
+	for (u32 i = 0; i < boot_info.nr_ram; i++)
+		if (boot_info.ram[i].end > top)
+			top = boot_info.ram[i].end;
+	return top;
+}
+
 static void bsp_init(enum boot_kind kind, u64 info)
 {
 	struct kparams kp;
@@ -69,7 +78,7 @@ static void bsp_init(enum boot_kind kind, u64 info)
 	print_line(&l);
 
 	idt_init();
-	paging_init();
+	paging_init(ram_top());
 	for (u32 c = 0; c < MAX_CPUS; c++)
 		tss_init(c);
 	gdt_idt_load(0);

@@ -1,8 +1,8 @@
-/* Our own identity map of the low 4 GiB.
+/* Our own identity map, below 4 GiB.
  * The first 2 MiB (low memory and the image) use 4 KiB pages so that only the
- * workload's sections are user-accessible and page 0 stays unmapped; the rest
- * uses 2 MiB pages, user-accessible, for the working set. 3-4 GiB is the MMIO hole
- * (LAPIC) and is mapped uncached. */
+ * workload's sections are user-accessible and page 0 stays unmapped; RAM above
+ * uses 2 MiB pages, user-accessible, for the working set. The LAPIC page (used by
+ * APs to sleep) is mapped uncached and supervisor-only. */
 #include "kernel.h"
 
 #define PTE_P 0x1UL
@@ -17,24 +17,25 @@ static u64 pdpt[512] __attribute__((aligned(4096)));
 static u64 pd[4][512] __attribute__((aligned(4096)));
 static u64 pt_low[512] __attribute__((aligned(4096)));
 
-void paging_init(void)
+/* Only RAM up to ram_top and the LAPIC's page are mapped: every entry written
+ * here costs emulated instructions at boot. */
+void paging_init(u64 ram_top)
 {
 	u64 ustart = (u64)__user_start, uend = (u64)__user_end;
+	u64 top = ram_top > MAP_LIMIT ? MAP_LIMIT : ram_top;
 
 	for (u64 i = 1; i < 512; i++) {
 		u64 a = i * PAGE_SIZE;
 
 		pt_low[i] = a | PTE_P | PTE_W | (a >= ustart && a < uend ? PTE_U : 0);
 	}
-	for (u64 g = 0; g < 4; g++) {
-		u64 attr = PTE_P | PTE_W | PTE_U | PTE_PS | (g == 3 ? PTE_PCD | PTE_PWT : 0);
-		u64 a = g << 30;
-
-		for (u64 i = 0; i < 512; i++, a += 0x200000)
-			pd[g][i] = a | attr;
-		pdpt[g] = (u64)pd[g] | PTE_P | PTE_W | PTE_U;
-	}
+	for (u64 a = 0x200000; a < top; a += 0x200000)
+		pd[a >> 30][(a >> 21) & 511] = a | PTE_P | PTE_W | PTE_U | PTE_PS;
+	pd[LAPIC_PHYS >> 30][(LAPIC_PHYS >> 21) & 511] =
+		(LAPIC_PHYS & ~0x1fffffUL) | PTE_P | PTE_W | PTE_PS | PTE_PCD | PTE_PWT;
 	pd[0][0] = (u64)pt_low | PTE_P | PTE_W | PTE_U;
+	for (u64 g = 0; g < 4; g++)
+		pdpt[g] = (u64)pd[g] | PTE_P | PTE_W | PTE_U;
 	pml4[0] = (u64)pdpt | PTE_P | PTE_W | PTE_U;
 }
 

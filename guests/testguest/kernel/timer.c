@@ -10,7 +10,6 @@
 #define PIT_HZ 1193182UL
 #define TICK_HZ 1000UL
 
-#define LAPIC_BASE 0xfee00000UL
 #define LAPIC_SVR 0xf0
 #define LAPIC_LVT_TIMER 0x320
 #define LAPIC_TIMER_INIT 0x380
@@ -24,7 +23,7 @@ u64 tick_line_every;
 
 static void lapic_write(u32 reg, u32 v)
 {
-	*(volatile u32 *)(LAPIC_BASE + reg) = v;
+	*(volatile u32 *)(LAPIC_PHYS + reg) = v;
 }
 
 void pic_pit_init(u64 every)
