@@ -65,3 +65,10 @@ def test_working_set_larger_than_ram_is_refused(guest_elf_path):
     status, lines = boot(guest_elf_path, "tg.mem=100", mem_mib=64)
     assert lines[-1].startswith("tg: ERROR not enough RAM for tg.mem=100")
     assert status == 5
+
+
+def test_missing_cpus_are_reported_instead_of_hanging(guest_elf_path):
+    # QEMU's Multiboot path starts one CPU only
+    status, lines = boot(guest_elf_path, "tg.mem=4 tg.cpus=2")
+    assert lines[-1] == "tg: ERROR only started=1 of tg.cpus=2"
+    assert status == 5

@@ -31,7 +31,7 @@ typedef unsigned long u64;
 
 #define EXIT_VERIFY_FAIL 3
 #define EXIT_FAULT 4
-#define EXIT_NO_MEMORY 5
+#define EXIT_CONFIG 5 /* tg.mem does not fit, or fewer CPUs than tg.cpus */
 
 /* Parameters and the working-set geometry, written by the kernel before any CPU
  * enters ring 3 and only read afterwards. Lives in a user page. */

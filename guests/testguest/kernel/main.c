@@ -6,13 +6,14 @@
 #include "../include/fmt.h"
 
 #define WS_ALIGN 0x200000UL /* the working set starts on a 2 MiB page */
+#define CPU_START_TIMEOUT_TICKS 1000
 
 extern void user_main(u64 cpu);
 extern u8 ustacks[MAX_CPUS][USTACK_SIZE];
 
 u8 exit_status;
 static struct boot_info boot_info;
-static volatile u32 go;
+static volatile u32 go, cpus_started = 1;
 
 static void print_line(struct line *l)
 {
@@ -93,7 +94,7 @@ static void bsp_init(enum boot_kind kind, u64 info)
 	tg_params.corrupt_round = kp.corrupt;
 	tg_params.cpus = (u32)kp.cpus;
 	if (!working_set_init(&kp))
-		power_off(EXIT_NO_MEMORY);
+		power_off(EXIT_CONFIG);
 
 	pic_pit_init(kp.ticks);
 	while (!tg_ticks)
@@ -101,11 +102,30 @@ static void bsp_init(enum boot_kind kind, u64 info)
 	console_write("tg: timer ok\n", 13);
 }
 
+/* A tg.cpus larger than the VM's vCPU count would otherwise hang at "done". */
+static void wait_for_cpus(void)
+{
+	u64 deadline = tg_ticks + CPU_START_TIMEOUT_TICKS;
+
+	while (cpus_started < tg_params.cpus && tg_ticks < deadline)
+		__asm__ volatile("sti; hlt; cli" ::: "memory");
+	if (cpus_started < tg_params.cpus) {
+		struct line l = { 0 };
+
+		line_str(&l, "tg: ERROR only");
+		line_kv(&l, "started", cpus_started);
+		line_kv(&l, "of tg.cpus", tg_params.cpus);
+		print_line(&l);
+		power_off(EXIT_CONFIG);
+	}
+}
+
 __attribute__((noreturn)) void kmain(u32 cpu, enum boot_kind kind, u64 info)
 {
 	if (cpu == 0) {
 		bsp_init(kind, info);
 		__atomic_store_n(&go, 1, __ATOMIC_RELEASE);
+		wait_for_cpus();
 	} else {
 		while (!__atomic_load_n(&go, __ATOMIC_ACQUIRE))
 			cpu_relax();
@@ -115,6 +135,7 @@ __attribute__((noreturn)) void kmain(u32 cpu, enum boot_kind kind, u64 info)
 		gdt_idt_load(cpu);
 		paging_load();
 		lapic_wake_init();
+		__atomic_add_fetch(&cpus_started, 1, __ATOMIC_RELEASE);
 	}
 	/* -8: user_main starts as if called, with a return-address slot */
 	enter_user((u64)user_main, (u64)ustacks[cpu] + USTACK_SIZE - 8, cpu);
