@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from snapvisor.vmm.errors import KvmUnavailableError
+from snapvisor.vmm.errors import KvmError, KvmUnavailableError
 from snapvisor.vmm.kvm import bindings as b
 from snapvisor.vmm.kvm.bindings import ffi
 from snapvisor.vmm.kvm.fd import KvmFd
@@ -37,7 +37,11 @@ class Kvm(KvmFd):
         except OSError as exc:
             raise KvmUnavailableError(f"cannot open {path}: {exc.strerror}") from None
         kvm = cls(fd)
-        version = kvm.get_api_version()
+        try:
+            version = kvm.get_api_version()
+        except KvmError as exc:
+            kvm.close()
+            raise KvmUnavailableError(f"{path} is not a KVM device ({exc})") from None
         if version != b.KVM_API_VERSION:
             kvm.close()
             raise KvmUnavailableError(
