@@ -1,0 +1,32 @@
+"""Errors of the store layer. Each message names the object and says what to do."""
+
+from snapvisor.errors import SnapvisorError
+
+
+class StoreError(SnapvisorError):
+    """A backend operation failed (I/O, network, credentials, missing bucket)."""
+
+
+class ObjectNotFound(StoreError):
+    """The named object does not exist in the backend."""
+
+    def __init__(self, url: str, key: str):
+        super().__init__(f"object {key!r} not found in {url}")
+        self.key = key
+
+
+class RepositoryError(SnapvisorError):
+    """The repository is missing, malformed, corrupt, or the request does not fit it."""
+
+
+class CorruptObject(RepositoryError):
+    """An object's bytes do not match its format or its content hash."""
+
+    def __init__(self, key: str, problem: str):
+        super().__init__(f"{key} is corrupt: {problem}; run `snapvisor verify --read-data` "
+                         f"to list every damaged object, restore from another copy of the repository")
+        self.key = key
+
+
+class RepositoryLocked(RepositoryError):
+    """Another process holds a lock that conflicts with the requested operation."""

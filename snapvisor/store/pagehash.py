@@ -1,0 +1,229 @@
+"""Per-page zero test and SHA-256 over many pages per call.
+
+A 1 GiB guest has 262,144 pages; one Python call per page would cost more than the
+hashing itself. A small C helper (compiled on first use with the machine's C
+compiler and OpenSSL's libcrypto, cached by source hash) does the whole batch with
+the GIL released. Where no compiler is available, hashlib per page is the fallback:
+correct, about a third slower.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+
+PAGE_SIZE = 4096
+ID_SIZE = 32
+
+_CDEF = """
+size_t sv_hash_pages(const unsigned char *data, size_t npages, size_t page_size,
+                     unsigned char *ids, unsigned char *nonzero);
+long sv_check_pages(const unsigned char *data, size_t npages, size_t page_size,
+                    const unsigned char *ids);
+long sv_check_slots(const unsigned char *frame, size_t page_size, const uint32_t *slots,
+                    size_t n, const unsigned char *ids);
+void sv_copy_pages(unsigned char *dst, const int64_t *dst_pages, const unsigned char *src,
+                   const uint32_t *src_slots, size_t n, size_t page_size);
+"""
+
+_C_SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+#include <openssl/sha.h>
+
+static int page_is_zero(const unsigned char *p, size_t n) {
+    const uint64_t *w = (const uint64_t *)p;
+    size_t words = n / 8, i;
+    uint64_t acc = 0;
+    /* Early exit on the first word: a non-zero page rarely starts with 64 zero bytes. */
+    if (w[0] | w[1] | w[2] | w[3] | w[4] | w[5] | w[6] | w[7]) return 0;
+    for (i = 8; i < words; i += 8) {
+        acc |= w[i] | w[i+1] | w[i+2] | w[i+3] | w[i+4] | w[i+5] | w[i+6] | w[i+7];
+        if (acc) return 0;
+    }
+    return 1;
+}
+
+/* For each page: nonzero[i] = 0/1; ids[i] = SHA-256 of the page, or 32 zero bytes
+   for a zero page. Returns the number of non-zero pages. */
+size_t sv_hash_pages(const unsigned char *data, size_t npages, size_t page_size,
+                     unsigned char *ids, unsigned char *nonzero) {
+    size_t i, count = 0;
+    for (i = 0; i < npages; i++) {
+        const unsigned char *p = data + i * page_size;
+        if (page_is_zero(p, page_size)) {
+            nonzero[i] = 0;
+            memset(ids + 32 * i, 0, 32);
+        } else {
+            nonzero[i] = 1;
+            SHA256(p, page_size, ids + 32 * i);
+            count++;
+        }
+    }
+    return count;
+}
+
+/* Returns -1 when every page hashes to its id, else the index of the first page
+   that does not. */
+long sv_check_pages(const unsigned char *data, size_t npages, size_t page_size,
+                    const unsigned char *ids) {
+    unsigned char md[32];
+    size_t i;
+    for (i = 0; i < npages; i++) {
+        SHA256(data + i * page_size, page_size, md);
+        if (memcmp(md, ids + 32 * i, 32) != 0) return (long)i;
+    }
+    return -1;
+}
+
+/* Checks the pages at frame + slots[i] * page_size against ids[i]. */
+long sv_check_slots(const unsigned char *frame, size_t page_size, const uint32_t *slots,
+                    size_t n, const unsigned char *ids) {
+    unsigned char md[32];
+    size_t i;
+    for (i = 0; i < n; i++) {
+        SHA256(frame + (size_t)slots[i] * page_size, page_size, md);
+        if (memcmp(md, ids + 32 * i, 32) != 0) return (long)i;
+    }
+    return -1;
+}
+
+/* dst page dst_pages[i] = src page src_slots[i]; runs without the GIL. */
+void sv_copy_pages(unsigned char *dst, const int64_t *dst_pages, const unsigned char *src,
+                   const uint32_t *src_slots, size_t n, size_t page_size) {
+    size_t i;
+    for (i = 0; i < n; i++)
+        memcpy(dst + (size_t)dst_pages[i] * page_size, src + (size_t)src_slots[i] * page_size,
+               page_size);
+}
+"""
+
+_lock = threading.Lock()
+_lib = None  # the compiled module's (ffi, lib), False when it cannot be built
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("SNAPVISOR_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "snapvisor")
+    return Path(base)
+
+
+def _load_native():
+    global _lib
+    with _lock:
+        if _lib is not None:
+            return _lib
+        if os.environ.get("SNAPVISOR_NO_NATIVE"):
+            _lib = False
+            return _lib
+        digest = hashlib.sha256((_CDEF + _C_SOURCE + sys.version).encode()).hexdigest()[:16]
+        name = f"_sv_pagehash_{digest}"
+        build_dir = _cache_dir() / "native"
+        try:
+            found = list(build_dir.glob(f"{name}*.so")) if build_dir.is_dir() else []
+            if not found:
+                import cffi  # build-time only
+
+                build_dir.mkdir(parents=True, exist_ok=True)
+                ffibuilder = cffi.FFI()
+                ffibuilder.cdef(_CDEF)
+                ffibuilder.set_source(name, _C_SOURCE, libraries=["crypto"],
+                                      extra_compile_args=["-O2", "-Wno-deprecated-declarations"])
+                # Build in a private directory, then move into place: concurrent
+                # first uses must not see a half-written module.
+                tmp = build_dir / f"tmp-{os.getpid()}-{threading.get_ident()}"
+                built = Path(ffibuilder.compile(tmpdir=str(tmp), verbose=False))
+                os.replace(built, build_dir / built.name)
+                found = [build_dir / built.name]
+            spec = importlib.util.spec_from_file_location(name, found[0])
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            _lib = (module.ffi, module.lib)
+        except Exception:  # no compiler, no libcrypto headers: use hashlib
+            _lib = False
+        return _lib
+
+
+def native_available() -> bool:
+    return bool(_load_native())
+
+
+def hash_pages(data) -> tuple[np.ndarray, np.ndarray]:
+    """Zero-test and hash whole pages of `data` (any buffer, a multiple of PAGE_SIZE).
+
+    Returns (ids, nonzero): ids is (n, 32) uint8 with zero rows for zero pages,
+    nonzero is a bool array of length n.
+    """
+    mv = memoryview(data).cast("B")
+    npages = len(mv) // PAGE_SIZE
+    ids = np.empty((npages, ID_SIZE), dtype=np.uint8)
+    nonzero = np.empty(npages, dtype=np.uint8)
+    native = _load_native()
+    if native:
+        ffi, lib = native
+        lib.sv_hash_pages(ffi.from_buffer(mv), npages, PAGE_SIZE,
+                          ffi.from_buffer(ids), ffi.from_buffer(nonzero))
+    else:
+        words = np.frombuffer(mv, dtype=np.uint64, count=npages * (PAGE_SIZE // 8))
+        nz = words.reshape(npages, PAGE_SIZE // 8).any(axis=1)
+        nonzero[:] = nz
+        ids[:] = 0
+        for i in np.flatnonzero(nz):
+            ids[i] = np.frombuffer(hashlib.sha256(mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]).digest(),
+                                   dtype=np.uint8)
+    return ids, nonzero.view(bool)
+
+
+def first_bad_page(data, ids: np.ndarray) -> int:
+    """Index of the first page of `data` whose SHA-256 differs from ids[i], or -1."""
+    mv = memoryview(data).cast("B")
+    npages = len(mv) // PAGE_SIZE
+    ids = np.ascontiguousarray(ids, dtype=np.uint8)
+    native = _load_native()
+    if native:
+        ffi, lib = native
+        return int(lib.sv_check_pages(ffi.from_buffer(mv), npages, PAGE_SIZE, ffi.from_buffer(ids)))
+    for i in range(npages):
+        if hashlib.sha256(mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]).digest() != ids[i].tobytes():
+            return i
+    return -1
+
+
+def check_slots(frame, slots: np.ndarray, ids: np.ndarray) -> int:
+    """Index i of the first page frame[slots[i]] whose SHA-256 is not ids[i], or -1."""
+    slots = np.ascontiguousarray(slots, dtype=np.uint32)
+    ids = np.ascontiguousarray(ids, dtype=np.uint8)
+    native = _load_native()
+    if native:
+        ffi, lib = native
+        return int(lib.sv_check_slots(ffi.from_buffer(frame), PAGE_SIZE,
+                                      ffi.from_buffer("uint32_t[]", slots),
+                                      len(slots), ffi.from_buffer(ids)))
+    mv = memoryview(frame).cast("B")
+    for i, s in enumerate(slots.tolist()):
+        if hashlib.sha256(mv[s * PAGE_SIZE:(s + 1) * PAGE_SIZE]).digest() != ids[i].tobytes():
+            return i
+    return -1
+
+
+def copy_pages(dst, dst_pages: np.ndarray, src, src_slots: np.ndarray) -> None:
+    """dst page dst_pages[i] = src page src_slots[i] (indices already bounds-checked)."""
+    dst_pages = np.ascontiguousarray(dst_pages, dtype=np.int64)
+    src_slots = np.ascontiguousarray(src_slots, dtype=np.uint32)
+    native = _load_native()
+    if native:
+        ffi, lib = native
+        lib.sv_copy_pages(ffi.from_buffer(dst, require_writable=True),
+                          ffi.from_buffer("int64_t[]", dst_pages), ffi.from_buffer(src),
+                          ffi.from_buffer("uint32_t[]", src_slots), len(dst_pages),
+                          PAGE_SIZE)
+        return
+    out = np.frombuffer(dst, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+    inp = np.frombuffer(src, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+    out[dst_pages] = inp[src_slots]

@@ -1,0 +1,227 @@
+"""Repository: a snapshot store on top of an ObjectStore (see docs/format.md)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+
+from snapvisor.store import format as fmt
+from snapvisor.store.backend import ObjectStore, open_backend
+from snapvisor.store.errors import ObjectNotFound, RepositoryError
+from snapvisor.store.index import Index, load_index
+from snapvisor.store.locks import EXCLUSIVE, SHARED, LockManager
+from snapvisor.store.manifest import Manifest, SnapshotInfo, decode_manifest, snapshot_key
+from snapvisor.store.reader import Snapshot
+from snapvisor.store.retention import KeepPolicy, PruneResult, apply_policy
+from snapvisor.store.writer import SnapshotWriter
+
+CONFIG_KIND = "snapvisor-repository"
+DEFAULT_PACK_SIZE = 16 << 20
+DEFAULT_FRAME_PAGES = 64        # 256 KiB compression frames
+DEFAULT_MAP_BLOCK_PAGES = 64    # one map block per 256 KiB of guest memory
+
+
+class Repository:
+    def __init__(self, store: ObjectStore, config: dict, *, threads: int | None = None,
+                 io_threads: int | None = None, lock_wait: float = 30.0):
+        self.store = store
+        self.config = config
+        self.threads = threads or max(1, min(os.cpu_count() or 1, 8))
+        self.io_threads = io_threads or (8 if store.url.startswith("s3://") else 2)
+        self.lock_wait = lock_wait
+        self.locks = LockManager(store)
+        self._index: Index | None = None
+        self._index_stale = False
+        self._index_lock = threading.Lock()
+        self._manifests: dict[str, Manifest] = {}
+
+    # -- creation and opening -------------------------------------------------------
+
+    @classmethod
+    def init(cls, store: ObjectStore, *, pack_size: int = DEFAULT_PACK_SIZE,
+             frame_pages: int = DEFAULT_FRAME_PAGES,
+             map_block_pages: int = DEFAULT_MAP_BLOCK_PAGES, zstd_level: int = 1,
+             **options) -> "Repository":
+        if not (1 << 16) <= pack_size <= (1 << 30) or not 1 <= frame_pages <= 4096 \
+                or not 8 <= map_block_pages <= 65536 or not 1 <= zstd_level <= 22:
+            raise RepositoryError("repository parameters out of range: pack_size 64 KiB..1 GiB, "
+                                  "frame_pages 1..4096, map_block_pages 8..65536, zstd_level 1..22")
+        config = {
+            "kind": CONFIG_KIND, "format": fmt.FORMAT_VERSION, "id": uuid.uuid4().hex,
+            "created": datetime.now(timezone.utc).isoformat(), "page_size": fmt.PAGE_SIZE,
+            "hash": "sha256", "compression": "zstd", "zstd_level": zstd_level,
+            "pack_size": pack_size, "frame_pages": frame_pages,
+            "map_block_pages": map_block_pages,
+        }
+        if any(True for _ in store.list(fmt.SNAPSHOT_PREFIX)) or not store.put(
+                fmt.CONFIG_KEY, fmt.canonical_json(config)):
+            raise RepositoryError(f"a repository already exists at {store.url}; open it instead "
+                                  f"of initialising it")
+        return cls(store, config, **options)
+
+    @classmethod
+    def open(cls, store: ObjectStore, **options) -> "Repository":
+        try:
+            data = store.get(fmt.CONFIG_KEY)
+        except ObjectNotFound:
+            raise RepositoryError(f"no snapvisor repository at {store.url} (no 'config' object); "
+                                  f"create one with `snapvisor init {store.url}` or "
+                                  f"Repository.init") from None
+        config = fmt.decode_json(fmt.CONFIG_KEY, data, CONFIG_KIND)
+        for name, kind in (("pack_size", int), ("frame_pages", int), ("map_block_pages", int),
+                           ("zstd_level", int), ("page_size", int)):
+            if not isinstance(config.get(name), kind):
+                raise RepositoryError(f"{fmt.CONFIG_KEY} of {store.url} is corrupt: {name!r} "
+                                      f"missing or not a number")
+        if config["page_size"] != fmt.PAGE_SIZE or config.get("hash") != "sha256":
+            raise RepositoryError(f"{store.url} uses page size {config['page_size']} / hash "
+                                  f"{config.get('hash')!r}, which this snapvisor cannot read")
+        return cls(store, config, **options)
+
+    @classmethod
+    def open_url(cls, url: str, create: bool = False, **options) -> "Repository":
+        backend_opts = {k: options.pop(k) for k in list(options)
+                        if k not in ("threads", "io_threads", "lock_wait", "pack_size",
+                                     "frame_pages", "map_block_pages", "zstd_level")}
+        store = open_backend(url, **backend_opts)
+        if create and store.head(fmt.CONFIG_KEY) is None:
+            return cls.init(store, **options)
+        for k in ("pack_size", "frame_pages", "map_block_pages", "zstd_level"):
+            options.pop(k, None)
+        return cls.open(store, **options)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> "Repository":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- parameters ------------------------------------------------------------------
+
+    @property
+    def pack_size(self) -> int:
+        return self.config["pack_size"]
+
+    @property
+    def frame_pages(self) -> int:
+        return self.config["frame_pages"]
+
+    @property
+    def map_block_pages(self) -> int:
+        return self.config["map_block_pages"]
+
+    @property
+    def zstd_level(self) -> int:
+        return self.config["zstd_level"]
+
+    # -- index -----------------------------------------------------------------------
+
+    @property
+    def index(self) -> Index:
+        with self._index_lock:
+            if self._index is None or self._index_stale:
+                self._index = load_index(self.store, self._index, self.io_threads)
+                self._index_stale = False
+            return self._index
+
+    def refresh_index(self, full: bool = False) -> Index:
+        with self._index_lock:
+            self._index = load_index(self.store, None if full else self._index, self.io_threads)
+            self._index_stale = False
+            return self._index
+
+    def _forget_index_cache(self) -> None:
+        self._index_stale = True
+
+    # -- snapshots ---------------------------------------------------------------------
+
+    def start_snapshot(self, parent: str | None = None, threads: int | None = None
+                       ) -> SnapshotWriter:
+        lock = self.locks.acquire(SHARED, "snapshot", wait=self.lock_wait)
+        try:
+            self.refresh_index()
+            parent_snapshot = self.get_snapshot(parent) if parent else None
+        except BaseException:
+            lock.release()
+            raise
+        return SnapshotWriter(self, parent_snapshot, lock, threads or self.threads)
+
+    def _manifest(self, snapshot_id: str) -> Manifest:
+        manifest = self._manifests.get(snapshot_id)
+        if manifest is None:
+            key = snapshot_key(snapshot_id)
+            try:
+                data = self.store.get(key)
+            except ObjectNotFound:
+                raise RepositoryError(f"snapshot {snapshot_id} not found in {self.store.url}; "
+                                      f"`snapvisor snapshots` lists the ones there") from None
+            manifest = self._manifests[snapshot_id] = decode_manifest(key, data)
+        return manifest
+
+    def snapshot_ids(self) -> list[str]:
+        return sorted(info.key[len(fmt.SNAPSHOT_PREFIX):]
+                      for info in self.store.list(fmt.SNAPSHOT_PREFIX))
+
+    def list_snapshots(self) -> list[SnapshotInfo]:
+        ids = self.snapshot_ids()
+        with ThreadPoolExecutor(max_workers=self.io_threads) as pool:
+            manifests = list(pool.map(self._manifest, ids))
+        return sorted((m.info for m in manifests), key=lambda i: (i.time, i.id))
+
+    def resolve(self, id_or_prefix: str) -> str:
+        if not isinstance(id_or_prefix, str) or not id_or_prefix or \
+                any(c not in "0123456789abcdef" for c in id_or_prefix):
+            raise RepositoryError(f"{id_or_prefix!r} is not a snapshot id (lowercase hex)")
+        found = [i for i in self.snapshot_ids() if i.startswith(id_or_prefix)]
+        if not found:
+            raise RepositoryError(f"no snapshot {id_or_prefix!r} in {self.store.url}; "
+                                  f"`snapvisor snapshots` lists the ones there")
+        if len(found) > 1:
+            raise RepositoryError(f"snapshot prefix {id_or_prefix!r} is ambiguous "
+                                  f"({len(found)} snapshots match); give more characters")
+        return found[0]
+
+    def get_snapshot(self, id_or_prefix: str) -> Snapshot:
+        return Snapshot(self, self._manifest(self.resolve(id_or_prefix)))
+
+    def delete_snapshot(self, id_or_prefix: str) -> None:
+        """Forget one snapshot; its data is reclaimed by gc when nothing else uses it."""
+        snapshot_id = self.resolve(id_or_prefix)
+        self.store.delete(snapshot_key(snapshot_id))
+        self._manifests.pop(snapshot_id, None)
+
+    # -- maintenance ---------------------------------------------------------------------
+
+    def prune(self, policy: KeepPolicy, dry_run: bool = False, vm: str | None = None
+              ) -> PruneResult:
+        snapshots = [s for s in self.list_snapshots() if vm is None or s.vm == vm]
+        result = PruneResult([], [], {}, dry_run)
+        if policy.is_empty():
+            apply_policy([], policy)  # raises the explanation
+        for name in sorted({s.vm for s in snapshots}):
+            part = apply_policy([s for s in snapshots if s.vm == name], policy)
+            result.keep += part.keep
+            result.remove += part.remove
+            result.reasons.update(part.reasons)
+        if not dry_run:
+            for snap in result.remove:
+                self.delete_snapshot(snap.id)
+        return result
+
+    def gc(self, dry_run: bool = False):
+        from snapvisor.store.gc import collect_garbage
+
+        with self.locks.acquire(EXCLUSIVE, "gc", wait=self.lock_wait):
+            return collect_garbage(self, dry_run)
+
+    def verify(self, read_data: bool = False):
+        from snapvisor.store.verify import verify_repository
+
+        with self.locks.acquire(SHARED, "verify", wait=self.lock_wait):
+            return verify_repository(self, read_data)
