@@ -25,7 +25,7 @@ typedef unsigned long u64;
 
 /* Ring 3 enters the kernel with int3: %rax = number, %rdi/%rsi = arguments. */
 #define SYS_WRITE 1  /* (buf, len): print to the serial console, whole lines */
-#define SYS_WAIT 2   /* (): sleep until the next timer interrupt */
+#define SYS_WAIT 2   /* (tick): sleep until tg_ticks reaches tick */
 #define SYS_FAIL 3   /* (buf, len): print the line, power off with status 3 */
 #define SYS_FINISH 4 /* (): this CPU is done; the last one prints "done" and powers off */
 

@@ -79,7 +79,7 @@ void paging_load(void);
 /* timer.c */
 void pic_pit_init(u64 tick_line_every);
 void lapic_wake_init(void);
-void wait_tick(u32 cpu);
+void wait_until(u32 cpu, u64 until);
 
 /* power.c */
 __attribute__((noreturn)) void power_off(u8 status);

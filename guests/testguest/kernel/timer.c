@@ -16,8 +16,8 @@
 #define LAPIC_TIMER_DIV 0x3e0
 #define LAPIC_TIMER_VECTOR 48
 #define LAPIC_SPURIOUS_VECTOR 63
-/* KVM's LAPIC timer counts at 1 GHz: about one timer tick. */
-#define LAPIC_WAKE_COUNT 1000000U
+/* KVM's LAPIC timer counts at 1 GHz: one PIT tick. */
+#define LAPIC_TICK_COUNT 1000000U
 
 u64 tick_line_every;
 
@@ -57,10 +57,17 @@ void lapic_wake_init(void)
 	lapic_write(LAPIC_LVT_TIMER, LAPIC_TIMER_VECTOR); /* one-shot */
 }
 
-/* Called from SYS_WAIT with interrupts off: sleep until the next interrupt. */
-void wait_tick(u32 cpu)
+/* Called from SYS_WAIT with interrupts off: sleep until tg_ticks reaches `until`.
+ * The BSP wakes on every PIT tick anyway; an AP sleeps the whole stretch on one
+ * LAPIC one-shot (capped so the count fits in 32 bits). */
+void wait_until(u32 cpu, u64 until)
 {
-	if (cpu)
-		lapic_write(LAPIC_TIMER_INIT, LAPIC_WAKE_COUNT);
-	__asm__ volatile("sti; hlt; cli" ::: "memory");
+	while (tg_ticks < until) {
+		if (cpu) {
+			u64 n = until - tg_ticks;
+
+			lapic_write(LAPIC_TIMER_INIT, (u32)(n > 1000 ? 1000 : n) * LAPIC_TICK_COUNT);
+		}
+		__asm__ volatile("sti; hlt; cli" ::: "memory");
+	}
 }

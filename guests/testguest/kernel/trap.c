@@ -52,7 +52,7 @@ void trap(struct trap_frame *f)
 		console_write((const char *)f->rdi, f->rsi);
 		break;
 	case SYS_WAIT:
-		wait_tick(this_cpu());
+		wait_until(this_cpu(), f->rdi);
 		break;
 	case SYS_FAIL:
 		console_write((const char *)f->rdi, f->rsi);

@@ -16,9 +16,9 @@ static inline void sys_write(const char *buf, u64 len)
 	sys2(SYS_WRITE, (u64)buf, len);
 }
 
-static inline void sys_wait(void)
+static inline void sys_wait_until(u64 tick)
 {
-	sys2(SYS_WAIT, 0, 0);
+	sys2(SYS_WAIT, tick, 0);
 }
 
 __attribute__((noreturn)) static inline void sys_fail(const char *buf, u64 len)

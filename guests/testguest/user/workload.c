@@ -63,16 +63,18 @@ static u64 verify(u64 cpu, u64 first, u64 end)
 	return end - first;
 }
 
-/* Hold the re-dirty rate to tg.rate MiB/s: sleep while `done` pages since `t0`
- * exceed the budget of the ticks elapsed (one tick's worth up front). */
+/* Hold the re-dirty rate to tg.rate MiB/s: `done` pages since tick `t0` may be
+ * written once (ticks - t0 + 1) ticks' budget covers them (one tick up front). */
 static void rate_limit(u64 done, u64 t0)
 {
-	u64 rate = tg_params.rate_mib;
+	u64 bytes_per_tick_x1000 = tg_params.rate_mib << 20, need, until;
 
-	if (!rate)
+	if (!bytes_per_tick_x1000)
 		return;
-	while (done * PAGE_SIZE * 1000 > (tg_ticks - t0 + 1) * (rate << 20))
-		sys_wait();
+	need = (done * PAGE_SIZE * 1000 + bytes_per_tick_x1000 - 1) / bytes_per_tick_x1000;
+	until = t0 + need - 1;
+	if (tg_ticks < until)
+		sys_wait_until(until);
 }
 
 static void round_line(u64 cpu, u64 round, u64 dirtied, u64 verified)
