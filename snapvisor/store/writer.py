@@ -71,21 +71,24 @@ class SnapshotWriter:
             raise RepositoryError(f"region {name!r}: size {size!r} is not a multiple of "
                                   f"{PAGE_SIZE}")
         src = memoryview(data).cast("B")
-        region = self._region(name, size, incremental=pages is not None)
+        npages = size // PAGE_SIZE
         if pages is None:
             if len(src) != size:
                 raise RepositoryError(f"region {name!r}: data has {len(src)} bytes, size is {size}")
             dest = None
-            region.touched[:] = True
         else:
             dest = np.asarray(pages, dtype=np.int64)
-            if dest.ndim != 1 or (len(dest) and (dest[0] < 0 or dest[-1] >= region.npages
+            if dest.ndim != 1 or (len(dest) and (dest[0] < 0 or dest[-1] >= npages
                                                  or (np.diff(dest) <= 0).any())):
                 raise RepositoryError(f"region {name!r}: pages must be sorted, unique page "
-                                      f"indices in 0..{region.npages - 1}")
+                                      f"indices in 0..{npages - 1}")
             if len(src) != len(dest) * PAGE_SIZE:
                 raise RepositoryError(f"region {name!r}: data has {len(src)} bytes for "
                                       f"{len(dest)} pages ({len(dest) * PAGE_SIZE} expected)")
+        region = self._region(name, size, incremental=pages is not None)
+        if dest is None:
+            region.touched[:] = True
+        else:
             region.touched[np.unique(dest // self._repo.map_block_pages)] = True
         self.stats["bytes_in"] += len(src)
         try:

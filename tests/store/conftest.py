@@ -1,0 +1,114 @@
+"""Fixtures for the store tests: one conformance suite over every backend.
+
+S3 runs against a real server: the one named by SNAPVISOR_TEST_S3_ENDPOINT (with
+AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY), or, with SNAPVISOR_TEST_S3_AUTOSTART=1,
+a `weed mini` this session starts through .ci/s3-server. moto adds a fast S3
+fixture that runs everywhere; it never replaces the real server.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from snapvisor.store import Repository, open_backend
+from snapvisor.store.memory import MemoryStore
+from store_helpers import SMALL_REPO
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BACKENDS = ["memory", "local", "moto", pytest.param("s3", marks=pytest.mark.s3)]
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """(endpoint, access key, secret key) of a real S3 server, or skip."""
+    endpoint = os.environ.get("SNAPVISOR_TEST_S3_ENDPOINT")
+    if endpoint:
+        yield endpoint, os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+        return
+    if os.environ.get("SNAPVISOR_TEST_S3_AUTOSTART") != "1":
+        pytest.skip("real S3 tests need SNAPVISOR_TEST_S3_ENDPOINT (run `.ci/s3-server start` and "
+                    "source the env file it prints) or SNAPVISOR_TEST_S3_AUTOSTART=1")
+    state = tmp_path_factory.mktemp("s3-server")
+    env = dict(os.environ, SNAPVISOR_S3_DIR=str(state))
+    script = str(REPO_ROOT / ".ci" / "s3-server")
+    started = subprocess.run([script, "start"], env=env, capture_output=True, text=True,
+                             timeout=120)
+    if started.returncode:
+        pytest.fail(f".ci/s3-server start failed:\n{started.stdout}\n{started.stderr}")
+    values = {}
+    for line in Path(started.stdout.strip().splitlines()[-1]).read_text().splitlines():
+        name, _, value = line.removeprefix("export ").partition("=")
+        values[name] = shlex.split(value)[0]
+    try:
+        yield (values["SNAPVISOR_TEST_S3_ENDPOINT"], values["AWS_ACCESS_KEY_ID"],
+               values["AWS_SECRET_ACCESS_KEY"])
+    finally:
+        subprocess.run([script, "stop"], env=env, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def s3_bucket(s3_server):
+    """A fresh bucket on the real server for this session."""
+    import boto3
+    import botocore.config
+
+    endpoint, key, secret = s3_server
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                          aws_access_key_id=key, aws_secret_access_key=secret,
+                          config=botocore.config.Config(s3={"addressing_style": "path"}))
+    bucket = "snapvisor-test-" + secrets.token_hex(4)
+    client.create_bucket(Bucket=bucket)
+    return bucket
+
+
+def s3_options(s3_server) -> dict:
+    endpoint, key, secret = s3_server
+    return {"endpoint_url": endpoint, "access_key": key, "secret_key": secret}
+
+
+@pytest.fixture
+def moto_s3():
+    from moto import mock_aws
+
+    with mock_aws():
+        import boto3
+
+        boto3.client("s3", region_name="us-east-1").create_bucket(Bucket="moto-bucket")
+        yield
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, tmp_path):
+    """A fresh, empty ObjectStore of each kind."""
+    kind = request.param
+    if kind == "memory":
+        url = f"memory://{request.node.name}-{secrets.token_hex(4)}"
+        store = open_backend(url)
+        yield store
+        MemoryStore.forget(url)
+    elif kind == "local":
+        yield open_backend(str(tmp_path / "repo"))
+    elif kind == "moto":
+        request.getfixturevalue("moto_s3")
+        store = open_backend(f"s3://moto-bucket/{secrets.token_hex(4)}", region="us-east-1",
+                             access_key="testing", secret_key="testing")
+        yield store
+        store.close()
+    else:
+        server = request.getfixturevalue("s3_server")
+        bucket = request.getfixturevalue("s3_bucket")
+        store = open_backend(f"s3://{bucket}/{secrets.token_hex(6)}", **s3_options(server))
+        yield store
+        store.close()
+
+
+@pytest.fixture
+def repo(backend):
+    """A repository with small packs, frames and map blocks so small images exercise them."""
+    return Repository.init(backend, **SMALL_REPO, lock_wait=2.0)
