@@ -1,0 +1,110 @@
+"""Booting real guests on /dev/kvm: the project's test guest on 1 and 2 vCPUs,
+and small hand-assembled guests for reset, triple fault and vCPU start-up."""
+
+from __future__ import annotations
+
+import io
+import re
+import struct
+from pathlib import Path
+
+import pytest
+
+from flat_guest import elf_image, out_byte, power_off, print_text, snapvisor_note
+from snapvisor.vmm.builder import VmConfig, build_microvm_for_boot
+from snapvisor.vmm.exit_status import ExitStatus
+
+pytestmark = pytest.mark.kvm
+MiB = 1 << 20
+ROUND = re.compile(r"^tg: cpu=(\d+) round=(\d+) dirtied=(\d+) verified=(\d+) ticks=(\d+)$")
+
+
+def run_guest(kernel: Path, cmdline: str = "console=ttyS0", vcpus: int = 1, timeout: float = 60) -> tuple[ExitStatus, str]:
+    out = io.BytesIO()
+    config = VmConfig(kernel=kernel, cmdline=cmdline, mem_size=64 * MiB, vcpus=vcpus, serial_out=out)
+    with build_microvm_for_boot(config) as vm:
+        vm.start()
+        status = vm.wait(timeout)
+        assert status is not None, f"the guest did not stop within {timeout} s: {out.getvalue()!r}"
+    return status, out.getvalue().decode()
+
+
+@pytest.mark.parametrize("vcpus", [1, 2])
+def test_testguest_boots_and_runs_its_workload(testguest: Path, vcpus: int) -> None:
+    status, console = run_guest(
+        testguest, f"console=ttyS0 tg.mem=8 tg.rounds=3 tg.exit=42 tg.cpus={vcpus} tg.seed=7", vcpus
+    )
+    assert (status.code, status.reason) == (42, "poweroff")
+    lines = console.splitlines()
+    assert lines[0] == f"tg: snapvisor-testguest 1 cpus={vcpus} mem=8 seed=7"
+    assert "tg: timer ok" in lines  # PIT interrupts arrive through the in-kernel irqchip
+    assert lines[-1] == "tg: done"
+    assert not [line for line in lines if "FAIL" in line or "FAULT" in line or "ERROR" in line]
+    rounds = [tuple(map(int, m.groups())) for m in map(ROUND.match, lines) if m]
+    pages_per_cpu = 8 * 256 // vcpus
+    for cpu in range(vcpus):
+        mine = [r for r in rounds if r[0] == cpu]
+        assert [r[1] for r in mine] == [0, 1, 2, 3]
+        assert all(dirtied == verified == pages_per_cpu for _, _, dirtied, verified, _ in mine)
+        ticks = [r[4] for r in mine]
+        assert ticks == sorted(ticks) and ticks[-1] > 0
+
+
+def test_poweroff_status_is_the_byte_written(tmp_path: Path) -> None:
+    kernel = tmp_path / "k.elf"
+    kernel.write_bytes(elf_image(print_text(b"bye\n") + power_off(200)))
+    status, console = run_guest(kernel, timeout=10)
+    assert status == ExitStatus(200, "poweroff", "the guest powered off with status 200")
+    assert console == "bye\n"
+
+
+def test_i8042_reset(tmp_path: Path) -> None:
+    kernel = tmp_path / "k.elf"
+    kernel.write_bytes(elf_image(out_byte(0x64, 0xFE) + b"\xf4\xeb\xfd"))
+    status, _ = run_guest(kernel, timeout=10)
+    assert (status.code, status.reason) == (0, "reset")
+    assert "i8042" in status.message
+
+
+def test_triple_fault_is_a_reset(tmp_path: Path) -> None:
+    kernel = tmp_path / "k.elf"
+    kernel.write_bytes(elf_image(b"\x0f\x0b"))  # ud2 with the VMM's empty IDT
+    status, _ = run_guest(kernel, timeout=10)
+    assert (status.code, status.reason) == (0, "reset")
+    assert "triple" in status.message
+
+
+def _two_cpu_handshake() -> bytes:
+    """The CPU whose LAPIC id is 0 waits until another CPU sets a flag, then
+    prints '2' and powers off; any other CPU sets the flag and halts."""
+    flag = struct.pack("<I", 0x200000)
+    ap = b"\xc6\x04\x25" + flag + b"\x01" + b"\xf4\xeb\xfd"  # mov byte [flag], 1; hlt loop
+    wait = b"\x80\x3c\x25" + flag + b"\x01" + b"\x75\xf6"  # cmp byte [flag], 1; jne wait
+    bsp = wait + print_text(b"2") + power_off(0)
+    prefix = (
+        b"\x48\xbb" + struct.pack("<Q", 0xFEE00020)  # mov rbx, LAPIC ID register
+        + b"\x8b\x03"  # mov eax, [rbx]
+        + b"\xc1\xe8\x18"  # shr eax, 24
+        + b"\x85\xc0"  # test eax, eax
+        + b"\x75" + bytes([len(bsp)])  # jnz ap
+    )
+    return prefix + bsp + ap
+
+
+def test_snapvisor_note_starts_every_vcpu_at_the_entry(tmp_path: Path) -> None:
+    kernel = tmp_path / "k.elf"
+    kernel.write_bytes(elf_image(_two_cpu_handshake(), note=snapvisor_note()))
+    status, console = run_guest(kernel, vcpus=2, timeout=10)
+    assert (status.code, console) == (0, "2")
+
+
+def test_without_the_note_application_processors_wait_for_sipi(tmp_path: Path) -> None:
+    kernel = tmp_path / "k.elf"
+    kernel.write_bytes(elf_image(_two_cpu_handshake()))
+    out = io.BytesIO()
+    config = VmConfig(kernel=kernel, mem_size=64 * MiB, vcpus=2, serial_out=out)
+    with build_microvm_for_boot(config) as vm:
+        vm.start()
+        assert vm.wait(0.5) is None  # CPU 0 waits for a CPU that never started
+        assert vm.stop().reason == "stopped"
+    assert out.getvalue() == b""
