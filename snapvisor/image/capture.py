@@ -1,0 +1,159 @@
+"""Capture: a running VM's memory and state into one repository snapshot.
+
+The VM is paused only for what must be consistent: fetching the dirty log, copying
+the pages that changed, and saving vCPU/irqchip/device state. Hashing, compression
+and upload run after it resumes, from the private copy.
+
+When a snapshot has to carry many pages (the first one, or after a long gap), they
+are first written while the guest runs (pre-copy); the pause then copies only what
+the guest dirtied meanwhile, and those pages replace their pre-copied versions.
+
+Every repository gets its own "pending" bitmap: pages dirtied since the last
+snapshot committed there. It is cleared only when a commit succeeds, so a failed
+upload loses nothing: the next snapshot still contains those pages.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from snapvisor.errors import SnapvisorError
+from snapvisor.image.compat import compat_record
+from snapvisor.image.state_codec import encode_state
+from snapvisor.store import PAGE_SIZE, Repository, SnapshotInfo
+from snapvisor.vmm.memory import MemoryRegion
+from snapvisor.vmm.vm import Vm
+
+STATE_BLOB = "vm-state"
+# Above this many pending bytes a pre-copy round runs before the pause.
+PRECOPY_THRESHOLD = 32 << 20
+# Pre-copy reads live memory in batches of this size into a private buffer, so
+# the store hashes and compresses the same bytes even if the guest writes on.
+PRECOPY_BATCH = 32 << 20
+
+
+class SnapshotError(SnapvisorError):
+    """A snapshot could not be taken; the VM keeps running and nothing is lost."""
+
+
+@dataclass
+class CaptureStats:
+    """What one snapshot cost; `pause_s` is the time the guest did not run."""
+
+    snapshot_id: str = ""
+    full: bool = False
+    pause_s: float = 0.0
+    total_s: float = 0.0
+    precopy_pages: int = 0
+    paused_pages: int = 0
+    store: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Lineage:
+    """Per repository: the last snapshot committed there and the pages dirtied since."""
+
+    parent: str | None
+    pending: dict[str, np.ndarray] | None  # None: no usable parent, every page is needed
+
+
+def repository_key(repo: Repository) -> str:
+    return repo.config["id"]
+
+
+class Snapshotter:
+    """Tracks one VM's dirty pages and writes its snapshots."""
+
+    def __init__(self, vm: Vm, name: str) -> None:
+        self.vm = vm
+        self.name = name
+        self._lineages: dict[str, _Lineage] = {}
+        self.last: CaptureStats | None = None
+        vm.memory.enable_dirty_log()
+
+    def adopt_parent(self, repo: Repository, snapshot_id: str) -> None:
+        """The VM's memory equals `snapshot_id` in `repo` now (it was restored from
+        it), so the next snapshot there may be incremental against it."""
+        self._lineages[repository_key(repo)] = _Lineage(
+            snapshot_id, {r.name: np.zeros(r.pages, dtype=bool) for r in self.vm.memory.regions}
+        )
+
+    def _drain_dirty(self) -> dict[str, np.ndarray]:
+        """Fetch KVM's dirty log and fold it into every lineage's pending set."""
+        fresh = {region.name: self.vm.memory.fetch_dirty(region) for region in self.vm.memory.regions}
+        for lineage in self._lineages.values():
+            if lineage.pending is not None:
+                for name, dirty in fresh.items():
+                    lineage.pending[name] |= dirty
+        return fresh
+
+    def snapshot(self, repo: Repository, tags: tuple[str, ...] | list[str] = (), full: bool = False) -> SnapshotInfo:
+        if not self.vm.running:
+            raise SnapshotError(f"VM {self.name} is not running; only a running VM can be snapshotted")
+        key = repository_key(repo)
+        lineage = self._lineages.setdefault(key, _Lineage(None, None))
+        if full or (lineage.parent is not None and lineage.parent not in repo.snapshot_ids()):
+            lineage.pending = None  # the parent was pruned, or a full one was asked for
+        stats = CaptureStats(full=lineage.pending is None)
+        started = time.perf_counter()
+        self._drain_dirty()
+        regions = self.vm.memory.regions
+        needed = lineage.pending or {r.name: np.ones(r.pages, dtype=bool) for r in regions}
+        writer = repo.start_snapshot(parent=lineage.parent)
+        with writer:
+            precopied = sum(int(n.sum()) for n in needed.values()) * PAGE_SIZE > PRECOPY_THRESHOLD
+            if precopied:
+                stats.precopy_pages = self._precopy(writer, regions, needed)
+            paused_at = time.perf_counter()
+            self.vm.pause()
+            try:
+                dirty = self._drain_dirty()
+                final = dirty if precopied else {n: needed[n] | dirty[n] for n in needed}
+                copies = {r.name: _copy_pages(r, final[r.name]) for r in regions}
+                state = self.vm.save_state()
+            finally:
+                self.vm.resume()
+            stats.pause_s = time.perf_counter() - paused_at
+            for region in regions:
+                pages, data = copies[region.name]
+                stats.paused_pages += len(pages)
+                writer.put_region(region.name, region.size, data, pages=pages)
+            writer.put_blob(STATE_BLOB, encode_state(state))
+            meta = {"compat": compat_record(state["vcpus"][0]["cpuid"]), "kind": "full" if stats.full else "incremental"}
+            info = writer.commit(vm=self.name, tags=list(tags), meta=meta)
+            stats.store = dict(writer.stats)
+        # Committed: from here on this repository only needs what is dirtied next.
+        # Pages dirtied during the upload were folded into `pending` by the drains
+        # above only up to the pause; later ones are still in KVM's log.
+        lineage.parent = info.id
+        lineage.pending = {r.name: np.zeros(r.pages, dtype=bool) for r in regions}
+        stats.snapshot_id = info.id
+        stats.total_s = time.perf_counter() - started
+        self.last = stats
+        return info
+
+    def _precopy(self, writer, regions: list[MemoryRegion], needed: dict[str, np.ndarray]) -> int:
+        """Write the needed pages from live memory; the pause rewrites those dirtied meanwhile."""
+        batch_pages = PRECOPY_BATCH // PAGE_SIZE
+        buffer = np.empty((batch_pages, PAGE_SIZE), dtype=np.uint8)
+        written = 0
+        for region in regions:
+            live = np.frombuffer(region.view, dtype=np.uint8).reshape(region.pages, PAGE_SIZE)
+            wanted = np.flatnonzero(needed[region.name])
+            for start in range(0, len(wanted), batch_pages):
+                pages = wanted[start : start + batch_pages]
+                chunk = buffer[: len(pages)]
+                np.take(live, pages, axis=0, out=chunk)
+                writer.put_region(region.name, region.size, chunk, pages=pages)
+                written += len(pages)
+        return written
+
+
+def _copy_pages(region: MemoryRegion, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The indices of the pages set in `mask` and a private copy of them."""
+    pages = np.flatnonzero(mask)
+    live = np.frombuffer(region.view, dtype=np.uint8).reshape(region.pages, PAGE_SIZE)
+    return pages, live[pages]

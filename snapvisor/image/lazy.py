@@ -1,0 +1,157 @@
+"""Lazy restore: guest RAM filled on first touch while the rest streams in.
+
+Guest RAM is registered with a userfaultfd. A handler thread answers faults
+(a vCPU touching a page it has not got yet) by filling the whole aligned block
+around the page; a prefetch thread walks the remaining blocks in order. When every
+block is in, the registration is dropped and the guest runs at full speed.
+
+Invariant: while a lazy fill is in flight, VMM Python code must not read or write
+guest RAM that may not be resident: the fault would block a thread that holds the
+GIL, and the handler needs the GIL to answer. vCPUs fault inside KVM_RUN, which
+releases the GIL, so guest execution is always safe. `wait()` before touching RAM.
+"""
+
+from __future__ import annotations
+
+import select
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from snapvisor.errors import SnapvisorError
+from snapvisor.image.userfault import Userfaultfd, address_of
+from snapvisor.store import PAGE_SIZE, RegionReader
+from snapvisor.vmm.memory import MemoryRegion
+
+BLOCK_PAGES = 64  # 256 KiB: a fault brings in its neighbours, which guests touch next
+_POLL_S = 0.05
+
+
+class LazyRestoreError(SnapvisorError):
+    """Guest memory could not be fetched from the repository during a lazy restore."""
+
+
+@dataclass
+class _LazyRegion:
+    region: MemoryRegion
+    reader: RegionReader
+    base: int  # host address of the mapping
+    resident: np.ndarray  # one bool per block
+    has_data: np.ndarray  # one bool per block: False when every page of it is zero
+
+
+class LazyMemory:
+    """Serves page faults of guest RAM from a snapshot and prefetches the rest."""
+
+    def __init__(
+        self, regions: list[tuple[MemoryRegion, RegionReader]], on_error: Callable[[BaseException], None]
+    ) -> None:
+        self._on_error = on_error
+        self._uffd = Userfaultfd()
+        self._regions: list[_LazyRegion] = []
+        for region, reader in regions:
+            blocks = -(-region.pages // BLOCK_PAGES)
+            has_data = np.zeros(blocks, dtype=bool)
+            has_data[np.unique(reader.nonzero_pages() // BLOCK_PAGES)] = True
+            base = address_of(region.view)
+            self._uffd.register_missing(base, region.size)
+            self._regions.append(_LazyRegion(region, reader, base, np.zeros(blocks, dtype=bool), has_data))
+        self._fill_lock = threading.Lock()
+        self._scratch = bytearray(BLOCK_PAGES * PAGE_SIZE)
+        self._scratch_address = address_of(self._scratch)
+        self._done = threading.Event()
+        self._stop = threading.Event()
+        self.error: BaseException | None = None
+        self.faults_served = 0
+        self.started = time.perf_counter()
+        self.completed_s: float | None = None
+        self._handler = threading.Thread(target=self._serve_faults, name="lazy-faults", daemon=True)
+        self._prefetcher = threading.Thread(target=self._prefetch, name="lazy-prefetch", daemon=True)
+
+    def start(self) -> None:
+        self._handler.start()
+        self._prefetcher.start()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once all of guest RAM is resident (or the fill failed: see `error`)."""
+        return self._done.wait(timeout)
+
+    def close(self) -> None:
+        self._stop.set()
+        for thread in (self._handler, self._prefetcher):
+            if thread.is_alive():
+                thread.join()
+        self._uffd.close()
+
+    # --- filling --------------------------------------------------------------
+    def _fill_block(self, lazy: _LazyRegion, block: int) -> None:
+        with self._fill_lock:
+            if lazy.resident[block]:
+                return
+            first = block * BLOCK_PAGES
+            count = min(BLOCK_PAGES, lazy.region.pages - first)
+            length = count * PAGE_SIZE
+            destination = lazy.base + first * PAGE_SIZE
+            if lazy.has_data[block]:
+                lazy.reader.read_pages_into(np.arange(first, first + count), self._scratch)
+                _fill_all(lambda dst, src, n: self._uffd.copy(dst, src, n), destination, self._scratch_address, length)
+            else:
+                _fill_all(lambda dst, _src, n: self._uffd.zeropage(dst, n), destination, 0, length)
+            lazy.resident[block] = True
+
+    def _serve_faults(self) -> None:
+        try:
+            while not self._stop.is_set() and not self._done.is_set():
+                ready, _, _ = select.select([self._uffd.fd], [], [], _POLL_S)
+                if not ready:
+                    continue
+                while (fault := self._uffd.read_fault()) is not None:
+                    lazy, block = self._locate(fault.address)
+                    self._fill_block(lazy, block)
+                    self._uffd.wake(fault.address & ~(PAGE_SIZE - 1), PAGE_SIZE)
+                    self.faults_served += 1
+        except BaseException as exc:  # the guest would hang on its next fault: stop it, say why
+            self._fail(exc)
+
+    def _prefetch(self) -> None:
+        try:
+            for lazy in self._regions:
+                for block in range(len(lazy.resident)):
+                    if self._stop.is_set():
+                        return
+                    self._fill_block(lazy, block)
+            for lazy in self._regions:
+                self._uffd.unregister(lazy.base, lazy.region.size)
+            self.completed_s = time.perf_counter() - self.started
+        except BaseException as exc:
+            self._fail(exc)
+        finally:
+            self._done.set()
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+            self._on_error(exc)
+        self._done.set()
+
+    def _locate(self, address: int) -> tuple[_LazyRegion, int]:
+        for lazy in self._regions:
+            if lazy.base <= address < lazy.base + lazy.region.size:
+                return lazy, (address - lazy.base) // PAGE_SIZE // BLOCK_PAGES
+        raise LazyRestoreError(f"page fault at host address {address:#x} is outside guest RAM")
+
+
+def _fill_all(fill, destination: int, source: int, length: int) -> None:
+    """Fill [destination, +length); pages another thread already filled are skipped
+    (the kernel stops a copy at the first present page and reports how far it got)."""
+    done = 0
+    while done < length:
+        filled = fill(destination + done, source + done if source else 0, length - done)
+        done += filled if filled > 0 else PAGE_SIZE

@@ -1,0 +1,107 @@
+"""Restore: a new VM from any snapshot in a repository (no chain replay).
+
+Before anything is built, the snapshot's compatibility record is checked against
+this host. Guest RAM is then either read in full (eager) or registered for lazy
+filling, and every vCPU, irqchip and device part is restored; the VM is returned
+not yet started.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from snapvisor.errors import SnapvisorError
+from snapvisor.image.capture import STATE_BLOB
+from snapvisor.image.compat import IncompatibleSnapshot, check_compat
+from snapvisor.image.lazy import LazyMemory
+from snapvisor.image.state_codec import decode_state
+from snapvisor.store import Repository, Snapshot
+from snapvisor.vmm.builder import build_microvm_from_state
+from snapvisor.vmm.exit_status import ExitStatus
+from snapvisor.vmm.kvm import Kvm, ffi
+from snapvisor.vmm.memory import GuestMemory
+from snapvisor.vmm.vm import Vm
+
+LAZY_FAILURE_EXIT = 70
+
+
+class RestoreError(SnapvisorError):
+    """A snapshot could not be restored; nothing was started."""
+
+
+@dataclass
+class RestoredVm:
+    vm: Vm
+    snapshot: Snapshot
+    lazy: LazyMemory | None
+
+
+def host_cpuid() -> bytes:
+    """The CPUID entries KVM on this host can show a guest, as raw kvm_cpuid_entry2 bytes."""
+    kvm = Kvm.open()
+    try:
+        table = kvm.get_supported_cpuid()
+        return bytes(ffi.buffer(table.entries, table.nent * ffi.sizeof("struct kvm_cpuid_entry2")))
+    finally:
+        kvm.close()
+
+
+def check_restorable(snapshot: Snapshot) -> dict:
+    """The decoded VM state of `snapshot`, once it is known this host can run it."""
+    name = snapshot.info.short_id
+    record = snapshot.info.meta.get("compat")
+    if not isinstance(record, dict):
+        raise IncompatibleSnapshot(f"snapshot {name} has no compatibility record; it is not a VM snapshot")
+    check_compat(record, host_cpuid(), name)
+    state = decode_state(snapshot.get_blob(STATE_BLOB))
+    try:
+        layout = [(r["name"], int(r["size"])) for r in state["memory"]["regions"]]
+    except (KeyError, TypeError, ValueError):
+        raise RestoreError(f"snapshot {name}: the saved VM state has no readable memory layout") from None
+    for region, size in layout:
+        if snapshot.regions.get(region) != size:
+            raise RestoreError(
+                f"snapshot {name}: memory region {region} ({size} bytes) is missing or has another size in the "
+                f"snapshot; it is damaged: run `snapvisor verify`"
+            )
+    return state
+
+
+def restore_vm(
+    repo: Repository,
+    snapshot_id: str,
+    *,
+    lazy: bool = False,
+    serial_out: BinaryIO | int | None = None,
+    serial_in: BinaryIO | int | None = None,
+) -> RestoredVm:
+    snapshot = repo.get_snapshot(snapshot_id)
+    state = check_restorable(snapshot)
+    lazy_memory: list[LazyMemory] = []
+    built: list[Vm] = []
+
+    def stop_on_fetch_failure(exc: BaseException) -> None:
+        # The guest cannot go on without its memory: stop it and say why.
+        message = f"lazy restore of snapshot {snapshot.info.short_id} could not fetch guest memory: {exc}"
+        if built:
+            built[0].request_exit(ExitStatus(LAZY_FAILURE_EXIT, "error", message))
+
+    def fill(memory: GuestMemory) -> None:
+        readers = [(region, snapshot.region_reader(region.name)) for region in memory.regions]
+        if lazy:
+            # Serve faults from here on: restoring vCPU state may already touch RAM.
+            lazy_memory.append(LazyMemory(readers, on_error=stop_on_fetch_failure))
+            lazy_memory[0].start()
+        else:
+            for region, reader in readers:
+                reader.read_into(region.view, threads=repo.threads)
+
+    try:
+        vm = build_microvm_from_state(state, serial_out=serial_out, serial_in=serial_in, memory_fill=fill)
+    except BaseException:
+        for memory in lazy_memory:
+            memory.close()
+        raise
+    built.append(vm)
+    return RestoredVm(vm, snapshot, lazy_memory[0] if lazy_memory else None)

@@ -1,0 +1,138 @@
+"""The Python API: boot a VM, snapshot it, restore it.
+
+    import snapvisor
+    vm = snapvisor.VM.boot("guest.elf", mem="256M", cmdline="tg.rounds=0")
+    first = vm.snapshot("/srv/repo")               # full: every non-zero page
+    later = vm.snapshot("/srv/repo", tags=["hourly"])  # incremental: dirtied pages only
+    vm.stop()
+    vm2 = snapvisor.restore("/srv/repo", later.id, lazy=True)
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+from pathlib import Path
+from typing import BinaryIO
+
+from snapvisor.image.capture import CaptureStats, Snapshotter
+from snapvisor.image.lazy import LazyMemory
+from snapvisor.image.restore import restore_vm
+from snapvisor.store import Repository, SnapshotInfo
+from snapvisor.vmm.builder import VmConfig, build_microvm_for_boot
+from snapvisor.vmm.exit_status import ExitStatus
+from snapvisor.vmm.vm import Vm
+
+Repo = Repository | str
+
+
+def _repository(repo: Repo, create: bool) -> Repository:
+    return repo if isinstance(repo, Repository) else Repository.open_url(repo, create=create)
+
+
+def _size(value: int | str) -> int:
+    if isinstance(value, int):
+        return value
+    from snapvisor.cli import parse_size
+
+    try:
+        return parse_size(value)
+    except argparse.ArgumentTypeError as exc:
+        raise ValueError(str(exc)) from None
+
+
+class VM:
+    """A running micro-VM that can be snapshotted while it runs."""
+
+    def __init__(self, vm: Vm, name: str, lazy: LazyMemory | None = None) -> None:
+        self.vm = vm
+        self.name = name
+        self._lazy = lazy
+        self._snapshotter = Snapshotter(vm, name)
+
+    @classmethod
+    def boot(
+        cls,
+        kernel: str | Path,
+        *,
+        mem: int | str = 256 << 20,
+        vcpus: int = 1,
+        cmdline: str = "console=ttyS0",
+        initrd: str | Path | None = None,
+        name: str | None = None,
+        serial_out: BinaryIO | int | None = None,
+        serial_in: BinaryIO | int | None = None,
+    ) -> "VM":
+        config = VmConfig(
+            kernel=Path(kernel),
+            initrd=Path(initrd) if initrd else None,
+            cmdline=cmdline,
+            mem_size=_size(mem),
+            vcpus=vcpus,
+            serial_out=serial_out,
+            serial_in=serial_in,
+        )
+        vm = build_microvm_for_boot(config)
+        machine = cls(vm, name or f"vm-{secrets.token_hex(3)}")
+        vm.start()
+        return machine
+
+    def snapshot(self, repo: Repo, *, tags: tuple[str, ...] | list[str] = (), full: bool = False) -> SnapshotInfo:
+        """Write a snapshot (incremental when this repository holds this VM's last
+        one) while the VM keeps running; it pauses only to copy dirtied pages."""
+        if self._lazy is not None:
+            # Capture reads guest RAM from Python: all of it must be resident first.
+            self._lazy.wait()
+        return self._snapshotter.snapshot(_repository(repo, create=True), tags=tags, full=full)
+
+    @property
+    def last_snapshot(self) -> CaptureStats | None:
+        return self._snapshotter.last
+
+    @property
+    def lazy_memory(self) -> LazyMemory | None:
+        return self._lazy
+
+    def pause(self) -> None:
+        self.vm.pause()
+
+    def resume(self) -> None:
+        self.vm.resume()
+
+    def wait(self, timeout: float | None = None) -> ExitStatus | None:
+        return self.vm.wait(timeout)
+
+    def stop(self) -> ExitStatus:
+        return self.vm.stop()
+
+    def close(self) -> None:
+        self.vm.close()
+        if self._lazy is not None:
+            self._lazy.close()
+
+    def __enter__(self) -> "VM":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def restore(
+    repo: Repo,
+    snapshot_id: str,
+    *,
+    lazy: bool = False,
+    name: str | None = None,
+    serial_out: BinaryIO | int | None = None,
+    serial_in: BinaryIO | int | None = None,
+    start: bool = True,
+) -> VM:
+    """A new VM from `snapshot_id` (an id or a unique prefix); with `lazy`, the
+    guest starts before its memory is read and pages stream in behind it."""
+    repository = _repository(repo, create=False)
+    restored = restore_vm(repository, snapshot_id, lazy=lazy, serial_out=serial_out, serial_in=serial_in)
+    machine = VM(restored.vm, name or restored.snapshot.info.vm, restored.lazy)
+    machine._snapshotter.adopt_parent(repository, restored.snapshot.id)
+    if start:
+        restored.vm.start()
+    return machine
