@@ -62,9 +62,13 @@ void lapic_wake_init(void)
  * LAPIC one-shot (capped so the count fits in 32 bits). */
 void wait_until(u32 cpu, u64 until)
 {
-	while (tg_ticks < until) {
+	u64 now;
+
+	/* one read per pass: the BSP advances tg_ticks meanwhile, and a zero count
+	 * would stop the LAPIC timer instead of arming it */
+	while ((now = tg_ticks) < until) {
 		if (cpu) {
-			u64 n = until - tg_ticks;
+			u64 n = until - now;
 
 			lapic_write(LAPIC_TIMER_INIT, (u32)(n > 1000 ? 1000 : n) * LAPIC_TICK_COUNT);
 		}
