@@ -2,6 +2,9 @@
 
 from snapvisor.errors import SnapvisorError
 
+__all__ = ["SnapvisorError", "StoreError", "ObjectNotFound", "RepositoryError", "CorruptObject",
+           "RepositoryLocked"]
+
 
 class StoreError(SnapvisorError):
     """A backend operation failed (I/O, network, credentials, missing bucket)."""

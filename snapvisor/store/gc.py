@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from snapvisor.store import format as fmt
-from snapvisor.store.errors import RepositoryError
+from snapvisor.store.errors import RepositoryError, SnapvisorError
 from snapvisor.store.reachability import referenced_ids
 
 if TYPE_CHECKING:
@@ -47,7 +47,10 @@ def collect_garbage(repo: "Repository", dry_run: bool) -> GcResult:
     index = repo.refresh_index(full=True)
     on_disk = {info.key: info.size for info in store.list(fmt.DATA_PREFIX)}
 
-    live = referenced_ids(repo, manifests)
+    try:
+        live = referenced_ids(repo, manifests)
+    except SnapvisorError as e:
+        raise RepositoryError(f"gc stopped, nothing deleted: {e}") from None
     live_frames: set[tuple[int, int]] = set()
     for oid in live:
         loc = index.get(oid)
