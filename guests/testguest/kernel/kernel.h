@@ -38,9 +38,11 @@ static inline u32 this_cpu(void)
 /* Linker-script symbols (linker.ld). */
 extern char __image_end[], __user_start[], __user_end[];
 
-/* Shared with ring 3 (user pages). */
+/* Shared with ring 3 (defined in user pages by user/workload.c). */
 extern struct tg_params tg_params;
 extern volatile u64 tg_ticks;
+extern u8 ustacks[MAX_CPUS][USTACK_SIZE];
+void user_main(u64 cpu);
 
 /* bootinfo.c: what the boot loader told us, copied before the working set is used */
 #define MAX_E820 32
@@ -77,11 +79,13 @@ void paging_init(u64 ram_top);
 void paging_load(void);
 
 /* timer.c */
+extern u64 tick_line_every;
 void pic_pit_init(u64 tick_line_every);
 void lapic_wake_init(void);
 void wait_until(u32 cpu, u64 until);
 
 /* power.c */
+extern u8 exit_status; /* tg.exit, for the last CPU to finish */
 __attribute__((noreturn)) void power_off(u8 status);
 __attribute__((noreturn)) void idle_forever(void);
 

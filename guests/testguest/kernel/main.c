@@ -8,10 +8,6 @@
 #define WS_ALIGN 0x200000UL /* the working set starts on a 2 MiB page */
 #define CPU_START_TIMEOUT_TICKS 1000
 
-extern void user_main(u64 cpu);
-extern u8 ustacks[MAX_CPUS][USTACK_SIZE];
-
-u8 exit_status;
 static struct boot_info boot_info;
 static volatile u32 go, cpus_started = 1;
 

@@ -3,6 +3,8 @@
 
 #define POWER_OFF_PORT 0x501
 
+u8 exit_status;
+
 void power_off(u8 status)
 {
 	outb(POWER_OFF_PORT, status);

@@ -2,8 +2,6 @@
 #include "kernel.h"
 #include "../include/fmt.h"
 
-extern u64 tick_line_every;
-extern u8 exit_status;
 static volatile u32 cpus_finished;
 
 static void print_line(struct line *l)
