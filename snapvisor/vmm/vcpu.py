@@ -21,14 +21,28 @@ if TYPE_CHECKING:
 
 STATE_VERSION = 1
 
-# The signal that kicks a vCPU thread out of KVM_RUN. Its handler does nothing:
-# the point is that KVM_RUN returns EINTR. A real-time signal so it never
-# collides with the usual ones.
+# The signal that kicks a vCPU out of KVM_RUN. vCPU threads keep it blocked and
+# KVM_SET_SIGNAL_MASK unblocks it only inside KVM_RUN (QEMU's scheme): a kick
+# that lands while the thread is in Python stays pending and makes the next
+# KVM_RUN return EINTR at once, so no kick is ever lost. This is used instead
+# of `immediate_exit` on purpose: immediate_exit returns before KVM moves
+# expired LAPIC-timer interrupts into the LAPIC, and a state saved then would
+# lose them (an AP sleeping on a one-shot timer never wakes after restore).
+# A real-time signal, so it never collides with the usual ones.
 KICK_SIGNAL = signal.SIGRTMIN + 2
+_KERNEL_SIGSET_BYTES = 8
 
 MSR_IA32_MISC_ENABLE = 0x1A0
 MISC_ENABLE_FAST_STRING = 1 << 0
 
+MSR_IA32_TSC_DEADLINE = 0x6E0
+
+LAPIC_LVT_TIMER = 0x320
+LAPIC_TIMER_CURRENT_COUNT = 0x390
+LVT_TIMER_MODE_SHIFT = 17
+LVT_TIMER_MODE_MASK = 0x3
+LVT_TIMER_ONE_SHOT = 0
+LVT_TIMER_TSC_DEADLINE = 2
 LAPIC_LVT0 = 0x350
 LAPIC_LVT1 = 0x360
 LVT_DELIVERY_MODE_MASK = 0x700
@@ -46,19 +60,33 @@ _LE_U32 = struct.Struct("<I")
 
 
 def _kick_handler(signum: int, frame: object) -> None:
-    """Intentionally empty: delivery alone interrupts KVM_RUN."""
+    """Intentionally empty: only reached if a kick is ever delivered outside KVM_RUN."""
 
 
 def install_kick_handler() -> None:
-    """Install the no-op handler for KICK_SIGNAL (must happen on the main thread once)."""
-    if signal.getsignal(KICK_SIGNAL) is _kick_handler:
-        return
-    if threading.current_thread() is not threading.main_thread():
-        raise VmRuntimeError(
-            "the first VM of a process must be started from the main thread "
-            "(it installs the signal handler that pauses vCPUs)"
-        )
-    signal.signal(KICK_SIGNAL, _kick_handler)
+    """A no-op handler for KICK_SIGNAL, so a stray kick cannot kill the process
+    (the default action of a real-time signal). Python only lets the main
+    thread install handlers; elsewhere the blocking scheme alone is relied on."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(KICK_SIGNAL) is not _kick_handler:
+        signal.signal(KICK_SIGNAL, _kick_handler)
+
+
+def _sigset_bytes(signals: set[int]) -> bytes:
+    bits = 0
+    for number in signals:
+        bits |= 1 << (int(number) - 1)
+    return bits.to_bytes(_KERNEL_SIGSET_BYTES, "little")
+
+
+def _drain_kicks() -> None:
+    """Consume kicks that are pending for this thread (they queue: real-time signal)."""
+    while signal.sigtimedwait([KICK_SIGNAL], 0) is not None:
+        pass
+
+
+def block_kicks_in_this_thread() -> set[int]:
+    """Block KICK_SIGNAL in the calling thread; returns the previous mask."""
+    return signal.pthread_sigmask(signal.SIG_BLOCK, {KICK_SIGNAL})
 
 
 def vcpu_cpuid(supported, apic_id: int):
@@ -73,6 +101,18 @@ def vcpu_cpuid(supported, apic_id: int):
         elif entry.function in (CPUID_EXT_TOPOLOGY, CPUID_EXT_TOPOLOGY_V2):
             entry.edx = apic_id
     return table
+
+
+def _timer_armed(lapic: bytes, tsc_deadline: int) -> bool:
+    """Whether the LAPIC timer will fire once more without the guest re-arming it
+    (a periodic timer always will; losing one of its ticks is harmless)."""
+    lvt = _LE_U32.unpack_from(lapic, LAPIC_LVT_TIMER)[0]
+    mode = (lvt >> LVT_TIMER_MODE_SHIFT) & LVT_TIMER_MODE_MASK
+    if mode == LVT_TIMER_ONE_SHOT:
+        return _LE_U32.unpack_from(lapic, LAPIC_TIMER_CURRENT_COUNT)[0] != 0
+    if mode == LVT_TIMER_TSC_DEADLINE:
+        return tsc_deadline != 0
+    return False
 
 
 def _struct_bytes(cdata) -> bytes:
@@ -106,6 +146,9 @@ class Vcpu:
         self._xsave_size = xsave_size
         self._cpuid_bytes = b""
         self.thread: threading.Thread | None = None
+        # Inside KVM_RUN: the creating thread's mask, with kicks let through.
+        current = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        fd.set_signal_mask(_sigset_bytes(set(current) - {KICK_SIGNAL}))
 
     # --- configuration -------------------------------------------------------
     def set_cpuid(self, cpuid) -> None:
@@ -145,6 +188,27 @@ class Vcpu:
 
     # --- persistence -------------------------------------------------------------
     def save(self) -> dict:
+        """The vCPU's state, with no timer interrupt lost in KVM's hands.
+
+        A LAPIC timer keeps running while the vCPU is parked. When it fires,
+        KVM only notes it and moves it into the LAPIC on the next KVM_RUN, so
+        it would be missing from a state read in between: flush first, and
+        flush again if the timer fired while the state was being read."""
+        lapic = self.fd.get_lapic()
+        armed_before = _timer_armed(bytes(ffi.buffer(lapic.regs)), self._tsc_deadline())
+        self.flush_pending_interrupts()
+        state = self._read_state()
+        if armed_before and not _timer_armed(state["lapic"], dict(state["msrs"]).get(MSR_IA32_TSC_DEADLINE, 0)):
+            self.flush_pending_interrupts()
+            state = self._read_state()
+        return state
+
+    def _tsc_deadline(self) -> int:
+        msrs = ffi.new("struct kvm_msrs *", {"nmsrs": 1, "entries": 1})
+        msrs.entries[0].index = MSR_IA32_TSC_DEADLINE
+        return msrs.entries[0].data if self.fd.get_msrs(msrs) == 1 else 0
+
+    def _read_state(self) -> dict:
         msrs = ffi.new("struct kvm_msrs *", {"nmsrs": len(self._msr_indices), "entries": len(self._msr_indices)})
         for i, index in enumerate(self._msr_indices):
             msrs.entries[i].index = index
@@ -205,9 +269,7 @@ class Vcpu:
 
     # --- running ----------------------------------------------------------------------
     def kick(self) -> None:
-        """Make the thread leave KVM_RUN soon: immediate_exit covers the window
-        before it enters, the signal interrupts it once inside."""
-        self.fd.run.immediate_exit = 1
+        """Make the vCPU thread leave KVM_RUN (now, or at its next entry)."""
         thread = self.thread
         if thread is not None and thread.ident is not None and thread.is_alive():
             try:
@@ -215,10 +277,28 @@ class Vcpu:
             except ProcessLookupError:
                 pass  # the thread ended between the check and the kill
 
-    def clear_kick(self) -> None:
-        self.fd.run.immediate_exit = 0
+    def flush_pending_interrupts(self) -> None:
+        """With the vCPU parked: one KVM_RUN that cannot enter the guest (a kick
+        is pending) but lets KVM move interrupts it is holding back, such as an
+        expired LAPIC timer, into the saved LAPIC/event state."""
+        previous = block_kicks_in_this_thread()
+        try:
+            signal.pthread_kill(threading.get_ident(), KICK_SIGNAL)
+            try:
+                self.fd.run_once()
+            except KvmError as exc:
+                if exc.errno not in (errno.EINTR, errno.EAGAIN):
+                    raise
+            else:
+                raise VmRuntimeError(
+                    f"vCPU {self.index}: KVM_RUN ran with a kick pending (exit {self.fd.run.exit_reason})"
+                )
+            _drain_kicks()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
     def run_loop(self, control: "VcpuControl") -> None:
+        block_kicks_in_this_thread()
         try:
             status = self._run(control)
         except KvmError as exc:
@@ -241,6 +321,7 @@ class Vcpu:
             except KvmError as exc:
                 if exc.errno not in (errno.EINTR, errno.EAGAIN):
                     raise
+                _drain_kicks()
                 if control.stopping:
                     return None
                 control.park_if_paused(self)

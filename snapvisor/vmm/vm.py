@@ -125,7 +125,8 @@ class Vm:
 
     def pause(self, timeout: float = PAUSE_TIMEOUT_S) -> None:
         """Return once every vCPU is out of KVM_RUN and parked, with any pending
-        port/MMIO exit completed (so the saved state is consistent)."""
+        port/MMIO exit completed (KVM completes it on the KVM_RUN that the kick
+        interrupts), so the saved state is consistent."""
         if not self._started:
             raise VmRuntimeError("the VM has not been started")
         control = self._control
@@ -139,8 +140,6 @@ class Vm:
     def resume(self) -> None:
         if not self._control.paused:
             return
-        for vcpu in self.vcpus:
-            vcpu.clear_kick()
         self._control.release()
 
     def request_exit(self, status: ExitStatus) -> None:

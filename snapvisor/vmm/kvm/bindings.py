@@ -230,6 +230,11 @@ ffi.cdef(
         void *dirty_bitmap;  /* union with uint64_t padding2 */
     };
 
+    struct kvm_signal_mask {
+        uint32_t len;
+        uint8_t sigset[];
+    };
+
     struct kvm_enable_cap {
         uint32_t cap;
         uint32_t flags;
@@ -357,6 +362,7 @@ KVM_SET_REGS = _iow(0x82, "struct kvm_regs")
 KVM_GET_SREGS = _ior(0x83, "struct kvm_sregs")
 KVM_SET_SREGS = _iow(0x84, "struct kvm_sregs")
 KVM_GET_MSRS = _iowr(0x88, "struct kvm_msrs")
+KVM_SET_SIGNAL_MASK = _iow(0x8B, "struct kvm_signal_mask")
 KVM_SET_MSRS = _iow(0x89, "struct kvm_msrs")
 KVM_GET_FPU = _ior(0x8C, "struct kvm_fpu")
 KVM_SET_FPU = _iow(0x8D, "struct kvm_fpu")

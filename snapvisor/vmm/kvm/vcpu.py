@@ -35,6 +35,13 @@ class VcpuFd(KvmFd):
         if _ioctl(self._fd, b.KVM_RUN, _NO_ARG) < 0:
             raise KvmError("KVM_RUN", ffi.errno)
 
+    def set_signal_mask(self, sigset: bytes) -> None:
+        """The blocked-signal mask in force while this vCPU is inside KVM_RUN
+        (`sigset`: the kernel's sigset_t, bit n-1 for signal n)."""
+        mask = ffi.new("struct kvm_signal_mask *", {"len": len(sigset), "sigset": len(sigset)})
+        ffi.memmove(mask.sigset, sigset, len(sigset))
+        self._ioctl("KVM_SET_SIGNAL_MASK", b.KVM_SET_SIGNAL_MASK, mask)
+
     def get_regs(self):
         regs = ffi.new("struct kvm_regs *")
         self._ioctl("KVM_GET_REGS", b.KVM_GET_REGS, regs)
