@@ -1,4 +1,6 @@
-"""Just enough ELF64 and objdump reading to check the test guest image."""
+"""The built guest as pytest fixtures, and just enough ELF64 and objdump reading
+to check it. Test modules import the fixtures by name (no conftest.py here: the
+suite's modules import the top-level conftest by that name)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,10 @@ import struct
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
+
+from snapvisor import testguest
 
 PT_LOAD, PT_NOTE = 1, 4
 
@@ -95,3 +101,13 @@ def forbidden_in_ring0(mnemonic: str, operands: str) -> bool:
         or mnemonic.startswith(_FORBIDDEN_PREFIXES)
         or bool(_VECTOR_OPERAND.search(operands))
     )
+
+
+@pytest.fixture(scope="session")
+def guest_elf_path() -> Path:
+    return testguest.build()
+
+
+@pytest.fixture(scope="session")
+def guest_elf(guest_elf_path) -> GuestElf:
+    return GuestElf(guest_elf_path)

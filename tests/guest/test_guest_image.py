@@ -5,7 +5,7 @@ import struct
 
 import pytest
 
-from _guest_elf import PT_LOAD, PT_NOTE, forbidden_in_ring0
+from _guest_elf import PT_LOAD, PT_NOTE, forbidden_in_ring0, guest_elf, guest_elf_path  # noqa: F401 (fixtures)
 
 MB_MAGIC = 0x1BADB002
 

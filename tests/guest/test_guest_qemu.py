@@ -7,6 +7,8 @@ import subprocess
 
 import pytest
 
+from _guest_elf import guest_elf_path  # noqa: F401 (fixture)
+
 QEMU = shutil.which("qemu-system-x86_64")
 pytestmark = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 not installed")
 

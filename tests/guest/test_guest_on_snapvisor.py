@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from _guest_elf import guest_elf_path  # noqa: F401 (fixture)
+
 pytestmark = [
     pytest.mark.kvm,
     pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="needs /dev/kvm"),
