@@ -1,6 +1,6 @@
 /* The tick source: PIT channel 0 at 1 kHz through the remapped 8259 PIC to the
  * BSP (IRQ0 -> vector 32, counted by irq0 in entry64.S). APs do not see PIC
- * interrupts; to sleep between ticks they arm a one-shot LAPIC timer instead. */
+ * interrupts; to sleep between ticks they arm their LAPIC timer instead. */
 #include "kernel.h"
 
 #define PIC1 0x20
@@ -18,6 +18,8 @@
 #define LAPIC_SPURIOUS_VECTOR 63
 /* KVM's LAPIC timer counts at 1 GHz: one PIT tick. */
 #define LAPIC_TICK_COUNT 1000000U
+#define LAPIC_MAX_TICKS 100
+#define LAPIC_TIMER_PERIODIC (1U << 17)
 
 u64 tick_line_every;
 
@@ -54,12 +56,13 @@ void lapic_wake_init(void)
 {
 	lapic_write(LAPIC_SVR, 0x100 | LAPIC_SPURIOUS_VECTOR);
 	lapic_write(LAPIC_TIMER_DIV, 0xb); /* divide by 1 */
-	lapic_write(LAPIC_LVT_TIMER, LAPIC_TIMER_VECTOR); /* one-shot */
+	lapic_write(LAPIC_LVT_TIMER, LAPIC_TIMER_PERIODIC | LAPIC_TIMER_VECTOR);
 }
 
 /* Called from SYS_WAIT with interrupts off: sleep until tg_ticks reaches `until`.
- * The BSP wakes on every PIT tick anyway; an AP sleeps the whole stretch on one
- * LAPIC one-shot (capped so the count fits in 32 bits). */
+ * The BSP wakes on every PIT tick anyway. An AP sleeps on its LAPIC timer, in
+ * periodic mode so that a wake-up lost (say, across a snapshot) costs one more
+ * period rather than a hang; the period is capped at LAPIC_MAX_TICKS. */
 void wait_until(u32 cpu, u64 until)
 {
 	u64 now;
@@ -70,8 +73,11 @@ void wait_until(u32 cpu, u64 until)
 		if (cpu) {
 			u64 n = until - now;
 
-			lapic_write(LAPIC_TIMER_INIT, (u32)(n > 1000 ? 1000 : n) * LAPIC_TICK_COUNT);
+			lapic_write(LAPIC_TIMER_INIT,
+				    (u32)(n > LAPIC_MAX_TICKS ? LAPIC_MAX_TICKS : n) * LAPIC_TICK_COUNT);
 		}
 		__asm__ volatile("sti; hlt; cli" ::: "memory");
 	}
+	if (cpu)
+		lapic_write(LAPIC_TIMER_INIT, 0); /* stop: ring 3 needs no wake-ups */
 }
