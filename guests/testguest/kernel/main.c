@@ -76,7 +76,7 @@ static void bsp_init(enum boot_kind kind, u64 info)
 
 	idt_init();
 	paging_init(ram_top());
-	for (u32 c = 0; c < MAX_CPUS; c++)
+	for (u32 c = 0; c < kp.cpus; c++)
 		tss_init(c);
 	gdt_idt_load(0);
 	paging_load();
