@@ -76,7 +76,7 @@ def collect_garbage(repo: "Repository", dry_run: bool) -> GcResult:
         return result
 
     if dead_indexed or len(index.files) > 1:
-        new_key = _write_index(repo, index, sorted(live_packs))
+        new_key = _write_index(repo, index, sorted(live_packs)) if live_packs else None
         old = sorted(k for k in index.files if k != new_key)
         for key in old:
             store.delete(key)
@@ -87,7 +87,7 @@ def collect_garbage(repo: "Repository", dry_run: bool) -> GcResult:
     return result
 
 
-def _write_index(repo: "Repository", index, live_packs: list[int]) -> str | None:
+def _write_index(repo: "Repository", index, live_packs: list[int]) -> str:
     number = {p: i for i, p in enumerate(live_packs)}
     packs = np.array([(index.packs[p].pack_id, index.packs[p].size, len(index.packs[p].frames))
                       for p in live_packs], dtype=fmt.PACK_RECORD_DTYPE)

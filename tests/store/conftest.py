@@ -18,10 +18,10 @@ import pytest
 
 from snapvisor.store import Repository, open_backend
 from snapvisor.store.memory import MemoryStore
-from store_helpers import SMALL_REPO
+from store_helpers import SMALL_REPO, s3_options
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-BACKENDS = ["memory", "local", "moto", pytest.param("s3", marks=pytest.mark.s3)]
+BACKENDS = ["memory", "local", pytest.param("s3", marks=pytest.mark.s3)]
 
 
 @pytest.fixture(scope="session")
@@ -67,11 +67,6 @@ def s3_bucket(s3_server):
     return bucket
 
 
-def s3_options(s3_server) -> dict:
-    endpoint, key, secret = s3_server
-    return {"endpoint_url": endpoint, "access_key": key, "secret_key": secret}
-
-
 @pytest.fixture
 def moto_s3():
     from moto import mock_aws
@@ -83,14 +78,10 @@ def moto_s3():
         yield
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request, tmp_path):
-    """A fresh, empty ObjectStore of each kind."""
-    kind = request.param
+def _open_backend(kind: str, request, tmp_path):
     if kind == "memory":
         url = f"memory://{request.node.name}-{secrets.token_hex(4)}"
-        store = open_backend(url)
-        yield store
+        yield open_backend(url)
         MemoryStore.forget(url)
     elif kind == "local":
         yield open_backend(str(tmp_path / "repo"))
@@ -106,6 +97,18 @@ def backend(request, tmp_path):
         store = open_backend(f"s3://{bucket}/{secrets.token_hex(6)}", **s3_options(server))
         yield store
         store.close()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, tmp_path):
+    """A fresh, empty ObjectStore of each real kind: memory, local directory, S3 server."""
+    yield from _open_backend(request.param, request, tmp_path)
+
+
+@pytest.fixture(params=BACKENDS + ["moto"])
+def any_backend(request, tmp_path):
+    """The backends above plus moto: a fast S3 stand-in for the object store conformance."""
+    yield from _open_backend(request.param, request, tmp_path)
 
 
 @pytest.fixture

@@ -5,65 +5,65 @@ import pytest
 from snapvisor.store import ObjectNotFound, StoreError, open_backend
 
 
-def test_put_get_head(backend):
-    assert backend.put("data/ab/obj", b"hello world") is True
-    assert backend.get("data/ab/obj") == b"hello world"
-    assert backend.head("data/ab/obj") == 11
-    assert backend.head("data/ab/none") is None
+def test_put_get_head(any_backend):
+    assert any_backend.put("data/ab/obj", b"hello world") is True
+    assert any_backend.get("data/ab/obj") == b"hello world"
+    assert any_backend.head("data/ab/obj") == 11
+    assert any_backend.head("data/ab/none") is None
 
 
-def test_put_if_absent_keeps_first(backend):
-    assert backend.put("config", b"first") is True
-    assert backend.put("config", b"second") is False
-    assert backend.get("config") == b"first"
+def test_put_if_absent_keeps_first(any_backend):
+    assert any_backend.put("config", b"first") is True
+    assert any_backend.put("config", b"second") is False
+    assert any_backend.get("config") == b"first"
 
 
-def test_ranged_get(backend):
-    backend.put("k", bytes(range(256)) * 4)
-    assert backend.get("k", 10, 5) == bytes(range(10, 15))
-    assert backend.get("k", 1000) == bytes(range(232, 256))
-    assert backend.get("k", 3, 0) == b""
+def test_ranged_get(any_backend):
+    any_backend.put("k", bytes(range(256)) * 4)
+    assert any_backend.get("k", 10, 5) == bytes(range(10, 15))
+    assert any_backend.get("k", 1000) == bytes(range(232, 256))
+    assert any_backend.get("k", 3, 0) == b""
 
 
-def test_get_beyond_end_is_truncation_error(backend):
-    backend.put("short", b"abc")
+def test_get_beyond_end_is_truncation_error(any_backend):
+    any_backend.put("short", b"abc")
     with pytest.raises(StoreError, match="short.*truncated"):
-        backend.get("short", 1, 10)
+        any_backend.get("short", 1, 10)
 
 
-def test_missing_object(backend):
+def test_missing_object(any_backend):
     with pytest.raises(ObjectNotFound, match="nothing"):
-        backend.get("nothing")
+        any_backend.get("nothing")
 
 
-def test_list_by_prefix(backend):
+def test_list_by_prefix(any_backend):
     for key in ("index/a", "index/b", "data/00/x", "data/01/y", "indexes"):
-        backend.put(key, key.encode())
-    assert sorted(o.key for o in backend.list("index/")) == ["index/a", "index/b"]
-    assert sorted((o.key, o.size) for o in backend.list("data/")) == [("data/00/x", 9),
+        any_backend.put(key, key.encode())
+    assert sorted(o.key for o in any_backend.list("index/")) == ["index/a", "index/b"]
+    assert sorted((o.key, o.size) for o in any_backend.list("data/")) == [("data/00/x", 9),
                                                                        ("data/01/y", 9)]
-    assert list(backend.list("nope/")) == []
+    assert list(any_backend.list("nope/")) == []
 
 
-def test_delete_is_idempotent(backend):
-    backend.put("gone", b"x")
-    backend.delete("gone")
-    backend.delete("gone")
-    assert backend.head("gone") is None
-    assert list(backend.list("gone")) == []
+def test_delete_is_idempotent(any_backend):
+    any_backend.put("gone", b"x")
+    any_backend.delete("gone")
+    any_backend.delete("gone")
+    assert any_backend.head("gone") is None
+    assert list(any_backend.list("gone")) == []
 
 
-def test_large_object_roundtrip(backend):
+def test_large_object_roundtrip(any_backend):
     blob = bytes(range(256)) * (3 << 12)  # 3 MiB
-    backend.put("data/big", blob)
-    assert backend.get("data/big") == blob
-    assert backend.get("data/big", (1 << 20) + 7, 100) == blob[(1 << 20) + 7:(1 << 20) + 107]
+    any_backend.put("data/big", blob)
+    assert any_backend.get("data/big") == blob
+    assert any_backend.get("data/big", (1 << 20) + 7, 100) == blob[(1 << 20) + 7:(1 << 20) + 107]
 
 
 @pytest.mark.parametrize("key", ["", "/abs", "a/../b", "a//b", "a/./b", "a\\b"])
-def test_bad_keys_rejected(backend, key):
+def test_bad_keys_rejected(any_backend, key):
     with pytest.raises(StoreError, match="invalid object key"):
-        backend.put(key, b"x")
+        any_backend.put(key, b"x")
 
 
 def test_url_dispatch(tmp_path):
