@@ -87,8 +87,3 @@ def s3_bucket(s3_server):
     bucket = "snapvisor-test-" + secrets.token_hex(4)
     client.create_bucket(Bucket=bucket)
     return bucket
-
-
-def s3_options(s3_server) -> dict:
-    endpoint, key, secret = s3_server
-    return {"endpoint_url": endpoint, "access_key": key, "secret_key": secret}

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import snapvisor
-from conftest import s3_options
+from testsupport import s3_options
 from guest_console import assert_healthy, last_rounds, rounds, wait_for_rounds
 from snapvisor.store import Repository
 

@@ -1,0 +1,268 @@
+"""Snapshot and restore benchmark: snapvisor next to QEMU in the same run.
+
+    python3 bench/snapshot.py [--quick]
+
+Prints one JSON document:
+- pause_vs_dirty: pause of an incremental snapshot of a 1 GiB guest for several
+  amounts of dirtied memory, next to the target "5 ms + copy of the dirty pages at
+  the memory bandwidth measured in this run";
+- full_vs_qemu: a 1.25 GiB guest holding a 1 GiB synthetic image (half zero, a
+  quarter random, a quarter compressible), snapshotted full by snapvisor and saved
+  by QEMU (`migrate` to `zstd -1`, bandwidth cap lifted), then again after the
+  guest dirtied ~1% of memory (snapvisor incremental, QEMU whole VM);
+- restore: time to the guest's first instruction (lazy) and to full memory (eager).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import snapvisor
+from snapvisor.store import Repository
+from snapvisor.testguest import build
+
+MiB = 1 << 20
+IMAGE_GPA = 256 * MiB
+ROUND = re.compile(rb"tg: cpu=0 round=(\d+)")
+
+
+def synthetic_image(size: int, seed: int = 7) -> np.ndarray:
+    """Half zero pages, a quarter random, a quarter compressible (text-like), shuffled by page."""
+    rng = np.random.default_rng(seed)
+    pages = size // 4096
+    image = np.zeros((pages, 4096), dtype=np.uint8)
+    kinds = rng.permutation(np.repeat(np.arange(4), pages // 4))
+    random_rows = np.flatnonzero(kinds == 2)
+    image[random_rows] = rng.integers(0, 256, (len(random_rows), 4096), dtype=np.uint8)
+    text_rows = np.flatnonzero(kinds == 3)
+    words = rng.integers(97, 123, (len(text_rows), 512), dtype=np.uint8)
+    image[text_rows] = np.repeat(words, 8, axis=1)
+    return image.reshape(-1)
+
+
+def memcpy_bandwidth() -> float:
+    src = np.ones(256 * MiB, dtype=np.uint8)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    started = time.perf_counter()
+    for _ in range(4):
+        np.copyto(dst, src)
+    return 4 * src.nbytes / (time.perf_counter() - started)
+
+
+def wait_round(out: io.BytesIO, rounds: int, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(ROUND.findall(out.getvalue())) >= rounds:
+            return
+        time.sleep(0.01)
+    raise RuntimeError(f"guest did not reach {rounds} rounds: {out.getvalue()[-500:]!r}")
+
+
+def bench_pause_vs_dirty(elf: Path, workdir: Path, bandwidth: float, sizes: list[int]) -> list[dict]:
+    results = []
+    for dirty_mib in sizes:
+        repo = Repository.open_url(str(workdir / f"pause-{dirty_mib}"), create=True)
+        # Working set of `dirty_mib` re-dirtied at full speed; "0" is a 1 MiB set paced at 1 MiB/s.
+        params = f"tg.mem={dirty_mib} tg.rate=0" if dirty_mib else "tg.mem=1 tg.rate=1 tg.pages=16"
+        out = io.BytesIO()
+        with snapvisor.VM.boot(elf, mem="1G", cmdline=f"{params} tg.rounds=0 tg.verify=1000000", serial_out=out) as vm:
+            wait_round(out, 2)
+            vm.snapshot(repo)
+            samples = []
+            for _ in range(3):
+                time.sleep(0.3)
+                vm.snapshot(repo)
+                samples.append(vm.last_snapshot)
+        best = min(samples, key=lambda s: s.pause_s)
+        copied = best.paused_pages * 4096
+        results.append(
+            {
+                "working_set_mib": dirty_mib,
+                "pause_ms": round(best.pause_s * 1e3, 2),
+                "pause_ms_all": [round(s.pause_s * 1e3, 2) for s in samples],
+                "copied_in_pause_mib": round(copied / MiB, 2),
+                "precopied_mib": round(best.precopy_pages * 4096 / MiB, 2),
+                "target_ms": round(5 + copied / bandwidth * 1e3, 2),
+                "snapshot_total_s": round(best.total_s, 3),
+                "bytes_written": best.store["bytes_written"],
+            }
+        )
+    return results
+
+
+def _qmp(sock_path: Path):
+    sock = socket.socket(socket.AF_UNIX)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            sock.connect(str(sock_path))
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    stream = sock.makefile("rwb")
+
+    def command(name: str, **arguments) -> dict:
+        stream.write(json.dumps({"execute": name, "arguments": arguments}).encode() + b"\n")
+        stream.flush()
+        while True:
+            reply = json.loads(stream.readline())
+            if "return" in reply or "error" in reply:
+                if "error" in reply:
+                    raise RuntimeError(f"QMP {name}: {reply['error']}")
+                return reply["return"]
+
+    json.loads(stream.readline())  # greeting
+    command("qmp_capabilities")
+    return command
+
+
+def qemu_save(qmp, target: Path) -> dict:
+    started = time.perf_counter()
+    qmp("migrate", uri=f"exec:zstd -1 -q -f -o {target}")
+    while True:
+        status = qmp("query-migrate")
+        if status.get("status") in ("completed", "failed", "cancelled"):
+            break
+        time.sleep(0.005)
+    seconds = time.perf_counter() - started
+    if status["status"] != "completed":
+        raise RuntimeError(f"QEMU migration {status['status']}: {status}")
+    # QEMU stops the guest after saving it: let it run on for the next round.
+    qmp("cont")
+    return {"seconds": round(seconds, 3), "bytes": target.stat().st_size}
+
+
+def bench_full_vs_qemu(elf: Path, workdir: Path, image: np.ndarray) -> dict:
+    vm_mem = IMAGE_GPA + image.nbytes
+    cmdline = "tg.mem=13 tg.rate=0 tg.rounds=0 tg.verify=1000000"
+    # snapvisor: the image goes into guest RAM before the guest starts.
+    repo = Repository.open_url(str(workdir / "full"), create=True)
+    out = io.BytesIO()
+    from snapvisor.vmm.builder import VmConfig, build_microvm_for_boot
+
+    inner = build_microvm_for_boot(VmConfig(kernel=elf, cmdline=cmdline, mem_size=vm_mem, serial_out=out))
+    inner.memory.view(IMAGE_GPA, image.nbytes)[:] = image
+    vm = snapvisor.VM(inner, "bench-full")
+    inner.start()
+    try:
+        wait_round(out, 2)
+        started = time.perf_counter()
+        full = vm.snapshot(repo)
+        full_s = time.perf_counter() - started
+        full_stats = vm.last_snapshot
+        time.sleep(0.2)  # the guest re-dirties its 13 MiB (~1% of 1.25 GiB) meanwhile
+        started = time.perf_counter()
+        vm.snapshot(repo)
+        incr_s = time.perf_counter() - started
+        incr_stats = vm.last_snapshot
+    finally:
+        vm.close()
+    snapvisor_result = {
+        "full": {"seconds": round(full_s, 3), "bytes": full_stats.store["bytes_written"], "pause_ms": round(full_stats.pause_s * 1e3, 2)},
+        "incremental_1pct": {"seconds": round(incr_s, 3), "bytes": incr_stats.store["bytes_written"], "pause_ms": round(incr_stats.pause_s * 1e3, 2)},
+        "snapshot_id": full.id,
+    }
+
+    # QEMU: the same guest and image (loader device), saved with `migrate` through zstd -1.
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        return {"snapvisor": snapvisor_result, "qemu": "qemu-system-x86_64 not installed"}
+    image_file = workdir / "image.raw"
+    image.tofile(image_file)
+    qmp_sock = workdir / "qmp.sock"
+    serial = workdir / "qemu-serial.log"
+    proc = subprocess.Popen(
+        [qemu, "-accel", "kvm", "-m", str(vm_mem // MiB), "-display", "none", "-monitor", "none",
+         "-serial", f"file:{serial}", "-qmp", f"unix:{qmp_sock},server=on,wait=off",
+         "-device", f"loader,file={image_file},addr={IMAGE_GPA:#x},force-raw=on",
+         "-kernel", str(elf), "-append", cmdline],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        qmp = _qmp(qmp_sock)
+        deadline = time.monotonic() + 120
+        while len(ROUND.findall(serial.read_bytes() if serial.exists() else b"")) < 2:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"QEMU guest did not start: {proc.stderr.read().decode()[-500:] if proc.poll() is not None else ''}")
+            time.sleep(0.05)
+        qmp("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
+        first = qemu_save(qmp, workdir / "qemu-1.zst")
+        time.sleep(0.2)
+        second = qemu_save(qmp, workdir / "qemu-2.zst")
+        qmp("quit")
+    finally:
+        proc.kill()
+        proc.wait()
+    return {
+        "snapvisor": snapvisor_result,
+        "qemu": {"full": first, "again_after_1pct": second, "accel": "kvm"},
+        "ratios": {
+            "full_time_qemu_over_snapvisor": round(first["seconds"] / full_s, 2),
+            "full_bytes_qemu_over_snapvisor": round(first["bytes"] / full_stats.store["bytes_written"], 2),
+            "second_time_qemu_over_snapvisor": round(second["seconds"] / incr_s, 2),
+            "second_bytes_qemu_over_snapvisor": round(second["bytes"] / max(1, incr_stats.store["bytes_written"]), 1),
+        },
+    }
+
+
+def bench_restore(workdir: Path, snapshot_id: str, runs: int) -> dict:
+    url = str(workdir / "full")
+    lazy_first, lazy_full, eager = [], [], []
+    for _ in range(runs):
+        started = time.perf_counter()
+        vm = snapvisor.restore(url, snapshot_id, lazy=True, serial_out=io.BytesIO())
+        lazy_first.append(time.perf_counter() - started)
+        vm.lazy_memory.wait()
+        lazy_full.append(time.perf_counter() - started)
+        vm.close()
+        started = time.perf_counter()
+        vm = snapvisor.restore(url, snapshot_id, lazy=False, serial_out=io.BytesIO())
+        eager.append(time.perf_counter() - started)
+        vm.close()
+    median = lambda xs: round(float(np.median(xs)) * 1e3, 1)  # noqa: E731
+    return {
+        "lazy_to_first_instruction_ms": median(lazy_first),
+        "lazy_to_full_memory_ms": median(lazy_full),
+        "eager_to_first_instruction_ms": median(eager),
+        "targets_ms": {"lazy_first_instruction": 20, "eager": 2000},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller image and fewer runs (a smoke run)")
+    args = parser.parse_args()
+    elf = build()
+    image_size = 256 * MiB if args.quick else 1024 * MiB
+    with tempfile.TemporaryDirectory(prefix="snapvisor-bench-") as tmp:
+        workdir = Path(tmp)
+        bandwidth = memcpy_bandwidth()
+        result = {
+            "host": {"cpus": os.cpu_count(), "memcpy_gb_s": round(bandwidth / 1e9, 2)},
+            "pause_vs_dirty": bench_pause_vs_dirty(elf, workdir, bandwidth, [0, 16] if args.quick else [0, 16, 64, 256]),
+        }
+        full = bench_full_vs_qemu(elf, workdir, synthetic_image(image_size))
+        result["full_vs_qemu"] = full
+        result["restore"] = bench_restore(workdir, full["snapvisor"]["snapshot_id"], 1 if args.quick else 3)
+    json.dump(result, sys.stdout, indent=2)
+    print()
+
+
+if __name__ == "__main__":
+    main()
