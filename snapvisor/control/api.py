@@ -1,0 +1,255 @@
+"""The control API: HTTP/JSON on a Unix socket (Firecracker's convention).
+
+    GET  /vm          name, state, vCPUs, memory, uptime, last snapshot, schedule
+    PUT  /vm/state    {"state": "Paused" | "Resumed"}
+    PUT  /snapshot    {"repo": URL, "full": false, "tags": []}   -> the snapshot
+    GET  /schedule    the schedule and, per repository, last success/error, next run
+    PUT  /schedule    {"every": "15m", "repos": [URL], "keep": {"last": 3}, "tags": []}
+                      or {"every": null} to turn it off
+    PUT  /actions     {"action": "shutdown"}
+
+Every answer is JSON; errors are {"error": "<what and how to fix it>"} with a 4xx
+status for a bad request (the VM is untouched) and 502 when the VM tried and a
+dependency failed (a store outage). The socket is created owner-only (0600)
+before it listens, and the server runs on daemon threads: nothing a client sends
+can stop the VMM.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import socketserver
+import stat
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+
+from snapvisor.control.controller import VmController, snapshot_json, validate_repo_url, validate_tags
+from snapvisor.control.errors import (BadRequest, ControlError, MethodNotAllowed, NotFound,
+                                      PayloadTooLarge)
+from snapvisor.control.schedule import Schedule, Scheduler
+from snapvisor.errors import SnapvisorError
+
+MAX_BODY = 64 << 10
+REQUEST_READ_TIMEOUT_S = 10.0
+
+
+class ApiSocketError(SnapvisorError):
+    """The API socket could not be created."""
+
+
+def _fields(body: dict, allowed: set[str], required: set[str] = frozenset()) -> None:
+    unknown = set(body) - allowed
+    if unknown:
+        raise BadRequest(f"unknown field(s) {sorted(unknown)}; this request takes {sorted(allowed)}")
+    missing = required - set(body)
+    if missing:
+        raise BadRequest(f"missing field(s) {sorted(missing)}")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: "ApiServer"
+    protocol_version = "HTTP/1.0"
+    timeout = REQUEST_READ_TIMEOUT_S  # a client that stalls mid-request loses its thread, nothing else
+
+    # Routing: (method, path) -> handler method name.
+    ROUTES = {
+        ("GET", "/vm"): "get_vm",
+        ("PUT", "/vm/state"): "put_state",
+        ("PUT", "/snapshot"): "put_snapshot",
+        ("GET", "/schedule"): "get_schedule",
+        ("PUT", "/schedule"): "put_schedule",
+        ("PUT", "/actions"): "put_action",
+    }
+
+    def log_message(self, format: str, *args: object) -> None:
+        # The VMM's stderr belongs to the operator and the guest console to stdout;
+        # request logs would drown both.
+        pass
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_PATCH(self) -> None:
+        self._dispatch("PATCH")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    def _dispatch(self, method: str) -> None:
+        try:
+            path = self.path.split("?", 1)[0].rstrip("/") or "/"
+            name = self.ROUTES.get((method, path))
+            if name is None:
+                allowed = sorted(m for m, p in self.ROUTES if p == path)
+                if allowed:
+                    raise MethodNotAllowed(f"{method} {path} is not supported; use {' or '.join(allowed)}")
+                raise NotFound(f"no endpoint {path}; the API has /vm, /vm/state, /snapshot, /schedule, /actions")
+            body = self._read_body() if method == "PUT" else None
+            status, answer = getattr(self, name)(body)
+        except ControlError as exc:
+            status, answer = exc.status, {"error": str(exc)}
+        except SnapvisorError as exc:
+            status, answer = 400, {"error": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - an API bug must not reach the VMM
+            status, answer = 500, {"error": f"internal error: {type(exc).__name__}: {exc}"}
+        self._send(status, answer)
+
+    def _read_body(self) -> dict:
+        if self.headers.get("Transfer-Encoding"):
+            raise ControlError("send the body with a Content-Length, not chunked", 411)
+        length_text = self.headers.get("Content-Length")
+        if length_text is None:
+            raise ControlError("a PUT needs a JSON body with a Content-Length", 411)
+        try:
+            length = int(length_text)
+        except ValueError:
+            raise BadRequest(f"Content-Length {length_text!r} is not a number") from None
+        if length < 0:
+            raise BadRequest("Content-Length is negative")
+        if length > MAX_BODY:
+            raise PayloadTooLarge(f"the body is {length} bytes; the API takes at most {MAX_BODY}")
+        raw = self.rfile.read(length)
+        if len(raw) != length:
+            raise BadRequest(f"the body ended after {len(raw)} of {length} bytes")
+        try:
+            body = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BadRequest(f"the body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise BadRequest("the body must be a JSON object")
+        return body
+
+    def _send(self, status: int, answer: dict | None) -> None:
+        try:
+            data = b"" if answer is None else json.dumps(answer).encode() + b"\n"
+            self.send_response(status)
+            if answer is not None:
+                self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except OSError:
+            pass  # the client went away; nothing to tell it
+
+    # -- endpoints ---------------------------------------------------------------------
+
+    @property
+    def controller(self) -> VmController:
+        return self.server.controller
+
+    def get_vm(self, _body: None) -> tuple[int, dict]:
+        return 200, self.controller.info()
+
+    def put_state(self, body: dict) -> tuple[int, None]:
+        _fields(body, {"state"}, {"state"})
+        if not isinstance(body["state"], str):
+            raise BadRequest("state must be the string 'Paused' or 'Resumed'")
+        self.controller.set_state(body["state"])
+        return 204, None
+
+    def put_snapshot(self, body: dict) -> tuple[int, dict]:
+        _fields(body, {"repo", "full", "tags"}, {"repo"})
+        url = validate_repo_url(body["repo"])
+        full = body.get("full", False)
+        if not isinstance(full, bool):
+            raise BadRequest("full must be true or false")
+        tags = validate_tags(body.get("tags", []))
+        info = self.controller.snapshot(url, full=full, tags=tags)
+        answer = snapshot_json(info)
+        last = self.controller.machine.last_snapshot
+        if last is not None and last.snapshot_id == info.id:
+            answer.update(full=last.full, pause_s=round(last.pause_s, 4), total_s=round(last.total_s, 3),
+                          store=last.store)
+        return 200, answer
+
+    def _scheduler(self) -> Scheduler:
+        scheduler = self.controller.scheduler
+        if scheduler is None:
+            raise NotFound("this VM has no scheduler")
+        return scheduler
+
+    def get_schedule(self, _body: None) -> tuple[int, dict]:
+        return 200, self._scheduler().status()
+
+    def put_schedule(self, body: dict) -> tuple[int, dict]:
+        scheduler = self._scheduler()
+        if "every" in body and body["every"] is None:
+            _fields(body, {"every"})
+            scheduler.set_schedule(None)
+        else:
+            scheduler.set_schedule(Schedule.from_json(body))
+        return 200, scheduler.status()
+
+    def put_action(self, body: dict) -> tuple[int, None]:
+        _fields(body, {"action"}, {"action"})
+        if body["action"] != "shutdown":
+            raise BadRequest(f"action {body['action']!r} is unknown; the only action is 'shutdown'")
+        # Answer first: stopping the VM ends the process that serves this request.
+        threading.Thread(target=self.controller.shutdown, name="api-shutdown", daemon=True).start()
+        return 204, None
+
+
+class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """Serves the control API for one VmController on `path` until `close()`."""
+
+    daemon_threads = True
+
+    def __init__(self, path: str | Path, controller: VmController) -> None:
+        self.path = Path(path)
+        self.controller = controller
+        _clear_stale_socket(self.path)
+        try:
+            super().__init__(str(self.path), _Handler)
+        except OSError as exc:
+            raise ApiSocketError(f"cannot create the API socket {self.path}: {exc.strerror}; "
+                                 f"check that its directory exists and is writable") from None
+        self._thread = threading.Thread(target=self.serve_forever, name="api-server", daemon=True)
+
+    def server_bind(self) -> None:
+        super().server_bind()
+        # Owner-only before listen(): nobody can connect before the mode is right.
+        os.chmod(self.server_address, 0o600)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self.shutdown()
+        self.server_close()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _clear_stale_socket(path: Path) -> None:
+    """Remove a socket left by a VMM that died; refuse to touch anything else."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ApiSocketError(f"{path} exists and is not a socket; choose another --api-sock path")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError as exc:
+        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise ApiSocketError(f"cannot check the existing socket {path}: {exc.strerror}") from None
+        path.unlink(missing_ok=True)
+        return
+    finally:
+        probe.close()
+    raise ApiSocketError(f"another process is serving {path}; stop it or choose another --api-sock path")

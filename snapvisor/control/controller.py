@@ -1,0 +1,161 @@
+"""VmController: every operation an operator may ask of a running VM, validated and
+serialised, whoever asks (the API server, the scheduler, Python code).
+
+One lock orders snapshots and pause/resume, so an operator's pause never
+interleaves with the short pause a snapshot takes, and two snapshots never share
+the Snapshotter's dirty-page bookkeeping.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from snapvisor.control.errors import BadRequest, Conflict, OperationFailed
+from snapvisor.errors import SnapvisorError
+from snapvisor.store import KeepPolicy, PruneResult, Repository, SnapshotInfo
+from snapvisor.store.manifest import check_name
+
+if TYPE_CHECKING:
+    from snapvisor.control.schedule import Scheduler
+    from snapvisor.machine import VM
+
+MAX_TAGS = 16
+
+
+def validate_repo_url(url: object) -> str:
+    """A repository URL an API caller may name: absolute, with a known scheme."""
+    if not isinstance(url, str) or not url or len(url) > 1024 or "\0" in url:
+        raise BadRequest("repo must be a non-empty string of at most 1024 characters")
+    if not (url.startswith("/") or url.startswith("file:///") or url.startswith("s3://")):
+        raise BadRequest(f"repo {url!r} must be an absolute path, file:///path or s3://bucket/prefix")
+    return url
+
+
+def validate_tags(tags: object) -> list[str]:
+    if not isinstance(tags, list) or len(tags) > MAX_TAGS:
+        raise BadRequest(f"tags must be a list of at most {MAX_TAGS} strings")
+    for tag in tags:
+        try:
+            check_name("tag", tag)
+        except SnapvisorError as exc:
+            raise BadRequest(str(exc)) from None
+    return list(tags)
+
+
+def snapshot_json(info: SnapshotInfo) -> dict:
+    return {
+        "id": info.id,
+        "time": info.time.isoformat(),
+        "vm": info.vm,
+        "tags": list(info.tags),
+        "parent": info.parent,
+        "kind": info.meta.get("kind"),
+        "memory_bytes": sum(info.regions.values()),
+    }
+
+
+class VmController:
+    """Operations on one running `snapvisor.machine.VM`."""
+
+    def __init__(self, machine: "VM") -> None:
+        self.machine = machine
+        self.scheduler: "Scheduler | None" = None
+        self.started_at = time.time()
+        self._lock = threading.Lock()
+        self._paused_by_operator = False
+        self._repositories: dict[str, Repository] = {}
+        self._repositories_lock = threading.Lock()
+
+    # -- state -------------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        vm = self.machine.vm
+        if not vm.running:
+            return "Stopped"
+        return "Paused" if self._paused_by_operator else "Running"
+
+    def info(self) -> dict:
+        vm = self.machine.vm
+        last = self.machine.last_snapshot
+        return {
+            "name": self.machine.name,
+            "state": self.state,
+            "vcpus": len(vm.vcpus),
+            "memory_bytes": sum(region.size for region in vm.memory.regions),
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "last_snapshot": None if last is None else {
+                "id": last.snapshot_id, "full": last.full, "pause_s": round(last.pause_s, 4),
+                "total_s": round(last.total_s, 3), "store": last.store,
+            },
+            "schedule": None if self.scheduler is None else self.scheduler.status(),
+        }
+
+    def set_state(self, state: str) -> None:
+        """'Paused' or 'Resumed' (Firecracker's names); repeating one is a no-op."""
+        if state not in ("Paused", "Resumed"):
+            raise BadRequest(f"state {state!r} is not one of 'Paused', 'Resumed'")
+        with self._lock:
+            self._require_running()
+            if state == "Paused":
+                self.machine.pause()
+                self._paused_by_operator = True
+            else:
+                self.machine.resume()
+                self._paused_by_operator = False
+
+    def shutdown(self) -> None:
+        """Stop the VM; `snapvisor run` then exits."""
+        with self._lock:
+            self._paused_by_operator = False
+            self.machine.stop()
+
+    def _require_running(self) -> None:
+        if not self.machine.vm.running:
+            raise Conflict(f"VM {self.machine.name} has stopped")
+
+    # -- snapshots -----------------------------------------------------------------------
+
+    def repository(self, url: str) -> Repository:
+        """One open Repository per URL for the VM's lifetime (its index stays cached);
+        created on first use."""
+        with self._repositories_lock:
+            repo = self._repositories.get(url)
+            if repo is None:
+                try:
+                    repo = Repository.open_url(url, create=True)
+                except SnapvisorError as exc:
+                    raise OperationFailed(f"cannot open repository {url}: {exc}") from None
+                self._repositories[url] = repo
+            return repo
+
+    def snapshot(self, url: str, *, full: bool = False, tags: list[str] | tuple[str, ...] = ()) -> SnapshotInfo:
+        """Take a snapshot into `url` while the guest runs (it pauses only to copy
+        what changed). A failure loses nothing: the next snapshot there carries
+        every page dirtied since the last one that succeeded."""
+        with self._lock:
+            self._require_running()
+            if self._paused_by_operator:
+                raise Conflict(f"VM {self.machine.name} is paused by the operator; resume it "
+                               f"(PUT /vm/state {{\"state\": \"Resumed\"}}) before a snapshot")
+            repo = self.repository(url)
+            try:
+                return self.machine.snapshot(repo, tags=list(tags), full=full)
+            except SnapvisorError as exc:
+                raise OperationFailed(f"snapshot into {url} failed: {exc}") from None
+
+    def prune(self, url: str, policy: KeepPolicy) -> PruneResult:
+        """Apply `policy` to this VM's snapshots in `url` (other VMs' are untouched)."""
+        repo = self.repository(url)
+        try:
+            return repo.prune(policy, vm=self.machine.name)
+        except SnapvisorError as exc:
+            raise OperationFailed(f"pruning {url} failed: {exc}") from None
+
+    def close(self) -> None:
+        with self._repositories_lock:
+            for repo in self._repositories.values():
+                repo.close()
+            self._repositories.clear()

@@ -1,0 +1,122 @@
+"""Numbers for people: sizes, durations, ages, and a progress line on stderr that
+appears only when stderr is a terminal (scripts and logs stay clean)."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from typing import TextIO
+
+_SIZE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+def size(n: int | float) -> str:
+    """1536 -> '1.5 KiB'; exact bytes below 1 KiB."""
+    value = float(n)
+    for unit in _SIZE_UNITS:
+        if abs(value) < 1024 or unit == _SIZE_UNITS[-1]:
+            if unit == "B":
+                return f"{int(value)} B"
+            return f"{value:.1f} {unit}" if abs(value) < 100 else f"{value:.0f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def duration(seconds: float) -> str:
+    """0.0123 -> '12 ms', 75 -> '1m15s', 7260 -> '2h01m', 200000 -> '2d07h'."""
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    whole = int(seconds)
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s"
+
+
+def age(when: datetime, now: datetime | None = None) -> str:
+    """How long ago `when` was: '42 s ago', '3m10s ago', '2d07h ago'."""
+    now = now or datetime.now(timezone.utc)
+    seconds = (now - when).total_seconds()
+    if seconds < 0:
+        return "in the future"
+    return f"{duration(seconds)} ago" if seconds >= 1 else "just now"
+
+
+def timestamp(when: datetime) -> str:
+    """A UTC time to the second, as people and sort both read it."""
+    return when.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
+_DURATION_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """'15m', '1h30m', '2d', '500ms', '1.5s'; a bare number means seconds.
+
+    Raises ValueError naming the text and the accepted forms."""
+    cleaned = text.strip().lower() if isinstance(text, str) else ""
+    if re.fullmatch(r"\d+(?:\.\d+)?", cleaned):
+        seconds = float(cleaned)
+    elif cleaned and re.fullmatch(rf"(?:{_DURATION_PART.pattern})+", cleaned):
+        seconds = sum(float(n) * _DURATION_SECONDS[unit] for n, unit in _DURATION_PART.findall(cleaned))
+    else:
+        raise ValueError(f"{text!r} is not a duration (examples: 30s, 15m, 1h30m, 2d; a bare number means seconds)")
+    if seconds <= 0:
+        raise ValueError(f"{text!r} must be longer than zero")
+    return seconds
+
+
+def interactive(stream: TextIO | None = None) -> bool:
+    stream = stream if stream is not None else sys.stderr
+    try:
+        return stream.isatty() and os.environ.get("TERM") != "dumb"
+    except (AttributeError, ValueError):
+        return False
+
+
+class Activity:
+    """`with Activity("verifying s3://b/r"):` shows '<label> ... 12.3 s' on stderr,
+    updated a few times a second, and erases it at the end; does nothing unless
+    stderr is a terminal. For work whose total is not known up front."""
+
+    def __init__(self, label: str, stream: TextIO | None = None, interval: float = 0.2) -> None:
+        self.label = label
+        self.stream = stream if stream is not None else sys.stderr
+        self.interval = interval
+        self.detail = ""
+        self._enabled = interactive(self.stream)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._started = 0.0
+
+    def __enter__(self) -> "Activity":
+        self._started = time.monotonic()
+        if self._enabled:
+            self._thread = threading.Thread(target=self._draw_loop, name="progress", daemon=True)
+            self._thread.start()
+        return self
+
+    def _draw_loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            elapsed = duration(time.monotonic() - self._started)
+            detail = f" {self.detail}" if self.detail else ""
+            self.stream.write(f"\r\x1b[K{self.label} ...{detail} {elapsed}")
+            self.stream.flush()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
