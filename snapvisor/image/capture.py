@@ -28,8 +28,10 @@ from snapvisor.vmm.memory import MemoryRegion
 from snapvisor.vmm.vm import Vm
 
 STATE_BLOB = "vm-state"
-# Above this many pending bytes a pre-copy round runs before the pause.
+# Above this many pending bytes a pre-copy round runs before the pause; at most
+# this many rounds, each sending what the guest dirtied during the previous one.
 PRECOPY_THRESHOLD = 32 << 20
+PRECOPY_ROUNDS = 3
 # Pre-copy reads live memory in batches of this size into a private buffer, so
 # the store hashes and compresses the same bytes even if the guest writes on.
 PRECOPY_BATCH = 32 << 20
@@ -104,15 +106,20 @@ class Snapshotter:
         needed = lineage.pending or {r.name: np.ones(r.pages, dtype=bool) for r in regions}
         writer = repo.start_snapshot(parent=lineage.parent)
         with writer:
-            precopied = sum(int(n.sum()) for n in needed.values()) * PAGE_SIZE > PRECOPY_THRESHOLD
-            if precopied:
-                stats.precopy_pages = self._precopy(writer, regions, needed)
+            to_copy = needed
+            for _ in range(PRECOPY_ROUNDS):
+                if _count(to_copy) * PAGE_SIZE <= PRECOPY_THRESHOLD:
+                    break
+                stats.precopy_pages += self._precopy(writer, regions, to_copy)
+                to_copy = self._drain_dirty()  # what the guest wrote meanwhile
+            # Page faults on fresh host memory are slow: fault the copy buffers in now,
+            # sized for what is left plus what the guest may dirty before the pause.
+            buffers = {r.name: _prefaulted_pages(int(to_copy[r.name].sum() * 1.25) + 256) for r in regions}
             paused_at = time.perf_counter()
             self.vm.pause()
             try:
                 dirty = self._drain_dirty()
-                final = dirty if precopied else {n: needed[n] | dirty[n] for n in needed}
-                copies = {r.name: _copy_pages(r, final[r.name]) for r in regions}
+                copies = {r.name: _copy_pages(r, to_copy[r.name] | dirty[r.name], buffers[r.name]) for r in regions}
                 state = self.vm.save_state()
             finally:
                 self.vm.resume()
@@ -125,9 +132,8 @@ class Snapshotter:
             meta = {"compat": compat_record(state["vcpus"][0]["cpuid"]), "kind": "full" if stats.full else "incremental"}
             info = writer.commit(vm=self.name, tags=list(tags), meta=meta)
             stats.store = dict(writer.stats)
-        # Committed: from here on this repository only needs what is dirtied next.
-        # Pages dirtied during the upload were folded into `pending` by the drains
-        # above only up to the pause; later ones are still in KVM's log.
+        # Committed: every page dirtied up to the pause is in it; pages dirtied since
+        # are still in KVM's log and reach `pending` with the next drain.
         lineage.parent = info.id
         lineage.pending = {r.name: np.zeros(r.pages, dtype=bool) for r in regions}
         stats.snapshot_id = info.id
@@ -152,8 +158,23 @@ class Snapshotter:
         return written
 
 
-def _copy_pages(region: MemoryRegion, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The indices of the pages set in `mask` and a private copy of them."""
+def _count(mask: dict[str, np.ndarray]) -> int:
+    return sum(int(m.sum()) for m in mask.values())
+
+
+def _prefaulted_pages(count: int) -> np.ndarray:
+    buffer = np.empty((count, PAGE_SIZE), dtype=np.uint8)
+    buffer.fill(0)
+    return buffer
+
+
+def _copy_pages(region: MemoryRegion, mask: np.ndarray, buffer: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The indices of the pages set in `mask` and a private copy of them, in
+    `buffer` when it is large enough."""
     pages = np.flatnonzero(mask)
     live = np.frombuffer(region.view, dtype=np.uint8).reshape(region.pages, PAGE_SIZE)
-    return pages, live[pages]
+    if len(pages) > len(buffer):
+        return pages, live[pages]
+    copy = buffer[: len(pages)]
+    np.take(live, pages, axis=0, out=copy)
+    return pages, copy
