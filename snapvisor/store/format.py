@@ -43,7 +43,7 @@ PACK_MAGIC = b"SVPK"
 INDEX_MAGIC = b"SVIX"
 _PACK_FOOTER = struct.Struct("<4sHHII")  # magic, version, reserved, trailer length, crc32
 _INDEX_HEADER = struct.Struct("<4sHH")   # magic, version, reserved
-_COUNT = struct.Struct("<I")
+COUNT = struct.Struct("<I")
 
 
 def sha256(data) -> bytes:
@@ -123,9 +123,9 @@ class IndexFile:
 
 
 def encode_index(index: IndexFile) -> bytes:
-    parts = [_COUNT.pack(len(index.packs)), index.packs.tobytes()]
+    parts = [COUNT.pack(len(index.packs)), index.packs.tobytes()]
     parts += [f.tobytes() for f in index.frames]
-    parts += [_COUNT.pack(len(index.entries)), index.entries.tobytes()]
+    parts += [COUNT.pack(len(index.entries)), index.entries.tobytes()]
     body = zstandard.ZstdCompressor(level=3).compress(b"".join(parts))
     return _INDEX_HEADER.pack(INDEX_MAGIC, FORMAT_VERSION, 0) + body
 
@@ -153,7 +153,7 @@ def decode_index(key: str, data: bytes) -> IndexFile:
         raise CorruptObject(key, f"body does not decode ({e})") from None
     try:
         pos = 0
-        (npacks,) = _COUNT.unpack_from(raw, pos)
+        (npacks,) = COUNT.unpack_from(raw, pos)
         pos += 4
         packs = np.frombuffer(raw, PACK_RECORD_DTYPE, npacks, pos)
         pos += packs.nbytes
@@ -162,7 +162,7 @@ def decode_index(key: str, data: bytes) -> IndexFile:
             f = np.frombuffer(raw, FRAME_DTYPE, int(rec["nframes"]), pos)
             pos += f.nbytes
             frames.append(f)
-        (nentries,) = _COUNT.unpack_from(raw, pos)
+        (nentries,) = COUNT.unpack_from(raw, pos)
         pos += 4
         entries = np.frombuffer(raw, ENTRY_DTYPE, nentries, pos)
         pos += entries.nbytes
@@ -188,17 +188,15 @@ def decode_index(key: str, data: bytes) -> IndexFile:
 
 # ---- page maps ---------------------------------------------------------------
 
-def encode_map_block(ids: np.ndarray, nonzero: np.ndarray) -> bytes:
-    """A block of the page map: page count, bitmap of non-zero pages, their ids."""
-    bitmap = np.packbits(nonzero, bitorder="little")
-    return _COUNT.pack(len(nonzero)) + bitmap.tobytes() + ids[nonzero].tobytes()
-
-
 def decode_map_block(what: str, data: bytes, expected_pages: int) -> np.ndarray:
-    """(expected_pages, 32) uint8 page ids, zero rows for zero pages."""
+    """(expected_pages, 32) uint8 page ids, zero rows for zero pages.
+
+    A map block is: u32 page count, a bitmap of the non-zero pages (bit i of byte
+    i // 8, least significant first), then the 32-byte ids of the non-zero pages.
+    """
     if len(data) < 4:
         raise CorruptObject(what, "map block too short")
-    (npages,) = _COUNT.unpack_from(data)
+    (npages,) = COUNT.unpack_from(data)
     if npages != expected_pages:
         raise CorruptObject(what, f"map block covers {npages} pages, expected {expected_pages}")
     nbitmap = (npages + 7) // 8

@@ -14,6 +14,9 @@ import numpy as np
 
 from snapvisor.store import format as fmt
 from snapvisor.store.backend import ObjectStore
+from snapvisor.store.pagehash import ID_SIZE
+
+MAX_UPLOADS_IN_FLIGHT = 8
 
 
 class Packer:
@@ -26,20 +29,19 @@ class Packer:
         self._payloads: list[bytes] = []
         self._frames: list[tuple] = []
         self._offset = 0
-        self._entries: list[tuple[bytes, int, int]] = []  # (id, frame, slot) in the open pack
-        # Sealed packs: (pack_id, size, frames) and entries (id, pack number, frame, slot).
-        self.packs: list[tuple[bytes, int, np.ndarray]] = []
-        self.entries: list[tuple[bytes, int, int, int]] = []
+        self._ids: list[bytes] = []  # per frame of the open pack: its objects' ids, concatenated
+        # Sealed packs: (pack_id, size, frames, ids per frame).
+        self.packs: list[tuple[bytes, int, np.ndarray, list[bytes]]] = []
         self.bytes_written = 0
         self.objects_written = 0
 
-    def add_frame(self, kind: int, codec: int, payload: bytes, raw_len: int, ids: list[bytes]) -> None:
-        """Append one frame holding the objects `ids` (one slot each, in order)."""
-        frame_no = len(self._frames)
-        self._frames.append((self._offset, len(payload), raw_len, len(ids), codec, kind, 0))
+    def add_frame(self, kind: int, codec: int, payload: bytes, raw_len: int, ids: bytes) -> None:
+        """Append one frame holding the objects whose ids are concatenated in `ids`."""
+        self._frames.append((self._offset, len(payload), raw_len, len(ids) // ID_SIZE, codec,
+                             kind, 0))
         self._payloads.append(payload)
+        self._ids.append(ids)
         self._offset += len(payload)
-        self._entries.extend((object_id, frame_no, slot) for slot, object_id in enumerate(ids))
         if self._offset >= self.pack_size:
             self.seal()
 
@@ -51,15 +53,13 @@ class Packer:
         self._payloads.append(fmt.encode_pack_trailer(frames))
         body = b"".join(self._payloads)
         pack_id = secrets.token_bytes(16)
-        number = len(self.packs)
-        self.packs.append((pack_id, len(body), frames))
-        self.entries.extend((oid, number, fr, slot) for oid, fr, slot in self._entries)
+        self.packs.append((pack_id, len(body), frames, self._ids))
         self._pending.append(self._uploads.submit(self.store.put, fmt.pack_key(pack_id), body))
         self.bytes_written += len(body)
         self.objects_written += 1
-        self._payloads, self._frames, self._entries, self._offset = [], [], [], 0
+        self._payloads, self._frames, self._ids, self._offset = [], [], [], 0
         # Bound the memory held by uploads in flight.
-        while len(self._pending) > 8:
+        while len(self._pending) > MAX_UPLOADS_IN_FLIGHT:
             self._pending.pop(0).result()
 
     def finish(self) -> None:
@@ -70,10 +70,22 @@ class Packer:
             fut.result()
 
     def index_file(self) -> fmt.IndexFile:
-        packs = np.array([(pid, size, len(frames)) for pid, size, frames in self.packs],
+        packs = np.array([(pid, size, len(frames)) for pid, size, frames, _ in self.packs],
                          dtype=fmt.PACK_RECORD_DTYPE)
-        entries = np.array(self.entries, dtype=fmt.ENTRY_DTYPE)
-        return fmt.IndexFile(packs, [frames for _, _, frames in self.packs], entries)
+        blobs = [ids for *_, per_frame in self.packs for ids in per_frame]
+        counts = np.array([len(b) // ID_SIZE for b in blobs], dtype=np.int64)
+        pack_of_frame = np.repeat(np.arange(len(self.packs)),
+                                  [len(frames) for _, _, frames, _ in self.packs])
+        frame_no = np.concatenate([np.arange(len(frames)) for _, _, frames, _ in self.packs]) \
+            if self.packs else np.zeros(0, np.int64)
+        total = int(counts.sum())
+        entries = np.empty(total, dtype=fmt.ENTRY_DTYPE)
+        entries["id"] = np.frombuffer(b"".join(blobs), dtype="V32")
+        entries["pack"] = np.repeat(pack_of_frame, counts)
+        entries["frame"] = np.repeat(frame_no, counts)
+        starts = np.repeat(np.cumsum(counts) - counts, counts)
+        entries["slot"] = np.arange(total) - starts
+        return fmt.IndexFile(packs, [frames for _, _, frames, _ in self.packs], entries)
 
     def close(self) -> None:
         self._uploads.shutdown(wait=True, cancel_futures=True)

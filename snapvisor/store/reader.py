@@ -25,26 +25,35 @@ if TYPE_CHECKING:
 
 RANGE_GAP = 1 << 20      # merge frame reads whose gap is smaller than this
 RANGE_MAX = 32 << 20     # but never fetch more than this in one request
+TASK_BYTES = 4 << 20     # restore work unit: small enough to spread over threads
 
 
-def fetch_frames(repo: "Repository", pack: PackInfo, frame_nos: list[int]):
-    """Yield (frame_no, raw bytes) for the given frames of one pack, few requests."""
+def plan_ranges(pack: PackInfo, frame_nos, max_bytes: int = RANGE_MAX) -> list[list[int]]:
+    """Group a pack's frames into runs that one ranged read each can fetch."""
     frames = pack.frames
     order = sorted(set(frame_nos))
-    i = 0
-    while i < len(order):
-        j = i
-        start = int(frames[order[i]]["offset"])
-        end = start + int(frames[order[i]]["clen"])
-        while j + 1 < len(order):
-            nxt = frames[order[j + 1]]
-            nstart, nend = int(nxt["offset"]), int(nxt["offset"]) + int(nxt["clen"])
-            if nstart - end > RANGE_GAP or nend - start > RANGE_MAX:
-                break
-            end = max(end, nend)
-            j += 1
+    groups: list[list[int]] = []
+    start = end = 0
+    for fno in order:
+        fstart = int(frames[fno]["offset"])
+        fend = fstart + int(frames[fno]["clen"])
+        if groups and fstart - end <= RANGE_GAP and fend - start <= max_bytes:
+            groups[-1].append(fno)
+            end = max(end, fend)
+        else:
+            groups.append([fno])
+            start, end = fstart, fend
+    return groups
+
+
+def fetch_frames(repo: "Repository", pack: PackInfo, frame_nos, max_bytes: int = RANGE_MAX):
+    """Yield (frame_no, raw bytes) for the given frames of one pack, few requests."""
+    frames = pack.frames
+    for group in plan_ranges(pack, frame_nos, max_bytes):
+        start = int(frames[group[0]]["offset"])
+        end = max(int(frames[f]["offset"]) + int(frames[f]["clen"]) for f in group)
         data = read_pack_range(repo, pack, start, end - start)
-        for fno in order[i:j + 1]:
+        for fno in group:
             f = frames[fno]
             off = int(f["offset"]) - start
             payload = memoryview(data)[off:off + int(f["clen"])]
@@ -53,7 +62,6 @@ def fetch_frames(repo: "Repository", pack: PackInfo, frame_nos: list[int]):
             except ValueError as e:
                 raise CorruptObject(pack.key, str(e)) from None
             yield fno, raw
-        i = j + 1
 
 
 def read_pack_range(repo: "Repository", pack: PackInfo, offset: int, length: int) -> bytes:
@@ -200,30 +208,31 @@ class RegionReader:
         order = np.lexsort((locs[:, 2], locs[:, 1], locs[:, 0]))
         locs, dest, rows = locs[order], dest[order], rows[order]
         ids = self._ids[self._nonzero[rows]]
-        # Split the work per pack: each task fetches a pack's frames in a few ranged reads.
-        bounds = np.flatnonzero(np.diff(locs[:, 0])) + 1
-        starts = np.concatenate(([0], bounds))
-        ends = np.concatenate((bounds, [len(locs)]))
+        # Work units: runs of frames of one pack that one ranged read fetches.
+        bounds = np.flatnonzero(np.diff(locs[:, 0] * (1 << 32) + locs[:, 1])) + 1
+        starts = np.concatenate(([0], bounds)).tolist()
+        ends = np.concatenate((bounds, [len(locs)])).tolist()
+        rows_of: dict[tuple[int, int], tuple[int, int]] = {
+            (int(locs[a, 0]), int(locs[a, 1])): (a, b) for a, b in zip(starts, ends)}
+        tasks = []
+        for pack_no in np.unique(locs[:, 0]).tolist():
+            pack = self._repo.index.packs[pack_no]
+            wanted = [f for p, f in rows_of if p == pack_no]
+            tasks += [(pack_no, group) for group in plan_ranges(pack, wanted, TASK_BYTES)]
 
-        def one_pack(span: tuple[int, int]) -> None:
-            s, e = span
-            pack = self._repo.index.packs[int(locs[s, 0])]
-            frame_col = locs[s:e, 1]
-            fb = np.flatnonzero(np.diff(frame_col)) + 1
-            fstarts = np.concatenate(([0], fb)) + s
-            fends = np.concatenate((fb, [e - s])) + s
-            by_frame = {int(locs[a, 1]): (a, b) for a, b in zip(fstarts.tolist(), fends.tolist())}
-            for fno, raw in fetch_frames(self._repo, pack, list(by_frame)):
-                a, b = by_frame[fno]
+        def run(task: tuple[int, list[int]]) -> None:
+            pack_no, group = task
+            pack = self._repo.index.packs[pack_no]
+            for fno, raw in fetch_frames(self._repo, pack, group, TASK_BYTES):
+                a, b = rows_of[(pack_no, fno)]
                 self._check_and_copy(pack, fno, raw, locs[a:b, 2], ids[a:b], dest[a:b], out)
 
-        spans = list(zip(starts.tolist(), ends.tolist()))
-        if threads <= 1 or len(spans) == 1:
-            for span in spans:
-                one_pack(span)
+        if threads <= 1 or len(tasks) == 1:
+            for task in tasks:
+                run(task)
         else:
             with ThreadPoolExecutor(max_workers=threads) as pool:
-                list(pool.map(one_pack, spans))
+                list(pool.map(run, tasks))
 
     def _check_and_copy(self, pack: PackInfo, fno: int, raw: bytes, slots: np.ndarray,
                         ids: np.ndarray, dest: np.ndarray, out) -> None:

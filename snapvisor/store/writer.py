@@ -110,7 +110,7 @@ class SnapshotWriter:
         if self._is_new(oid):
             try:
                 cdc, payload = codec.compress(raw, 3)
-                self._packer.add_frame(fmt.KIND_BLOB, cdc, payload, len(raw), [oid])
+                self._packer.add_frame(fmt.KIND_BLOB, cdc, payload, len(raw), oid)
             except BaseException:
                 self.abort()
                 raise
@@ -208,12 +208,23 @@ class SnapshotWriter:
         if npages == 0:
             return
         pages = np.frombuffer(src, dtype=np.uint8).reshape(npages, PAGE_SIZE)
-        hashed = [(start, self._pool.submit(pagehash.hash_pages, pages[start:start + HASH_BATCH_PAGES]))
-                  for start in range(0, npages, HASH_BATCH_PAGES)]
-        compressing: deque[tuple[Future, list[bytes], int]] = deque()
+        batches = deque(range(0, npages, HASH_BATCH_PAGES))
+        hashing: deque[tuple[int, Future]] = deque()
+        compressing: deque[tuple[Future, bytes, int]] = deque()
         frame_pages = self._repo.frame_pages
         level = self._repo.zstd_level
-        for start, fut in hashed:
+
+        def hash_ahead() -> None:
+            # A short look-ahead keeps compression of earlier batches interleaved with
+            # hashing of later ones, so packs fill and upload from the start.
+            while batches and len(hashing) <= self._threads:
+                start = batches.popleft()
+                hashing.append((start, self._pool.submit(
+                    pagehash.hash_pages, pages[start:start + HASH_BATCH_PAGES])))
+
+        hash_ahead()
+        while hashing:
+            start, fut = hashing.popleft()
             ids, nonzero = fut.result()
             count = len(ids)
             if dest is None:
@@ -222,22 +233,37 @@ class SnapshotWriter:
                 region.ids[dest[start:start + count]] = ids
             nz = np.flatnonzero(nonzero)
             self.stats["pages_zero"] += count - len(nz)
-            blob = ids[nz].tobytes()
-            new_rows = [int(nz[j]) for j, k in enumerate(range(0, len(blob), ID_SIZE))
-                        if self._is_new(blob[k:k + ID_SIZE])]
+            new_rows = nz[self._select_new(ids[nz])]
             self.stats["pages_dedup"] += len(nz) - len(new_rows)
             self.stats["pages_new"] += len(new_rows)
             for f in range(0, len(new_rows), frame_pages):
-                rows = np.asarray(new_rows[f:f + frame_pages], dtype=np.int64) + start
-                frame_ids = [ids[r - start].tobytes() for r in rows.tolist()]
-                job = self._pool.submit(_compress_pages, pages, rows, level)
-                compressing.append((job, frame_ids, len(rows)))
-            while compressing and compressing[0][0].done():
+                rows = new_rows[f:f + frame_pages]
+                job = self._pool.submit(_compress_pages, pages, rows + start, level)
+                compressing.append((job, ids[rows].tobytes(), len(rows)))
+            hash_ahead()
+            while compressing and (compressing[0][0].done() or len(compressing) > 64):
                 self._add_page_frame(*compressing.popleft())
         while compressing:
             self._add_page_frame(*compressing.popleft())
 
-    def _add_page_frame(self, job: Future, ids: list[bytes], count: int) -> None:
+    def _select_new(self, ids: np.ndarray) -> np.ndarray:
+        """Positions of the ids (rows of 32 bytes) that are neither stored nor already
+        promised by this snapshot, first occurrence only; marks them promised."""
+        keys = np.ascontiguousarray(ids).view("V32").ravel().tolist()
+        known = np.fromiter(map(self._known.__contains__, keys), dtype=bool, count=len(keys))
+        mine = np.fromiter(map(self._mine.__contains__, keys), dtype=bool, count=len(keys))
+        candidates = np.flatnonzero(~(known | mine))
+        fresh = [keys[i] for i in candidates.tolist()]
+        unique = dict.fromkeys(fresh)
+        if len(unique) != len(fresh):  # the same page twice in this batch: keep the first
+            first: dict[bytes, int] = {}
+            for pos, key in zip(candidates.tolist(), fresh):
+                first.setdefault(key, pos)
+            candidates = np.fromiter(first.values(), dtype=np.int64, count=len(first))
+        self._mine.update(unique)
+        return candidates
+
+    def _add_page_frame(self, job: Future, ids: bytes, count: int) -> None:
         cdc, payload = job.result()
         self.stats["bytes_new_compressed"] += len(payload)
         self._packer.add_frame(fmt.KIND_PAGES, cdc, payload, count * PAGE_SIZE, ids)
@@ -248,25 +274,31 @@ class SnapshotWriter:
         blocks = (region.base_blocks.copy() if region.base_blocks is not None
                   else np.zeros((nblocks, ID_SIZE), dtype=np.uint8))
         nonzero = region.ids.any(axis=1)
-        for b in np.flatnonzero(region.touched).tolist():
-            start = b * block_pages
-            nz = nonzero[start:start + block_pages]
-            if not nz.any():
-                blocks[b] = 0
-                continue
-            data = fmt.encode_map_block(region.ids[start:start + block_pages], nz)
+        padded = np.zeros(nblocks * block_pages, dtype=bool)
+        padded[:region.npages] = nonzero
+        per_block = padded.reshape(nblocks, block_pages)
+        bitmaps = np.packbits(per_block, axis=1, bitorder="little")
+        counts = per_block.sum(axis=1)
+        ends = np.cumsum(counts) * ID_SIZE
+        all_ids = region.ids[nonzero].tobytes()
+        for b in np.flatnonzero(region.touched & (counts > 0)).tolist():
+            npages = min(block_pages, region.npages - b * block_pages)
+            data = b"".join((fmt.COUNT.pack(npages), bitmaps[b, :(npages + 7) // 8].tobytes(),
+                             all_ids[ends[b] - counts[b] * ID_SIZE:ends[b]]))
             oid = fmt.sha256(data)
             blocks[b] = np.frombuffer(oid, dtype=np.uint8)
-            if self._is_new(oid):
+            if oid not in self._known and oid not in self._mine:
+                self._mine.add(oid)
                 self.stats["map_blocks_new"] += 1
-                self._packer.add_frame(fmt.KIND_MAP_BLOCK, codec.CODEC_RAW, data, len(data), [oid])
+                self._packer.add_frame(fmt.KIND_MAP_BLOCK, codec.CODEC_RAW, data, len(data), oid)
+        blocks[region.touched & (counts == 0)] = 0
         if not blocks.any():
             return RegionRef(region.size, fmt.ZERO_ID)
         root = blocks.tobytes()
         root_id = fmt.sha256(root)
         if self._is_new(root_id):
             cdc, payload = codec.compress(root, 3)
-            self._packer.add_frame(fmt.KIND_REGION_ROOT, cdc, payload, len(root), [root_id])
+            self._packer.add_frame(fmt.KIND_REGION_ROOT, cdc, payload, len(root), root_id)
         return RegionRef(region.size, root_id)
 
 

@@ -1,0 +1,252 @@
+#!/usr/bin/env python3
+"""Repository benchmark: full, incremental and cloned snapshots of a synthetic guest
+image, next to `zstd -1 -T2` and `restic backup` of the same bytes, and S3 writes next
+to a raw boto3 upload. Prints one JSON object.
+
+    flock /tmp/snapvisor-bench.lock python3 bench/store.py [--size-mib 1024] [--no-s3]
+
+The image is about half zero pages, a quarter random pages and a quarter compressible
+pages (record-like data), laid out in runs of 64 KiB to 2 MiB as a guest's memory is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import zstandard
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from snapvisor.store import PAGE_SIZE, Repository, open_backend  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def compressible_pages(npages: int, rng: np.random.Generator) -> np.ndarray:
+    """Pages that look like kernel and heap data: 64-byte records holding a pointer to
+    the next record, small flags and, in a quarter of them, one of a few common values.
+    zstd -1 shrinks them to about 6%, so the non-zero half of the image to about 53%."""
+    n = npages * 64
+    rec = np.zeros((n, 8), dtype=np.uint64)
+    rec[:, 0] = np.arange(n, dtype=np.uint64) * 64 + np.uint64(rng.integers(0, 1 << 40))
+    rec[:, 1] = rng.integers(0, 4, n)
+    common = rng.integers(0, 1 << 63, 16, dtype=np.uint64)
+    sparse = rng.random(n) < 0.25
+    rec[sparse, 2] = common[rng.integers(0, 16, int(sparse.sum()))]
+    return rec.view(np.uint8).reshape(npages, PAGE_SIZE)
+
+
+def random_pages(npages: int, rng: np.random.Generator) -> np.ndarray:
+    return np.frombuffer(rng.bytes(npages * PAGE_SIZE), np.uint8).reshape(npages, PAGE_SIZE)
+
+
+def synthetic_image(npages: int, rng: np.random.Generator) -> np.ndarray:
+    """Half zero pages, a quarter random, a quarter compressible, in runs of 64 KiB..2 MiB."""
+    mem = np.zeros((npages, PAGE_SIZE), dtype=np.uint8)
+    page = 0
+    while page < npages:
+        run = min(int(rng.integers(16, 513)), npages - page)
+        kind = rng.choice(4)  # 0, 1: zero; 2: random; 3: compressible
+        if kind == 2:
+            mem[page:page + run] = random_pages(run, rng)
+        elif kind == 3:
+            mem[page:page + run] = compressible_pages(run, rng)
+        page += run
+    return mem.reshape(-1)
+
+
+def new_content(count: int, rng: np.random.Generator) -> np.ndarray:
+    """Pages the guest rewrote: half random, half compressible."""
+    half = count // 2
+    return np.concatenate([random_pages(half, rng), compressible_pages(count - half, rng)])
+
+
+def timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def snapshot(repo, mem, parent=None, pages=None, vm="vm1"):
+    def run():
+        with repo.start_snapshot(parent) as w:
+            if pages is None:
+                w.put_region("ram0", mem.nbytes, mem)
+            else:
+                view = mem.reshape(-1, PAGE_SIZE)
+                w.put_region("ram0", mem.nbytes, view[pages], pages)
+            return w.commit(vm), w.stats
+    (info, stats), seconds = timed(run)
+    return info, stats, seconds
+
+
+def peers(image_file: Path, work: Path, out: dict) -> None:
+    zst = work / "image.zst"
+    _, t = timed(lambda: subprocess.run(["zstd", "-1", "-T2", "-q", "-f", str(image_file), "-o",
+                                         str(zst)], check=True))
+    out["zstd_T2"] = {"seconds": round(t, 3), "bytes": zst.stat().st_size}
+    zst.unlink()
+    if shutil.which("restic"):
+        env = dict(os.environ, RESTIC_PASSWORD="bench", RESTIC_REPOSITORY=str(work / "restic"))
+        subprocess.run(["restic", "init", "-q"], env=env, check=True, capture_output=True)
+        _, t = timed(lambda: subprocess.run(["restic", "backup", "-q", str(image_file)], env=env,
+                                            check=True, capture_output=True))
+        out["restic_full"] = {"seconds": round(t, 3), "bytes": dir_size(work / "restic")}
+
+
+def restic_again(image_file: Path, work: Path, before: int) -> dict:
+    env = dict(os.environ, RESTIC_PASSWORD="bench", RESTIC_REPOSITORY=str(work / "restic"))
+    _, t = timed(lambda: subprocess.run(["restic", "backup", "-q", str(image_file)], env=env,
+                                        check=True, capture_output=True))
+    return {"seconds": round(t, 3), "bytes_added": dir_size(work / "restic") - before}
+
+
+def incremental(repo, mem, parent, changed, rng, label, out):
+    view = mem.reshape(-1, PAGE_SIZE)
+    view[changed] = new_content(len(changed), rng)
+    zstd_size = len(zstandard.ZstdCompressor(level=1).compress(view[changed].tobytes()))
+    info, stats, t = snapshot(repo, mem, parent, changed)
+    out[label] = {
+        "pages_changed": int(len(changed)), "seconds": round(t, 3),
+        "bytes_written": stats["bytes_written"], "zstd1_of_changed_pages": zstd_size,
+        "ratio_to_zstd": round(stats["bytes_written"] / zstd_size, 3),
+        "objects_written": stats["objects_written"],
+    }
+    return info
+
+
+def s3_bench(mem, image_file: Path, out: dict) -> None:
+    import boto3
+    import botocore.config
+
+    endpoint = os.environ.get("SNAPVISOR_TEST_S3_ENDPOINT")
+    state = None
+    if not endpoint:
+        state = Path(tempfile.mkdtemp(prefix="snapvisor-bench-s3-"))
+        env = dict(os.environ, SNAPVISOR_S3_DIR=str(state))
+        env_file = subprocess.run([str(REPO_ROOT / ".ci" / "s3-server"), "start"], env=env,
+                                  check=True, capture_output=True, text=True).stdout.split()[-1]
+        for line in Path(env_file).read_text().splitlines():
+            name, _, value = line.removeprefix("export ").partition("=")
+            os.environ[name] = value
+        endpoint = os.environ["SNAPVISOR_TEST_S3_ENDPOINT"]
+    try:
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                              config=botocore.config.Config(s3={"addressing_style": "path"},
+                                                            max_pool_connections=16))
+        bucket = f"snapvisor-bench-{os.getpid()}"
+        client.create_bucket(Bucket=bucket)
+        _, t_raw = timed(lambda: client.upload_file(str(image_file), bucket, "raw/image.bin"))
+        repo = Repository.init(open_backend(f"s3://{bucket}/repo", endpoint_url=endpoint))
+        info, stats, t = snapshot(repo, mem)
+        packed = stats["bytes_written"]
+        blob = np.frombuffer(np.random.default_rng(1).bytes(packed), np.uint8)
+        tmp = image_file.with_suffix(".packed")
+        blob.tofile(tmp)
+        _, t_same = timed(lambda: client.upload_file(str(tmp), bucket, "raw/same-bytes.bin"))
+        tmp.unlink()
+        out["s3"] = {
+            "endpoint": "SeaweedFS weed mini on loopback",
+            "snapvisor_seconds": round(t, 3), "snapvisor_bytes_written": packed,
+            "snapvisor_input_GBps": round(mem.nbytes / t / 1e9, 3),
+            "snapvisor_upload_MBps": round(packed / t / 1e6, 1),
+            "boto3_upload_image_seconds": round(t_raw, 3),
+            "boto3_upload_image_GBps": round(mem.nbytes / t_raw / 1e9, 3),
+            "boto3_upload_same_bytes_seconds": round(t_same, 3),
+            "boto3_upload_same_bytes_MBps": round(packed / t_same / 1e6, 1),
+            "ratio_vs_boto3_same_bytes": round(t_same / t, 3),
+            "ratio_vs_boto3_image": round(t_raw / t, 3),
+        }
+    finally:
+        if state is not None:
+            subprocess.run([str(REPO_ROOT / ".ci" / "s3-server"), "stop"],
+                           env=dict(os.environ, SNAPVISOR_S3_DIR=str(state)), check=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--no-s3", action="store_true")
+    parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workdir", default=None)
+    args = parser.parse_args()
+
+    rng = np.random.default_rng(2026)
+    npages = args.size_mib * 256
+    mem = synthetic_image(npages, rng)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="snapvisor-bench-"))
+    image_file = work / "image.bin"
+    mem.tofile(image_file)
+    nonzero = int(mem.reshape(-1, PAGE_SIZE).any(axis=1).sum())
+    out = {"image_bytes": mem.nbytes, "nonzero_pages": nonzero, "pages": npages,
+           "threads": args.threads, "cpus": os.cpu_count()}
+    try:
+        if not args.no_peers:
+            peers(image_file, work, out)
+
+        repo = Repository.init(open_backend(str(work / "repo")), threads=args.threads)
+        info, stats, t = snapshot(repo, mem)
+        out["full_local"] = {"seconds": round(t, 3), "input_GBps": round(mem.nbytes / t / 1e9, 3),
+                             "bytes_written": stats["bytes_written"],
+                             "objects_written": stats["objects_written"]}
+        if "zstd_T2" in out:
+            out["full_local"]["speed_vs_zstd_T2"] = round(out["zstd_T2"]["seconds"] / t, 3)
+        if "restic_full" in out:
+            out["full_local"]["speed_vs_restic"] = round(out["restic_full"]["seconds"] / t, 3)
+
+        reader = repo.get_snapshot(info.id).region_reader("ram0")
+        target = np.zeros(mem.nbytes, np.uint8)
+        _, t = timed(lambda: reader.read_into(target, threads=args.threads))
+        assert np.array_equal(target, mem)
+        out["restore_local"] = {"seconds": round(t, 3), "GBps": round(mem.nbytes / t / 1e9, 3)}
+        del target
+
+        change = npages // 100
+        runs = change // 16
+        starts = rng.choice(npages // 16, runs, replace=False) * 16
+        clustered = np.sort((starts[:, None] + np.arange(16)).reshape(-1))
+        parent = incremental(repo, mem, info.id, clustered, rng,
+                             "incremental_1pct_64KiB_runs", out)
+        scattered = np.sort(rng.choice(npages, change, replace=False))
+        incremental(repo, mem, parent.id, scattered, rng,
+                    "incremental_1pct_scattered_pages", out)
+        if "restic_full" in out:
+            mem.tofile(image_file)
+            out["incremental_1pct_scattered_pages"]["restic"] = restic_again(
+                image_file, work, out["restic_full"]["bytes"])
+
+        clone_repo = Repository.init(open_backend(str(work / "clones")), threads=args.threads)
+        base = synthetic_image(npages, np.random.default_rng(7))
+        _, first, _ = snapshot(clone_repo, base, vm="vm-a")
+        clone = base.copy()
+        clone.reshape(-1, PAGE_SIZE)[rng.choice(npages, npages // 1000, replace=False)] = 0x5A
+        _, second, t = snapshot(clone_repo, clone, vm="vm-b")
+        out["clone_second_vm"] = {"seconds": round(t, 3), "first_bytes": first["bytes_written"],
+                                  "second_bytes": second["bytes_written"],
+                                  "ratio": round(second["bytes_written"] / first["bytes_written"], 4)}
+        del base, clone
+
+        if not args.no_s3:
+            mem.tofile(image_file)
+            s3_bench(mem, image_file, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
