@@ -12,13 +12,14 @@ import mmap
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
-
-import numpy as np
+from typing import TYPE_CHECKING, Mapping
 
 from snapvisor.vmm.errors import GuestMemoryError
 from snapvisor.vmm.kvm import VmFd, ffi
 from snapvisor.vmm.kvm import bindings as b
+
+if TYPE_CHECKING:
+    import numpy as np
 
 PAGE_SIZE = 4096
 MMIO_HOLE_START = 3 << 30
@@ -171,9 +172,11 @@ class GuestMemory:
         self._vm_fd.set_user_memory_region(region.slot, flags, region.gpa, region.size, region.host_address)
         region.flags = flags
 
-    def fetch_dirty(self, region: MemoryRegion) -> np.ndarray:
+    def fetch_dirty(self, region: MemoryRegion) -> "np.ndarray":
         """Bool array, one entry per 4 KiB page of `region`, of pages written since
         the previous fetch (or since enable_dirty_log), and re-arms tracking."""
+        import numpy as np  # imported here: booting a VM does not need numpy's ~100 ms import
+
         if not region.flags & b.KVM_MEM_LOG_DIRTY_PAGES:
             raise GuestMemoryError(f"dirty logging is not enabled on {region.name}: call enable_dirty_log() first")
         words = (region.pages + 63) // 64

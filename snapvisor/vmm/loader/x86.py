@@ -13,8 +13,7 @@ Everything the VMM writes lies below 1 MiB; kernels load at 1 MiB or above.
 from __future__ import annotations
 
 import struct
-
-import numpy as np
+from array import array
 
 from snapvisor.vmm.memory import MMIO_HOLE_START, GuestMemory
 
@@ -129,13 +128,12 @@ def write_gdt(memory: GuestMemory) -> None:
 
 def write_identity_page_tables(memory: GuestMemory) -> None:
     """Identity-map the first 4 GiB with 2 MiB pages (PML4 -> 1 PDPT -> 4 PDs)."""
-    memory.write(PML4_ADDR, struct.pack("<Q", PDPT_ADDR | PTE_PRESENT | PTE_WRITABLE) + bytes(4096 - 8))
-    pdpt = np.zeros(512, dtype="<u8")
-    pdpt[:IDENTITY_MAPPED_GIB] = PD_ADDR + 0x1000 * np.arange(IDENTITY_MAPPED_GIB, dtype=np.uint64)
-    pdpt[:IDENTITY_MAPPED_GIB] |= PTE_PRESENT | PTE_WRITABLE
-    memory.write(PDPT_ADDR, pdpt.tobytes())
-    pds = (np.arange(512 * IDENTITY_MAPPED_GIB, dtype=np.uint64) << 21) | (PTE_PRESENT | PTE_WRITABLE | PTE_HUGE)
-    memory.write(PD_ADDR, pds.astype("<u8").tobytes())
+    table_flags = PTE_PRESENT | PTE_WRITABLE
+    memory.write(PML4_ADDR, struct.pack("<Q", PDPT_ADDR | table_flags) + bytes(4096 - 8))
+    pdpt = array("Q", [(PD_ADDR + 0x1000 * i) | table_flags for i in range(IDENTITY_MAPPED_GIB)])
+    memory.write(PDPT_ADDR, pdpt.tobytes() + bytes(4096 - 8 * IDENTITY_MAPPED_GIB))
+    pds = array("Q", [(i << 21) | table_flags | PTE_HUGE for i in range(512 * IDENTITY_MAPPED_GIB)])
+    memory.write(PD_ADDR, pds.tobytes())  # x86-64 hosts only: array("Q") is little-endian here
 
 
 def e820_map(memory: GuestMemory) -> list[tuple[int, int, int]]:
