@@ -24,6 +24,14 @@ def power_off(code: int) -> bytes:
     return out_byte(0x501, code) + b"\xf4\xeb\xfd"  # hlt; jmp back to hlt
 
 
+def echo_one_byte_and_power_off() -> bytes:
+    """Poll COM1's LSR until a byte arrives, echo it, and power off with it as status."""
+    poll = b"\x66\xba\xfd\x03" + b"\xec" + b"\xa8\x01" + b"\x74\xf7"  # mov dx,LSR; in al,dx; test al,1; jz poll
+    echo = b"\x66\xba\xf8\x03" + b"\xec" + b"\xee"  # mov dx,RBR; in al,dx; out dx,al
+    exit_with_al = b"\x66\xba\x01\x05" + b"\xee" + b"\xf4\xeb\xfd"  # mov dx,0x501; out dx,al; hlt loop
+    return poll + echo + exit_with_al
+
+
 def snapvisor_note() -> bytes:
     name = b"snapvisor\0"
     return struct.pack("<III", len(name), 0, 1) + name + bytes(-len(name) % 4)

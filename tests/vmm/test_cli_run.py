@@ -3,13 +3,14 @@ status, the console on stdout, and that bad input gives one clear line."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from flat_guest import elf_image, power_off, print_text
+from flat_guest import echo_one_byte_and_power_off, elf_image, power_off, print_text
 
 
 def snapvisor(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -61,6 +62,25 @@ def test_guest_errors_exit_non_zero_with_the_reason(tmp_path: Path) -> None:
     result = snapvisor("run", "--kernel", str(kernel), "--mem", "16M")
     assert result.returncode == 0 and result.stdout == "x"
     assert "triple-faulted" in result.stderr
+
+
+@pytest.mark.kvm
+def test_interactive_terminal_input_goes_to_the_guest(tmp_path: Path) -> None:
+    kernel = tmp_path / "echo.elf"
+    kernel.write_bytes(elf_image(echo_one_byte_and_power_off()))
+    controller, terminal = os.openpty()
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "snapvisor", "run", "--kernel", str(kernel), "--mem", "16M"],
+            stdin=terminal, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        os.write(controller, b"Z")  # typed without Enter: the terminal is not line-buffered
+        stdout, stderr = process.communicate(timeout=30)
+    finally:
+        os.close(controller)
+        os.close(terminal)
+    assert process.returncode == ord("Z"), stderr
+    assert stdout == b"Z"
 
 
 @pytest.mark.kvm

@@ -4,13 +4,14 @@ and small hand-assembled guests for reset, triple fault and vCPU start-up."""
 from __future__ import annotations
 
 import io
+import os
 import re
 import struct
 from pathlib import Path
 
 import pytest
 
-from flat_guest import elf_image, out_byte, power_off, print_text, snapvisor_note
+from flat_guest import echo_one_byte_and_power_off, elf_image, out_byte, power_off, print_text, snapvisor_note
 from snapvisor.vmm.builder import VmConfig, build_microvm_for_boot
 from snapvisor.vmm.exit_status import ExitStatus
 
@@ -108,3 +109,21 @@ def test_without_the_note_application_processors_wait_for_sipi(tmp_path: Path) -
         assert vm.wait(0.5) is None  # CPU 0 waits for a CPU that never started
         assert vm.stop().reason == "stopped"
     assert out.getvalue() == b""
+
+
+def test_host_input_reaches_the_guest_through_the_uart(tmp_path: Path) -> None:
+    kernel = tmp_path / "k.elf"
+    kernel.write_bytes(elf_image(echo_one_byte_and_power_off()))
+    read_end, write_end = os.pipe()
+    out = io.BytesIO()
+    try:
+        config = VmConfig(kernel=kernel, mem_size=16 * MiB, serial_out=out, serial_in=read_end)
+        with build_microvm_for_boot(config) as vm:
+            vm.start()
+            os.write(write_end, b"Q")
+            status = vm.wait(10)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert (status.code, status.reason) == (ord("Q"), "poweroff")
+    assert out.getvalue() == b"Q"
