@@ -1,0 +1,158 @@
+"""Guest pages on the wire: one PAGES message carries a batch of pages, each as
+data (in one zstd frame), as a copy of a page the receiver already holds, as a
+page of the shared base snapshot, or as a zero page.
+
+    PAGES payload  n_data u32 | n_copy u32 | n_zero u32 | n_base u32 | codec u8 | 3 reserved | raw_len u32
+                   data pages u32[n_data] | copy dst u32[n_copy] | copy src u32[n_copy]
+                   | zero pages u32[n_zero] | base pages u32[n_base] | frame (to the end)
+
+Pages are numbered across all RAM regions in layout order (region 0's pages, then
+region 1's), which is also how the receiver lays out its staging memory.
+
+The sender keeps an exact picture of the receiver's staging memory (the page id,
+sha256 as in the repository, of every page it holds), so a page the receiver
+already has is not sent at all, and content it holds elsewhere is sent as a copy.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from snapvisor.migrate.errors import StreamError
+from snapvisor.store import codec
+from snapvisor.store.pagehash import ID_SIZE, PAGE_SIZE, hash_pages
+
+BATCH = struct.Struct("<IIIIB3xI")
+ZSTD_LEVEL = 1
+
+
+@dataclass
+class Layout:
+    """RAM regions (name, size) in order, and where each starts in the global page numbering."""
+
+    regions: list[tuple[str, int]]
+
+    def __post_init__(self) -> None:
+        self.first_page = np.cumsum([0] + [size // PAGE_SIZE for _, size in self.regions])
+
+    @property
+    def total_pages(self) -> int:
+        return int(self.first_page[-1])
+
+    @property
+    def size(self) -> int:
+        return self.total_pages * PAGE_SIZE
+
+    def split(self, pages: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """(region number, region-local page numbers) for sorted global `pages`."""
+        bounds = np.searchsorted(pages, self.first_page)
+        return [(r, pages[bounds[r]:bounds[r + 1]] - self.first_page[r])
+                for r in range(len(self.regions)) if bounds[r + 1] > bounds[r]]
+
+
+@dataclass
+class PageBatch:
+    data_pages: np.ndarray
+    frame: bytes | memoryview
+    codec: int
+    raw_len: int
+    copy_dst: np.ndarray
+    copy_src: np.ndarray
+    zero_pages: np.ndarray
+    base_pages: np.ndarray
+
+    def encode(self) -> list[bytes | memoryview]:
+        head = BATCH.pack(len(self.data_pages), len(self.copy_dst), len(self.zero_pages),
+                          len(self.base_pages), self.codec, self.raw_len)
+        arrays = (self.data_pages, self.copy_dst, self.copy_src, self.zero_pages, self.base_pages)
+        return [head, *(np.ascontiguousarray(a, dtype="<u4").tobytes() for a in arrays), self.frame]
+
+    @classmethod
+    def decode(cls, payload: bytearray, total_pages: int, has_base: bool) -> "PageBatch":
+        """A batch whose every page number is inside the layout; anything else is refused."""
+        if len(payload) < BATCH.size:
+            raise StreamError("a PAGES message is shorter than its header; the stream is corrupt")
+        n_data, n_copy, n_zero, n_base, kind, raw_len = BATCH.unpack_from(payload)
+        count = n_data + 2 * n_copy + n_zero + n_base
+        end = BATCH.size + 4 * count
+        if end > len(payload) or raw_len != n_data * PAGE_SIZE:
+            raise StreamError("a PAGES message's counts do not match its size; the stream is corrupt")
+        numbers = np.frombuffer(payload, dtype="<u4", count=count, offset=BATCH.size).astype(np.int64)
+        if count and int(numbers.max()) >= total_pages:
+            raise StreamError(f"a PAGES message names page {int(numbers.max())}, beyond the guest's "
+                              f"{total_pages} pages; the stream is corrupt")
+        if n_base and not has_base:
+            raise StreamError("a PAGES message refers to a base snapshot that this receiver did not accept")
+        cuts = np.cumsum([n_data, n_copy, n_copy, n_zero])
+        data, dst, src, zero, base = np.split(numbers, cuts)
+        return cls(data, memoryview(payload)[end:], kind, raw_len, dst, src, zero, base)
+
+
+class ReceiverImage:
+    """The sender's record of what the receiver's staging memory holds."""
+
+    def __init__(self, layout: Layout, base_ids: np.ndarray | None) -> None:
+        self.ids = np.zeros((layout.total_pages, ID_SIZE), dtype=np.uint8)
+        self.base_ids = base_ids
+        # page id -> a page that held it when last sent; checked before use, since
+        # the page may have been rewritten since.
+        self._holders: dict[bytes, int] = {}
+
+    def plan(self, pages: np.ndarray, chunk: np.ndarray, in_round: np.ndarray) -> tuple[PageBatch, dict[str, int]]:
+        """A batch that brings the receiver's `pages` to the content in `chunk`
+        (a private copy, one row per page). Pages of the same round may be planned
+        in parallel: they are distinct, and copy sources are never pages of this round."""
+        ids, nonzero = hash_pages(chunk)
+        changed = ~(ids == self.ids[pages]).all(axis=1)
+        zero = changed & ~nonzero
+        base = np.zeros_like(changed)
+        if self.base_ids is not None:
+            base = changed & nonzero & (ids == self.base_ids[pages]).all(axis=1)
+        rest = np.flatnonzero(changed & nonzero & ~base)
+        copy_at, copy_src = [], []
+        if self._holders and len(rest):
+            blob = ids[rest].tobytes()
+            for i, row in enumerate(rest.tolist()):
+                holder = self._holders.get(blob[i * ID_SIZE:(i + 1) * ID_SIZE])
+                if holder is not None and not in_round[holder] and (self.ids[holder] == ids[row]).all():
+                    copy_at.append(i)
+                    copy_src.append(holder)
+        data = np.delete(rest, copy_at)
+        self.ids[pages[changed]] = ids[changed]
+        kind, frame = codec.compress(chunk[data], ZSTD_LEVEL) if len(data) else (codec.CODEC_RAW, b"")
+        batch = PageBatch(
+            data_pages=pages[data], frame=frame, codec=kind, raw_len=len(data) * PAGE_SIZE,
+            copy_dst=pages[rest[copy_at]], copy_src=np.asarray(copy_src, dtype=np.int64),
+            zero_pages=pages[zero], base_pages=pages[base],
+        )
+        counts = {"data": len(data), "copied": len(copy_at), "zero": int(zero.sum()), "base": int(base.sum()),
+                  "unchanged": int(len(pages) - changed.sum())}
+        return batch, counts
+
+    def remember(self, batch: PageBatch) -> None:
+        """After a round: the pages sent as data can be copy sources from the next round on."""
+        if not len(batch.data_pages):
+            return
+        blob = self.ids[batch.data_pages].tobytes()
+        for i, page in enumerate(batch.data_pages.tolist()):
+            self._holders[blob[i * ID_SIZE:(i + 1) * ID_SIZE]] = page
+
+
+def apply_batch(batch: PageBatch, staging: np.ndarray, fetch_base) -> None:
+    """Write a batch into the receiver's staging pages (rows of `staging`). Copies
+    read the staging memory as it was before this batch, so they go first."""
+    if len(batch.copy_dst):
+        staging[batch.copy_dst] = staging[batch.copy_src]
+    if len(batch.zero_pages):
+        staging[batch.zero_pages] = 0
+    if len(batch.base_pages):
+        fetch_base(batch.base_pages)
+    if len(batch.data_pages):
+        try:
+            raw = codec.decompress(batch.codec, batch.frame, batch.raw_len, "PAGES frame")
+        except ValueError as exc:
+            raise StreamError(f"{exc}; the stream is corrupt") from None
+        staging[batch.data_pages] = np.frombuffer(raw, dtype=np.uint8).reshape(-1, PAGE_SIZE)

@@ -1,0 +1,278 @@
+"""Live migration, sending side (pre-copy).
+
+1. Hello and offer (memory layout, optional base snapshot in a repository both
+   hosts can read); the receiver says whether it can use that snapshot.
+2. Round 0 sends every page while the guest runs; each later round sends the
+   pages the guest dirtied during the previous one. Pages the receiver already
+   holds are skipped, pages it can read from the base snapshot go as references.
+3. When the pages left would cross the link within the downtime budget, the
+   guest is paused, the last dirty pages and the VM state are sent, and the
+   receiver builds the VM. On its READY the sender says GO and never resumes its
+   copy again; the receiver starts the guest and confirms with RESUMED, and the
+   sender then stops its VM.
+
+Until GO is sent, any failure (network, receiver refusing or dying, timeout)
+resumes the guest here and raises MigrationError saying so. A guest that dirties
+memory faster than the link carries it is throttled, and if it still does not
+converge within `max_time_s`, the migration ends with an error and the guest
+runs on here at full speed.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from snapvisor.image.state_codec import encode_state
+from snapvisor.errors import SnapvisorError
+from snapvisor.machine import VM, Repo
+from snapvisor.migrate.errors import MigrationError
+from snapvisor.migrate.pages import ZSTD_LEVEL, Layout, PageBatch, ReceiverImage
+from snapvisor.migrate.stream import DEFAULT_IO_TIMEOUT_S, Channel, Msg, decode_json
+from snapvisor.migrate.throttle import Throttle
+from snapvisor.store import Repository, codec
+from snapvisor.store.pagehash import PAGE_SIZE
+from snapvisor.store.reader import load_page_map
+
+log = logging.getLogger("snapvisor.migrate")
+
+STATE_HEADER = struct.Struct("<dBI")  # sender's pause time (CLOCK_MONOTONIC), codec, raw length
+BATCH_PAGES = 512  # 2 MiB per PAGES message: one zstd frame
+IN_FLIGHT = 4  # batches prepared ahead of the socket
+# Share of the downtime target for the last pages; the rest is for the VM state
+# and building the VM on the receiver.
+PAGE_BUDGET_SHARE = 0.5
+# The throttle steps up when a round's guest writes exceed this share of what the
+# round sent (the dirty set is not shrinking fast enough), two rounds in a row.
+DIRTY_SHARE_TO_THROTTLE = 0.5
+DEFAULT_DOWNTIME_MS = 50.0
+DEFAULT_MAX_TIME_S = 120.0
+
+
+@dataclass
+class MigrationStats:
+    """What a migration cost. Times are seconds; `downtime_s` runs from the pause
+    on the sender to the guest's start on the receiver (CLOCK_MONOTONIC on both)."""
+
+    total_s: float = 0.0
+    downtime_s: float = 0.0
+    precopy_s: float = 0.0
+    rounds: int = 0
+    bytes_sent: int = 0
+    final_pages: int = 0
+    base_used: bool = False
+    throttle_share: float = 0.0
+    pages: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        ("data", "copied", "zero", "base", "unchanged"), 0))
+    receiver: dict = field(default_factory=dict)
+    downtime_parts: dict[str, float] = field(default_factory=dict)  # seconds per step of the downtime
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_base(repo: Repository, vm_name: str) -> str | None:
+    """The newest snapshot of `vm_name` in `repo`, or None."""
+    mine = [info for info in repo.list_snapshots() if info.vm == vm_name]
+    return mine[-1].id if mine else None
+
+
+def base_page_ids(repo: Repository, snapshot_id: str, layout: Layout) -> np.ndarray:
+    """Page ids of a snapshot in the layout's global numbering."""
+    snapshot = repo.get_snapshot(snapshot_id)
+    if [(name, snapshot.regions.get(name)) for name, _ in layout.regions] != layout.regions:
+        raise MigrationError(f"snapshot {snapshot.info.short_id} has another memory layout than the VM; "
+                             f"it cannot serve as the migration's base")
+    manifest = snapshot.manifest
+    return np.concatenate([
+        load_page_map(repo, manifest.map_block_pages, manifest.region_refs[name],
+                      f"snapshot {snapshot.info.short_id} region {name!r}")[1]
+        for name, _ in layout.regions
+    ])
+
+
+class _Sender:
+    def __init__(self, machine: VM, channel: Channel, layout: Layout, stats: MigrationStats) -> None:
+        self.machine = machine
+        self.vm = machine.vm
+        self.channel = channel
+        self.layout = layout
+        self.stats = stats
+        self.live = [np.frombuffer(r.view, dtype=np.uint8).reshape(r.pages, PAGE_SIZE) for r in self.vm.memory.regions]
+        self.image: ReceiverImage | None = None
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="migrate")
+        self.pages_per_s = 0.0
+
+    def drain(self) -> np.ndarray:
+        """Global numbers of the pages written since the last drain. The VM's
+        snapshot lineages get them too, so snapshots after a failed migration
+        still contain every page the guest wrote."""
+        fresh = self.machine._snapshotter._drain_dirty()
+        return np.flatnonzero(np.concatenate([fresh[name] for name, _ in self.layout.regions]))
+
+    def _prepare(self, region: int, local: np.ndarray, in_round: np.ndarray) -> tuple[PageBatch, dict]:
+        chunk = np.take(self.live[region], local, axis=0)
+        assert self.image is not None
+        return self.image.plan(local + int(self.layout.first_page[region]), chunk, in_round)
+
+    def send_round(self, pages: np.ndarray) -> None:
+        """Send `pages` (sorted global numbers) as they are now."""
+        started = time.perf_counter()
+        in_round = np.zeros(self.layout.total_pages, dtype=bool)
+        in_round[pages] = True
+        pending: list[Future] = []
+
+        def flush(until: int) -> None:
+            while len(pending) > until:
+                batch, counts = pending.pop(0).result()
+                self.channel.send(Msg.PAGES, *batch.encode())
+                assert self.image is not None
+                self.image.remember(batch)
+                for key, value in counts.items():
+                    self.stats.pages[key] += value
+
+        for region, local in self.layout.split(pages):
+            for start in range(0, len(local), BATCH_PAGES):
+                pending.append(self.pool.submit(self._prepare, region, local[start:start + BATCH_PAGES], in_round))
+                flush(IN_FLIGHT)
+        flush(0)
+        elapsed = time.perf_counter() - started
+        if len(pages) >= BATCH_PAGES:
+            self.pages_per_s = len(pages) / max(elapsed, 1e-6)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+def migrate(
+    machine: VM,
+    to: str,
+    *,
+    repo: Repo | None = None,
+    base: str | None = None,
+    downtime_ms: float = DEFAULT_DOWNTIME_MS,
+    max_time_s: float = DEFAULT_MAX_TIME_S,
+    auto_converge: bool = True,
+    io_timeout_s: float = DEFAULT_IO_TIMEOUT_S,
+) -> MigrationStats:
+    """Move the running `machine` to `snapvisor receive` at `to` (HOST:PORT).
+
+    With `repo`, pages equal to those of `base` (default: this VM's newest snapshot
+    there) are read by the receiver from that repository instead of crossing the
+    link. On success the VM is stopped here and runs on the receiver; on failure it
+    keeps running here and MigrationError says what happened."""
+    if downtime_ms <= 0 or max_time_s <= 0:
+        raise MigrationError("the downtime target and the time limit must be positive")
+    if not machine.vm.running:
+        raise MigrationError(f"VM {machine.name} is not running; only a running VM can be migrated")
+    if machine.lazy_memory is not None:
+        machine.lazy_memory.wait()  # pages are read from guest RAM: all must be resident
+    started = time.monotonic()
+    stats = MigrationStats()
+    layout = Layout([(r.name, r.size) for r in machine.vm.memory.regions])
+    base_offer, base_ids = None, None
+    if repo is not None:
+        repository = repo if isinstance(repo, Repository) else Repository.open_url(repo)
+        base = base or default_base(repository, machine.name)
+        if base is not None:
+            base_ids = base_page_ids(repository, base, layout)
+            base_offer = {"repository": repository.config["id"], "snapshot": repository.resolve(base)}
+
+    channel = Channel.connect(to, io_timeout_s)
+    sender = _Sender(machine, channel, layout, stats)
+    throttle = Throttle(machine.vm)
+    committed = False
+    try:
+        channel.hello()
+        channel.send_json(Msg.OFFER, {"vm": machine.name, "regions": layout.regions, "base": base_offer,
+                                      "downtime_ms": downtime_ms})
+        accepted = decode_json(channel.expect(Msg.ACCEPT), Msg.ACCEPT)
+        stats.base_used = bool(accepted.get("base")) and base_ids is not None
+        if base_offer and not stats.base_used:
+            log.warning("the receiver cannot use base snapshot %s (%s); sending every page",
+                        base_offer["snapshot"][:12], accepted.get("reason"))
+        sender.image = ReceiverImage(layout, base_ids if stats.base_used else None)
+
+        sender.drain()  # round 0 sends everything: earlier writes need no record
+        pages = np.arange(layout.total_pages)
+        budget_s = downtime_ms / 1000 * PAGE_BUDGET_SHARE
+        slow_rounds = 0
+        while True:
+            round_started = time.monotonic()
+            sent_before = channel.bytes_sent
+            sender.send_round(pages)
+            stats.rounds += 1
+            if throttle.error is not None:
+                raise MigrationError(f"the guest could not be throttled: {throttle.error}")
+            if not machine.vm.running:
+                raise MigrationError(f"VM {machine.name} stopped during the migration ({machine.vm.wait(0)})")
+            pages = sender.drain()
+            round_s = time.monotonic() - round_started
+            if len(pages) / max(sender.pages_per_s, 1.0) <= budget_s:
+                break
+            if time.monotonic() - started > max_time_s:
+                link = (channel.bytes_sent - sent_before) / round_s / 1e6
+                raise MigrationError(
+                    f"pre-copy did not converge in {max_time_s:g} s: the guest dirtied {len(pages)} pages "
+                    f"({len(pages) * PAGE_SIZE / round_s / 1e6:.1f} MB/s) during the last round while the link "
+                    f"carried {link:.1f} MB/s (throttled to {throttle.share:.0%}); give a larger downtime target "
+                    f"or time limit, or migrate when the guest is quieter"
+                )
+            slow_rounds = slow_rounds + 1 if len(pages) * PAGE_SIZE > DIRTY_SHARE_TO_THROTTLE * max(
+                channel.bytes_sent - sent_before, 1) else 0
+            if auto_converge and slow_rounds >= 2:
+                throttle.step_up()
+                slow_rounds = 0
+        throttle.stop()
+        stats.throttle_share = throttle.share
+        stats.precopy_s = time.monotonic() - started
+
+        paused_at = time.monotonic()
+        machine.vm.pause()
+        marks = [("pause", time.monotonic())]
+        # The pages of the last drain plus those written until the pause.
+        final = np.union1d(pages, sender.drain())
+        sender.send_round(final)
+        stats.final_pages = len(final)
+        marks.append(("final_pages", time.monotonic()))
+        state = encode_state(machine.vm.save_state())
+        kind, packed = codec.compress(state, ZSTD_LEVEL)
+        channel.send(Msg.STATE, STATE_HEADER.pack(paused_at, kind, len(state)), packed)
+        marks.append(("state", time.monotonic()))
+        stats.receiver = decode_json(channel.expect(Msg.READY), Msg.READY)
+        marks.append(("receiver_build", time.monotonic()))
+        channel.send(Msg.GO)
+        committed = True
+        resumed = decode_json(channel.expect(Msg.RESUMED), Msg.RESUMED)
+        stats.downtime_s = float(resumed["started_at"]) - paused_at
+        marks.append(("receiver_start", float(resumed["started_at"])))
+        stats.downtime_parts = {name: round(at - prev, 6) for (name, at), (_, prev)
+                                in zip(marks, [("", paused_at)] + marks)}
+        stats.receiver.update(resumed)
+    except BaseException as exc:
+        throttle.stop()
+        if committed:
+            # The receiver may have started the guest: running it here too could
+            # make two copies. Keep it paused and let the operator decide.
+            raise MigrationError(
+                f"migration to {to}: the handover was sent but not confirmed ({exc}); the VM is paused here "
+                f"and runs on {to} if the receiver got the go: check there, and resume it here only if it "
+                f"does not run there"
+            ) from None
+        channel.send_error(f"the sender gave up: {exc or type(exc).__name__}")
+        machine.vm.resume()
+        if isinstance(exc, SnapvisorError):
+            raise MigrationError(f"migration to {to} failed, the VM keeps running on this host: {exc}") from None
+        raise
+    finally:
+        sender.close()
+        channel.close()
+        stats.bytes_sent = channel.bytes_sent
+    machine.stop()
+    stats.total_s = time.monotonic() - started
+    return stats

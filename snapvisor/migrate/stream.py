@@ -1,0 +1,190 @@
+"""The migration stream: a versioned hello, then framed, checksummed messages.
+
+    hello    MAGIC (16 bytes) | version u16 | reserved u16      (both sides, first)
+    message  type u8 | 3 reserved | length u32 | crc32 u32 | payload[length]
+
+The CRC covers the type, the length and the payload, so a flipped bit anywhere in a
+message is refused instead of being written into guest memory. A peer with another
+stream version is refused at the hello with a message naming both versions.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import socket
+import struct
+import zlib
+from typing import Any
+
+from snapvisor import __version__
+from snapvisor.migrate.errors import MigrationError, StreamError
+
+MAGIC = b"snapvisor-migr8\0"
+VERSION = 1
+HELLO = struct.Struct("<16sHH")
+HEADER = struct.Struct("<B3xII")
+MAX_MESSAGE = 256 << 20
+# Without progress on a connection for this long, it is treated as cut.
+DEFAULT_IO_TIMEOUT_S = 20.0
+
+
+class Msg(enum.IntEnum):
+    OFFER = 1  # sender -> receiver, JSON: the VM's name, memory layout, optional base snapshot
+    ACCEPT = 2  # receiver -> sender, JSON: whether the base snapshot is usable there
+    PAGES = 3  # sender -> receiver, binary page batch (see pages.py)
+    STATE = 4  # sender -> receiver: pause time + compressed VM state (the guest is paused)
+    READY = 5  # receiver -> sender, JSON: the VM is built on the receiver, not started
+    GO = 6  # sender -> receiver: start it; from here the sender never resumes its copy
+    RESUMED = 7  # receiver -> sender, JSON: monotonic time the guest started there
+    ERROR = 8  # either way, JSON {"message"}: the peer gives up, and says why
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """'192.0.2.2:7000' or '[2001:db8::2]:7000' -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise MigrationError(f"'{text}' is not an address: give HOST:PORT, e.g. 192.0.2.2:7000 or [2001:db8::2]:7000")
+    return host, int(port)
+
+
+def _tune(sock: socket.socket, timeout: float) -> None:
+    sock.settimeout(timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # Unacknowledged data for this long aborts the connection: a cut link is noticed
+    # even while the kernel's send buffer still has room.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(timeout * 1000))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+
+
+class Channel:
+    """One migration connection: hello, then whole checked messages."""
+
+    def __init__(self, sock: socket.socket, peer: str, timeout: float = DEFAULT_IO_TIMEOUT_S) -> None:
+        _tune(sock, timeout)
+        self.sock = sock
+        self.peer = peer
+        self.timeout = timeout
+        self.bytes_sent = 0
+
+    @classmethod
+    def connect(cls, address: str, timeout: float = DEFAULT_IO_TIMEOUT_S) -> "Channel":
+        host, port = parse_address(address)
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout)
+        except OSError as exc:
+            raise MigrationError(
+                f"cannot connect to {address}: {exc.strerror or exc}; is `snapvisor receive --listen {address}` "
+                f"running on the destination, and is it reachable?"
+            ) from None
+        return cls(sock, address, timeout)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    # --- hello -------------------------------------------------------------------
+    def hello(self) -> None:
+        """Exchange magic and version; refuse any other version."""
+        self._send_raw(HELLO.pack(MAGIC, VERSION, 0))
+        magic, version, _ = HELLO.unpack(self._recv_exact(HELLO.size, "hello"))
+        if magic != MAGIC:
+            raise StreamError(
+                f"{self.peer} does not speak the snapvisor migration stream (it sent {magic[:16]!r}); "
+                f"connect to a `snapvisor receive` listener"
+            )
+        if version != VERSION:
+            raise StreamError(
+                f"{self.peer} speaks migration stream version {version}, this snapvisor {__version__} speaks "
+                f"version {VERSION}: run the same snapvisor release on both hosts"
+            )
+
+    # --- messages --------------------------------------------------------------------
+    def send(self, kind: Msg, *parts: bytes | bytearray | memoryview) -> None:
+        length = sum(len(memoryview(p).cast("B")) for p in parts)
+        if length > MAX_MESSAGE:
+            raise StreamError(f"a {kind.name} message of {length} bytes is over the {MAX_MESSAGE} byte limit")
+        crc = zlib.crc32(HEADER.pack(kind, length, 0)[:8])
+        for part in parts:
+            crc = zlib.crc32(part, crc)
+        self._send_raw(HEADER.pack(kind, length, crc), *parts)
+
+    def send_json(self, kind: Msg, body: dict[str, Any]) -> None:
+        self.send(kind, json.dumps(body, sort_keys=True).encode())
+
+    def recv(self) -> tuple[Msg, bytearray]:
+        header = self._recv_exact(HEADER.size, "message header")
+        kind, length, crc = HEADER.unpack(header)
+        if kind not in Msg.__members__.values() or length > MAX_MESSAGE:
+            raise StreamError(
+                f"the stream from {self.peer} is corrupt (message type {kind}, length {length}); "
+                f"the migration was abandoned"
+            )
+        payload = self._recv_exact(length, f"{Msg(kind).name} message")
+        if zlib.crc32(payload, zlib.crc32(header[:8])) != crc:
+            raise StreamError(
+                f"a {Msg(kind).name} message from {self.peer} fails its checksum: the stream is corrupt; "
+                f"the migration was abandoned"
+            )
+        return Msg(kind), payload
+
+    def expect(self, wanted: Msg) -> bytearray:
+        """The payload of the next message, which must be `wanted`; an ERROR from the
+        peer becomes a MigrationError with the peer's reason."""
+        kind, payload = self.recv()
+        if kind == Msg.ERROR:
+            raise MigrationError(f"{self.peer} gave up: {decode_json(payload, kind).get('message', '?')}")
+        if kind != wanted:
+            raise StreamError(f"{self.peer} sent {kind.name} where {wanted.name} was due; the stream is out of order")
+        return payload
+
+    def send_error(self, message: str) -> None:
+        """Best effort: tell the peer why this side gives up (the link may be gone)."""
+        try:
+            self.send_json(Msg.ERROR, {"message": message})
+        except (MigrationError, OSError):
+            pass
+
+    # --- raw I/O ------------------------------------------------------------------------
+    def _send_raw(self, *parts: bytes | bytearray | memoryview) -> None:
+        try:
+            for part in parts:
+                self.sock.sendall(part)
+                self.bytes_sent += len(memoryview(part).cast("B"))
+        except socket.timeout:
+            raise StreamError(
+                f"sending to {self.peer} made no progress for {self.timeout:g} s: the connection is cut or the "
+                f"receiver stopped reading"
+            ) from None
+        except OSError as exc:
+            raise StreamError(f"the connection to {self.peer} broke while sending: {exc.strerror or exc}") from None
+
+    def _recv_exact(self, length: int, what: str) -> bytearray:
+        buffer = bytearray(length)
+        view = memoryview(buffer)
+        got = 0
+        try:
+            while got < length:
+                n = self.sock.recv_into(view[got:])
+                if n == 0:
+                    raise StreamError(f"{self.peer} closed the connection in the middle of the migration ({what})")
+                got += n
+        except socket.timeout:
+            raise StreamError(
+                f"nothing from {self.peer} for {self.timeout:g} s while waiting for the {what}: the connection is "
+                f"cut or the peer hangs"
+            ) from None
+        except OSError as exc:
+            raise StreamError(f"the connection to {self.peer} broke while receiving: {exc.strerror or exc}") from None
+        return buffer
+
+
+def decode_json(payload: bytes | bytearray, kind: Msg) -> dict[str, Any]:
+    try:
+        body = json.loads(bytes(payload))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        body = None
+    if not isinstance(body, dict):
+        raise StreamError(f"the {kind.name} message is not a JSON object; the stream is corrupt")
+    return body
