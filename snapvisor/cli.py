@@ -598,7 +598,8 @@ def _receive(args: argparse.Namespace) -> int:
     _log_to_stderr(f"waiting for a migration on {args.listen}")
     repos = [_absolute_repo(r) for r in args.repo or _env_repos()]
     received = receive(listener, repos=repos, serial_out=sys.stdout.fileno(), accept_timeout_s=args.wait,
-                       io_timeout_s=args.timeout)
+                       io_timeout_s=args.timeout,
+                       on_connect=lambda peer: _log_to_stderr(f"migration from {peer} started"))
     machine = received.machine
     if args.name:
         machine.name = args.name

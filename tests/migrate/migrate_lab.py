@@ -104,6 +104,7 @@ class Host:
         self.workdir = workdir
         self.processes: list[Process] = []
         inside, outside = f"eth{lab.tag}{name}", f"sw{lab.tag}{name}"
+        self.switch_port = outside
         ip("netns", "add", self.ns)
         try:
             ip("link", "add", inside, "type", "veth", "peer", "name", outside)
@@ -129,8 +130,9 @@ class Host:
         return process
 
     def cut(self) -> None:
-        """Pull this host's cable: the interface goes down, packets are dropped."""
-        ip("-n", self.ns, "link", "set", "eth0", "down")
+        """Pull this host's cable at the switch: its packets vanish, and the host
+        itself sees no link change (no quick 'network unreachable')."""
+        ip("-n", self.lab.ns, "link", "set", self.switch_port, "down")
 
     def limit(self, rate: str) -> None:
         """Shape what this host sends to `rate` (tc rate syntax, e.g. 40mbit)."""
@@ -143,6 +145,9 @@ class Host:
     def close(self) -> None:
         for process in self.processes:
             process.close()
+        # Deleting the switch end removes the pair at once; a namespace's own
+        # interfaces are only cleaned up some time after `netns del` returns.
+        subprocess.run(["ip", "-n", self.lab.ns, "link", "del", self.switch_port], capture_output=True, timeout=30)
         subprocess.run(["ip", "netns", "del", self.ns], capture_output=True, timeout=30)
 
 

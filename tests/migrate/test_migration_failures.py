@@ -1,0 +1,79 @@
+"""A migration that fails before B resumes leaves the VM running on A, intact, with
+an error that says what happened: the link cut, B killed, a guest that dirties
+memory faster than the link carries it. A killed before B resumed leaves nothing
+running on B."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+
+from migrate_lab import Host, Process, rounds, wait_for_verified_rounds
+from test_live_migration import PORT
+
+pytestmark = pytest.mark.kvm
+
+GUEST = "console=ttyS0 tg.mem=32 tg.rate=20 tg.pages=512 tg.rounds=0"
+
+
+def start_slow_migration(a: Host, b: Host, guest: Path, cmdline: str = GUEST, rate: str = "20mbit",
+                         *extra: str) -> tuple[Process, Process]:
+    """A migration over a link shaped to `rate`, already in its first round."""
+    a.limit(rate)
+    receiver = b.run("receiver", ["receive", "--listen", f"{b.address}:{PORT}", "--timeout", "3s"])
+    receiver.wait_for_stderr("waiting for a migration", 30)
+    sender = a.run("sender", ["migrate", "--to", f"{b.address}:{PORT}", "--kernel", str(guest), "--mem", "128M",
+                              "--cmdline", cmdline, "--on-signal", "--timeout", "3s", *extra])
+    wait_for_verified_rounds(sender, 2, 60)
+    sender.signal(signal.SIGUSR1)
+    receiver.wait_for_stderr("migration from", 30)
+    return sender, receiver
+
+
+def assert_runs_on_a(sender: Process, error: str) -> None:
+    """A reported `error` and its guest goes on verifying every page."""
+    err = sender.wait_for_stderr("the VM keeps running on this host", 30)
+    assert error in err, err
+    last = max(number for _, number, _ in rounds(sender.stdout()))
+    wait_for_verified_rounds(sender, 3, 60, after=last)
+    assert sender.popen.poll() is None
+
+
+def assert_nothing_ran_on_b(receiver: Process, error: str) -> None:
+    assert receiver.wait(30) != 0
+    assert error in receiver.stderr(), receiver.stderr()
+    assert receiver.stdout() == b"", "the guest must not have run on B"
+
+
+def test_link_cut_during_precopy(testguest: Path, hosts: tuple[Host, Host]) -> None:
+    a, b = hosts
+    sender, receiver = start_slow_migration(a, b, testguest)
+    a.cut()
+    assert_runs_on_a(sender, "made no progress for 3 s")
+    assert_nothing_ran_on_b(receiver, "nothing from")
+
+
+def test_receiver_killed(testguest: Path, hosts: tuple[Host, Host]) -> None:
+    a, b = hosts
+    sender, receiver = start_slow_migration(a, b, testguest)
+    receiver.signal(signal.SIGKILL)
+    assert_runs_on_a(sender, "broke while sending")
+
+
+def test_sender_killed(testguest: Path, hosts: tuple[Host, Host]) -> None:
+    a, b = hosts
+    sender, receiver = start_slow_migration(a, b, testguest)
+    sender.signal(signal.SIGKILL)
+    assert_nothing_ran_on_b(receiver, "closed the connection in the middle of the migration")
+
+
+def test_guest_faster_than_link_ends_cleanly(testguest: Path, hosts: tuple[Host, Host]) -> None:
+    a, b = hosts
+    # The guest rewrites all of its 8 MiB as fast as it can; the link carries 2 MB/s.
+    hungry = "console=ttyS0 tg.mem=8 tg.rate=0 tg.pages=2048 tg.rounds=0 tg.verify=1"
+    sender, receiver = start_slow_migration(a, b, testguest, hungry, "16mbit", "--max-time", "5s")
+    assert_runs_on_a(sender, "did not converge")
+    assert "throttled to" in sender.stderr()
+    assert_nothing_ran_on_b(receiver, "the sender gave up")
