@@ -13,6 +13,7 @@ import pytest
 
 from flat_guest import echo_one_byte_and_power_off, elf_image, out_byte, power_off, print_text, snapvisor_note
 from snapvisor.vmm.builder import VmConfig, build_microvm_for_boot
+from snapvisor.vmm.errors import BootError
 from snapvisor.vmm.exit_status import ExitStatus
 
 pytestmark = pytest.mark.kvm
@@ -127,3 +128,35 @@ def test_host_input_reaches_the_guest_through_the_uart(tmp_path: Path) -> None:
         os.close(write_end)
     assert (status.code, status.reason) == (ord("Q"), "poweroff")
     assert out.getvalue() == b"Q"
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def _mappings() -> int:
+    with open("/proc/self/maps") as maps:
+        return sum(1 for line in maps if "snapvisor-ram" in line)
+
+
+def test_close_releases_every_fd_and_guest_mapping(tmp_path: Path) -> None:
+    kernel = tmp_path / "k.elf"
+    kernel.write_bytes(elf_image(power_off(0)))
+    fds_before, maps_before = _open_fds(), _mappings()
+    for vcpus in (1, 2, 1):
+        vm = build_microvm_for_boot(VmConfig(kernel=kernel, mem_size=16 * MiB, vcpus=vcpus, serial_out=io.BytesIO()))
+        vm.start()
+        assert vm.wait(10).code == 0
+        vm.close()
+        vm.close()  # idempotent
+    assert _open_fds() == fds_before
+    assert _mappings() == maps_before
+
+
+def test_a_failed_build_leaks_nothing(tmp_path: Path) -> None:
+    kernel = tmp_path / "k.elf"
+    kernel.write_bytes(elf_image(power_off(0))[:50])
+    fds_before = _open_fds()
+    with pytest.raises(BootError, match="truncated"):
+        build_microvm_for_boot(VmConfig(kernel=kernel, mem_size=16 * MiB, serial_out=io.BytesIO()))
+    assert _open_fds() == fds_before
