@@ -5,6 +5,7 @@ and its console continues on B exactly where A's stopped."""
 from __future__ import annotations
 
 import json
+import secrets
 import signal
 from pathlib import Path
 
@@ -28,11 +29,12 @@ def report(process: Process) -> dict:
     raise AssertionError(f"{process.label} printed no JSON report: {process.stderr()}")
 
 
-def start_pair(a: Host, b: Host, guest: Path, *extra_a: str, extra_b: tuple[str, ...] = ()) -> tuple[Process, Process]:
+def start_pair(a: Host, b: Host, guest: Path, *extra_a: str, cmdline: str = GUEST,
+               extra_b: tuple[str, ...] = ()) -> tuple[Process, Process]:
     receiver = b.run("receiver", ["receive", "--listen", f"{b.address}:{PORT}", "--json", "--timeout", "3s", *extra_b])
     receiver.wait_for_stderr("waiting for a migration", 30)
     sender = a.run("sender", ["migrate", "--to", f"{b.address}:{PORT}", "--kernel", str(guest), "--mem", "128M",
-                              "--cmdline", GUEST, "--on-signal", "--json", "--timeout", "3s", "--name", "mover",
+                              "--cmdline", cmdline, "--on-signal", "--json", "--timeout", "3s", "--name", "mover",
                               *extra_a])
     return sender, receiver
 
@@ -67,3 +69,31 @@ def test_live_migration_moves_a_running_guest(testguest: Path, hosts: tuple[Host
     # Zero pages and pages the receiver already holds are not sent: far less than 128 MiB.
     assert stats["bytes_sent"] < 64 << 20, stats
     assert receiver.popen.poll() is None, "the VM must keep running on B"
+
+
+@pytest.mark.s3
+def test_pages_of_the_last_snapshot_come_from_the_shared_repository(
+        testguest: Path, hosts: tuple[Host, Host], shared_s3: dict, tmp_path: Path) -> None:
+    a, b = hosts
+    repo = f"s3://snapvisor-migrate/live-{secrets.token_hex(4)}"
+    sock = tmp_path / "a.sock"
+    # A quieter guest (2 MiB/s) so that most pages are still as the snapshot saw them.
+    quiet = "console=ttyS0 tg.mem=32 tg.rate=2 tg.pages=64 tg.rounds=0"
+    sender, receiver = start_pair(a, b, testguest, "--api-sock", str(sock), "--repo", repo,
+                                  cmdline=quiet, extra_b=("--repo", repo))
+    wait_for_verified_rounds(sender, 3, 60)
+    snap = a.run("snapshot", ["snapshot", "--api-sock", str(sock), "--repo", repo, "--json"])
+    assert snap.wait(120) == 0, snap.stderr()
+    sender.signal(signal.SIGUSR1)
+    assert sender.wait(60) == 0, sender.stderr()
+    stats = report(sender)
+    console_a = sender.stdout()
+    last_on_a = max(number for _, number, _ in rounds(console_a))
+    console_b = wait_for_verified_rounds(receiver, 3, 60, after=last_on_a)
+    assert_continues(console_a, console_b)
+
+    assert stats["base_used"], stats
+    pages = stats["pages"]
+    # Most of the 8192 working-set pages were read by B from S3, not sent over the link.
+    assert pages["base"] > pages["data"] and pages["base"] > 4096, pages
+    assert stats["bytes_sent"] < 16 << 20, stats
