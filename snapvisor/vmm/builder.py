@@ -6,15 +6,18 @@ from __future__ import annotations
 import os
 import sys
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Mapping
+from typing import BinaryIO, Callable, Mapping, Sequence
 
 from snapvisor.vmm.bus import MmioBus, PioBus
+from snapvisor.vmm.devices.blockfile import BlockFile, DiskConfig
 from snapvisor.vmm.devices.console import SerialInputPump
 from snapvisor.vmm.devices.i8042 import COMMAND_PORT, I8042
 from snapvisor.vmm.devices.power import POWER_OFF_PORT, PowerOffPort
 from snapvisor.vmm.devices.serial import COM1_IRQ, COM1_PORT, PORT_COUNT, Serial, SerialOutput
+from snapvisor.vmm.devices.virtio.block import VirtioBlock
+from snapvisor.vmm.devices.virtio.mmio import MMIO_WINDOW, VirtioMmioTransport, kernel_cmdline_option, mmio_window
 from snapvisor.vmm.errors import VmConfigError, VmStateError
 from snapvisor.vmm.exit_status import ExitStatus
 from snapvisor.vmm.irqchip import Irqchip
@@ -29,6 +32,7 @@ from snapvisor.vmm.vm import STATE_VERSION, Vm
 # boundary, inside the MMIO hole, away from the LAPIC/IOAPIC).
 KVM_TSS_ADDRESS = 0xFFFBD000
 MIN_MEM_SIZE = 2 << 20
+MAX_DISKS = 16  # IOAPIC pins 5..20
 
 
 @dataclass
@@ -41,6 +45,7 @@ class VmConfig:
     serial_out: BinaryIO | int | None = None  # None: the VMM's stdout
     serial_in: BinaryIO | int | None = None  # None: no console input
     prefault_memory: bool = False  # MAP_POPULATE guest RAM: slower start, faster first touch
+    disks: list[DiskConfig] = field(default_factory=list)  # virtio-blk vda, vdb, ... in this order
 
 
 def _host_memory() -> int:
@@ -72,6 +77,7 @@ class _Parts:
         serial_in: BinaryIO | int | None,
         backing: Mapping[str, FileBacking] | None = None,
         prefault: bool = False,
+        disks: Sequence[DiskConfig] = (),
     ) -> None:
         self.kvm = Kvm.open()
         stack.callback(self.kvm.close)
@@ -94,6 +100,11 @@ class _Parts:
         self.pio_bus.register(POWER_OFF_PORT, 1, self.power)
         self.pio_bus.register(COMMAND_PORT, 1, self.i8042)
         self.devices = {"serial": self.serial, "power": self.power, "i8042": self.i8042}
+        if len(disks) > MAX_DISKS:
+            raise VmConfigError(f"{len(disks)} disks requested; a VM can have at most {MAX_DISKS}")
+        self.disk_names: list[str] = []
+        for index, disk in enumerate(disks):
+            self._attach_disk(stack, index, disk)
         self.serial_input = SerialInputPump(serial_in, self.serial) if serial_in is not None else None
 
         supported_msrs = self.kvm.get_msr_index_list()
@@ -107,6 +118,21 @@ class _Parts:
             if index == 0:
                 supported_msrs = _msrs_readable(fd, supported_msrs)
             self.vcpus.append(Vcpu(index, fd, self.pio_bus, self.mmio_bus, supported_msrs, xsave_size))
+
+    def _attach_disk(self, stack: ExitStack, index: int, disk: DiskConfig) -> None:
+        name = "vd" + chr(ord("a") + index)
+        image = BlockFile(disk.path, disk.readonly)
+        stack.callback(image.close)
+        base, irq = mmio_window(index)
+        transport = VirtioMmioTransport(VirtioBlock(name, image), self.memory, lambda: self._pulse_irq(irq))
+        self.mmio_bus.register(base, MMIO_WINDOW, transport)
+        self.devices[f"virtio-blk-{name}"] = transport
+        self.disk_names.append(name)
+
+    def _pulse_irq(self, irq: int) -> None:
+        # An edge, as an irqfd would give: the driver learns the cause from InterruptStatus.
+        self.irqchip.set_irq_line(irq, 1)
+        self.irqchip.set_irq_line(irq, 0)
 
     def _exit(self, status: ExitStatus) -> None:
         assert self.vm is not None
@@ -144,8 +170,12 @@ def _msrs_readable(vcpu_fd: VcpuFd, indices: list[int]) -> list[int]:
 def build_microvm_for_boot(cfg: VmConfig) -> Vm:
     """A VM with the kernel loaded and every vCPU at its reset/entry state; not started."""
     with ExitStack() as stack:
-        parts = _Parts(stack, cfg.vcpus, cfg.mem_size, cfg.serial_out, cfg.serial_in, prefault=cfg.prefault_memory)
-        boot = load_kernel(parts.memory, Path(cfg.kernel), Path(cfg.initrd) if cfg.initrd else None, cfg.cmdline)
+        parts = _Parts(
+            stack, cfg.vcpus, cfg.mem_size, cfg.serial_out, cfg.serial_in, prefault=cfg.prefault_memory, disks=cfg.disks
+        )
+        # Linux (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES) and the test guest find disks here.
+        cmdline = " ".join([cfg.cmdline] + [kernel_cmdline_option(i) for i in range(len(cfg.disks))])
+        boot = load_kernel(parts.memory, Path(cfg.kernel), Path(cfg.initrd) if cfg.initrd else None, cmdline)
         for vcpu in parts.vcpus:
             enters = vcpu.index == 0 or boot.all_vcpus_at_entry
             vcpu.configure_for_boot(parts.supported_cpuid, boot.entry if enters else None)
@@ -156,6 +186,10 @@ def build_microvm_for_boot(cfg: VmConfig) -> Vm:
                 "cmdline": cfg.cmdline,
                 "kernel": str(cfg.kernel),
                 "initrd": str(cfg.initrd) if cfg.initrd else None,
+                "disks": [
+                    {"name": name, "path": str(disk.path), "readonly": disk.readonly}
+                    for name, disk in zip(parts.disk_names, cfg.disks)
+                ],
             }
         )
         stack.pop_all()
@@ -168,15 +202,23 @@ def build_microvm_from_state(
     serial_in: BinaryIO | int | None = None,
     memory_fill: Callable[[GuestMemory], None] | None = None,
     memory_backing: Mapping[str, FileBacking] | None = None,
+    disk_paths: Mapping[str, Path] | None = None,
 ) -> Vm:
     """A paused-equivalent VM (not started) with the same layout as `state`,
-    guest RAM filled by `memory_fill` (or mapped from `memory_backing`), and
+    guest RAM filled by `memory_fill` (or mapped from `memory_backing`), each
+    disk attached from `disk_paths[name]` (default: the path it had), and
     every part restored; `vm.start()` continues where the guest was."""
     if state.get("version") != STATE_VERSION:
         raise VmStateError(f"VM state version {state.get('version')} is not {STATE_VERSION}")
     config = state["config"]
     with ExitStack() as stack:
-        parts = _Parts(stack, config["vcpus"], config["mem_size"], serial_out, serial_in, backing=memory_backing)
+        disks = [
+            DiskConfig(Path((disk_paths or {}).get(disk["name"], disk["path"])), disk["readonly"])
+            for disk in config.get("disks", [])
+        ]
+        parts = _Parts(
+            stack, config["vcpus"], config["mem_size"], serial_out, serial_in, backing=memory_backing, disks=disks
+        )
         saved_layout = [(r["name"], r["gpa"], r["size"]) for r in state["memory"]["regions"]]
         layout = [(r.name, r.gpa, r.size) for r in parts.memory.regions]
         if saved_layout != layout:
@@ -193,6 +235,8 @@ def build_microvm_from_state(
                 device.restore(state["devices"][name])
             except ValueError as exc:
                 raise VmStateError(str(exc)) from None
-        vm = parts.assemble(dict(config))
+        config = dict(config)
+        config["disks"] = [{**saved, "path": str(disk.path)} for saved, disk in zip(config.get("disks", []), disks)]
+        vm = parts.assemble(config)
         stack.pop_all()
         return vm

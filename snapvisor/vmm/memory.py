@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
@@ -79,6 +80,11 @@ class GuestMemory:
         self.regions = regions
         self._manual_protect = False
         self.dirty_log_enabled = False
+        # Pages the VMM itself wrote (devices filling read buffers and used rings):
+        # KVM's dirty log only sees vCPU writes, so writers mark these here and
+        # fetch_dirty() merges them. One byte per page per region.
+        self._vmm_dirty = {region.name: bytearray(region.pages) for region in regions}
+        self._vmm_dirty_lock = threading.Lock()
 
     # --- construction ----------------------------------------------------
     @classmethod
@@ -98,6 +104,7 @@ class GuestMemory:
                     name, slot, gpa, size, prefault
                 )
                 regions.append(region)
+                memory._vmm_dirty[name] = bytearray(region.pages)
                 vm_fd.set_user_memory_region(slot, 0, gpa, size, region.host_address)
         except BaseException:
             memory.close()
@@ -136,7 +143,8 @@ class GuestMemory:
         )
 
     def view(self, gpa: int, length: int) -> memoryview:
-        """A writable memoryview of guest RAM [gpa, gpa+length); no copy."""
+        """A writable memoryview of guest RAM [gpa, gpa+length); no copy. A caller
+        that writes guest RAM through it calls mark_dirty() afterwards."""
         region, offset = self._locate(gpa, length)
         return region.view[offset : offset + length]
 
@@ -145,6 +153,17 @@ class GuestMemory:
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         self.view(gpa, len(data))[:] = data
+        self.mark_dirty(gpa, len(data))
+
+    def mark_dirty(self, gpa: int, length: int) -> None:
+        """Record that the VMM wrote guest RAM [gpa, gpa+length), after the write:
+        a fetch in between reports the page on the next fetch instead."""
+        if length <= 0:
+            return
+        region, offset = self._locate(gpa, length)
+        first, last = offset // PAGE_SIZE, (offset + length - 1) // PAGE_SIZE
+        with self._vmm_dirty_lock:
+            self._vmm_dirty[region.name][first : last + 1] = b"\x01" * (last + 1 - first)
 
     def contains(self, gpa: int, length: int) -> bool:
         return any(r.gpa <= gpa and gpa + length <= r.end for r in self.regions)
@@ -174,7 +193,8 @@ class GuestMemory:
 
     def fetch_dirty(self, region: MemoryRegion) -> "np.ndarray":
         """Bool array, one entry per 4 KiB page of `region`, of pages written since
-        the previous fetch (or since enable_dirty_log), and re-arms tracking."""
+        the previous fetch (or since enable_dirty_log), by vCPUs or by the VMM
+        (mark_dirty), and re-arms tracking."""
         import numpy as np  # imported here: booting a VM does not need numpy's ~100 ms import
 
         if not region.flags & b.KVM_MEM_LOG_DIRTY_PAGES:
@@ -186,7 +206,11 @@ class GuestMemory:
         if self._manual_protect and bitmap.any():
             # Clears exactly the bits we were given, and write-protects those pages again.
             self._vm_fd.clear_dirty_log(region.slot, 0, region.pages, pointer)
-        return np.unpackbits(bitmap.view(np.uint8), bitorder="little")[: region.pages].astype(bool)
+        with self._vmm_dirty_lock:
+            by_vmm = bytes(self._vmm_dirty[region.name])
+            self._vmm_dirty[region.name][:] = bytes(region.pages)
+        dirty = np.unpackbits(bitmap.view(np.uint8), bitorder="little")[: region.pages].astype(bool)
+        return dirty | np.frombuffer(by_vmm, dtype=np.uint8).astype(bool)
 
     # --- persistence -----------------------------------------------------------
     def save(self) -> dict:

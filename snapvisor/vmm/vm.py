@@ -179,6 +179,9 @@ class Vm:
         self.serial.flush()
         for vcpu in self.vcpus:
             vcpu.fd.close()
+        for device in self.devices.values():
+            if hasattr(device, "close"):
+                device.close()  # devices holding host resources: disk images
         self.memory.close()
         self.vm_fd.close()
         self.kvm.close()

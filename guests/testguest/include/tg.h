@@ -28,6 +28,13 @@ typedef unsigned long u64;
 #define SYS_WAIT 2   /* (tick): sleep until tg_ticks reaches tick */
 #define SYS_FAIL 3   /* (buf, len): print the line, power off with status 3 */
 #define SYS_FINISH 4 /* (): this CPU is done; the last one prints "done" and powers off */
+#define SYS_DISK 5   /* (write, sector, sectors, buf): one virtio-blk request; returns its status */
+
+/* virtio-blk request status as SYS_DISK returns it; DISK_S_NODEV when there is no usable disk. */
+#define DISK_S_OK 0
+#define DISK_S_NODEV 0xff
+#define SECTORS_PER_BLOCK 8 /* the workload's disk blocks are 4 KiB pages */
+#define MAX_DISK_BLOCKS 16384 /* tg.diskblocks limit: 64 MiB */
 
 #define EXIT_VERIFY_FAIL 3
 #define EXIT_FAULT 4
@@ -47,7 +54,13 @@ struct tg_params {
 	u32 *seq;          /* per-page sequence numbers, total_pages entries */
 	u8 *base;          /* first working-set page */
 	u32 cpus;
+	u64 disk_blocks;   /* disk workload: 4 KiB blocks used, 0 = no disk workload */
+	u64 disk_writes;   /* blocks written per round */
 };
+
+/* Ring 3 only (the kernel has its own extern in kernel.h). */
+extern struct tg_params tg_params;
+void disk_round(u64 round); /* user/disk.c */
 #endif
 
 #endif

@@ -11,11 +11,12 @@ static const struct key keys[] = {
 	KEY("tg.mem", mem_mib),      KEY("tg.seed", seed),     KEY("tg.rate", rate),
 	KEY("tg.rounds", rounds),    KEY("tg.exit", exit_status), KEY("tg.cpus", cpus),
 	KEY("tg.verify", verify),    KEY("tg.pages", pages),   KEY("tg.ticks", ticks),
-	KEY("tg.corrupt", corrupt),
+	KEY("tg.corrupt", corrupt),  KEY("tg.disk", disk),     KEY("tg.diskblocks", disk_blocks),
+	KEY("tg.diskwrites", disk_writes),
 };
 
 /* Decimal, or hex with 0x. Stops at the end of the word. */
-static u64 parse_u64(const char *s)
+u64 parse_u64(const char *s)
 {
 	u64 v = 0;
 
@@ -46,9 +47,27 @@ static const char *match(const char *word, const char *name)
 	return *word == '=' ? word + 1 : 0;
 }
 
+/* The value of the first word "name=...", or 0. */
+const char *cmdline_value(const char *s, const char *name)
+{
+	while (*s) {
+		const char *v;
+
+		while (*s == ' ')
+			s++;
+		v = match(s, name);
+		if (v)
+			return v;
+		while (*s && *s != ' ')
+			s++;
+	}
+	return 0;
+}
+
 void cmdline_parse(const char *s, struct kparams *kp)
 {
-	*kp = (struct kparams){ .mem_mib = 16, .seed = 1, .rounds = 3, .cpus = 1, .verify = 1 };
+	*kp = (struct kparams){ .mem_mib = 16, .seed = 1, .rounds = 3, .cpus = 1, .verify = 1,
+				.disk_blocks = 256, .disk_writes = 8 };
 	while (*s) {
 		while (*s == ' ')
 			s++;
@@ -68,4 +87,6 @@ void cmdline_parse(const char *s, struct kparams *kp)
 	if (!kp->verify)
 		kp->verify = 1;
 	kp->exit_status &= 0xff;
+	if (kp->disk_blocks > MAX_DISK_BLOCKS)
+		kp->disk_blocks = MAX_DISK_BLOCKS;
 }

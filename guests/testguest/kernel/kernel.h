@@ -59,8 +59,11 @@ void bootinfo_read(struct boot_info *bi, enum boot_kind kind, u64 info);
 /* cmdline.c */
 struct kparams {
 	u64 mem_mib, seed, rate, rounds, exit_status, cpus, verify, pages, ticks, corrupt;
+	u64 disk, disk_blocks, disk_writes;
 };
 void cmdline_parse(const char *cmdline, struct kparams *kp);
+u64 parse_u64(const char *s);
+const char *cmdline_value(const char *cmdline, const char *name);
 
 /* serial.c */
 void serial_init(void);
@@ -76,7 +79,13 @@ void tss_init(u32 cpu);
 #define MAP_LIMIT (4UL << 30) /* paging.c maps RAM below 4 GiB */
 #define LAPIC_PHYS 0xfee00000UL
 void paging_init(u64 ram_top);
+void paging_map_mmio(u64 phys);
 void paging_load(void);
+
+/* virtio_blk.c: one polled virtio-blk disk on virtio-mmio, used by CPU 0 only */
+u64 virtio_mmio_base(const char *cmdline);
+u64 disk_init(u64 base);
+u64 disk_io(u64 write, u64 sector, u64 sectors, u64 buf);
 
 /* timer.c */
 extern u64 tick_line_every;

@@ -50,6 +50,27 @@ static int working_set_init(const struct kparams *kp)
 	return 0;
 }
 
+/* The disk workload needs tg.diskblocks 4 KiB blocks of the first virtio-blk disk. */
+static void disk_setup(const struct kparams *kp)
+{
+	u64 sectors = disk_init(virtio_mmio_base(boot_info.cmdline));
+	struct line l = { 0 };
+
+	if (sectors >= kp->disk_blocks * SECTORS_PER_BLOCK && kp->disk_blocks) {
+		tg_params.disk_blocks = kp->disk_blocks;
+		tg_params.disk_writes = kp->disk_writes;
+		line_str(&l, "tg: disk ok");
+		line_kv(&l, "sectors", sectors);
+		print_line(&l);
+		return;
+	}
+	line_str(&l, "tg: ERROR no usable disk for");
+	line_kv(&l, "tg.diskblocks", kp->disk_blocks);
+	line_kv(&l, "sectors", sectors);
+	print_line(&l);
+	power_off(EXIT_CONFIG);
+}
+
 static u64 ram_top(void)
 {
 	u64 top = 0;
@@ -76,6 +97,8 @@ static void bsp_init(enum boot_kind kind, u64 info)
 
 	idt_init();
 	paging_init(ram_top());
+	if (kp.disk)
+		paging_map_mmio(virtio_mmio_base(boot_info.cmdline));
 	for (u32 c = 0; c < kp.cpus; c++)
 		tss_init(c);
 	gdt_idt_load(0);
@@ -91,6 +114,8 @@ static void bsp_init(enum boot_kind kind, u64 info)
 	tg_params.cpus = (u32)kp.cpus;
 	if (!working_set_init(&kp))
 		power_off(EXIT_CONFIG);
+	if (kp.disk)
+		disk_setup(&kp);
 
 	pic_pit_init(kp.ticks);
 	while (!tg_ticks)

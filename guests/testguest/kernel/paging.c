@@ -39,6 +39,14 @@ void paging_init(u64 ram_top)
 	pml4[0] = (u64)pdpt | PTE_P | PTE_W | PTE_U;
 }
 
+/* A device's registers: the 2 MiB page holding phys, uncached, supervisor-only.
+ * Call before paging_load(). */
+void paging_map_mmio(u64 phys)
+{
+	if (phys < MAP_LIMIT)
+		pd[phys >> 30][(phys >> 21) & 511] = (phys & ~0x1fffffUL) | PTE_P | PTE_W | PTE_PS | PTE_PCD | PTE_PWT;
+}
+
 void paging_load(void)
 {
 	__asm__ volatile("mov %0, %%cr3" : : "r"(pml4) : "memory");

@@ -57,6 +57,9 @@ void trap(struct trap_frame *f)
 		power_off(EXIT_VERIFY_FAIL);
 	case SYS_FINISH:
 		finish();
+	case SYS_DISK:
+		f->rax = disk_io(f->rdi, f->rsi, f->rdx, f->rcx);
+		break;
 	default:
 		fault(f);
 	}

@@ -103,6 +103,8 @@ __attribute__((noreturn)) void user_main(u64 cpu)
 		p->seq[page] = 1;
 	}
 	round_line(cpu, 0, owned, verify(cpu, first, end));
+	if (cpu == 0 && p->disk_blocks)
+		disk_round(0);
 
 	for (u64 round = 1; owned && (!p->rounds || round <= p->rounds); round++) {
 		u64 n = p->pages ? p->pages : owned, t0 = tg_ticks, verified = 0;
@@ -120,6 +122,8 @@ __attribute__((noreturn)) void user_main(u64 cpu)
 		if (round % p->verify_every == 0)
 			verified = verify(cpu, first, end);
 		round_line(cpu, round, n, verified);
+		if (cpu == 0 && p->disk_blocks)
+			disk_round(round);
 	}
 	sys_finish();
 }

@@ -1,0 +1,155 @@
+"""A raw disk image file behind a block device: positioned I/O straight between
+the file and guest memory, and the record of which 4 KiB blocks were written
+since the last snapshot took them (the disk's dirty log).
+
+The image is locked (flock: exclusive when writable, shared when read-only) so
+that two VMs never write one image, and is never resized while attached.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+from snapvisor.errors import SnapvisorError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+BLOCK_SIZE = 4096  # dirty-tracking and snapshot granularity: the repository's page size
+SECTOR_SIZE = 512
+
+
+class DiskError(SnapvisorError):
+    """A disk image cannot be attached, or a disk option is malformed."""
+
+
+@dataclass(frozen=True)
+class DiskConfig:
+    path: Path
+    readonly: bool = False
+
+
+class BlockFile:
+    def __init__(self, path: Path, readonly: bool = False) -> None:
+        self.path = Path(path)
+        self.readonly = readonly
+        try:
+            self.fd = os.open(self.path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+        except OSError as exc:
+            mode = "reading" if readonly else "reading and writing"
+            raise DiskError(f"cannot open disk image {self.path} for {mode}: {exc.strerror}") from None
+        try:
+            self._lock_image()
+            self.size = os.fstat(self.fd).st_size
+            if self.size == 0 or self.size % BLOCK_SIZE:
+                raise DiskError(
+                    f"disk image {self.path} is {self.size} bytes; its size must be a non-zero multiple of "
+                    f"{BLOCK_SIZE} (resize it with `truncate -s <size> {self.path}`)"
+                )
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.blocks = self.size // BLOCK_SIZE
+        self._dirty = bytearray(self.blocks)  # one byte per block: 1 = written since the last fetch
+        self._dirty_lock = threading.Lock()
+        self._snapshot_map: mmap.mmap | None = None
+
+    def _lock_image(self) -> None:
+        try:
+            fcntl.flock(self.fd, (fcntl.LOCK_SH if self.readonly else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise DiskError(
+                    f"disk image {self.path} is in use by another VM (it holds a lock on it); "
+                    "give each VM its own image, or attach it read-only everywhere"
+                ) from None
+            raise DiskError(f"cannot lock disk image {self.path}: {exc.strerror}") from None
+
+    # --- I/O (offsets and lengths checked by the caller against self.size) ------------------
+    def read_into(self, offset: int, buffers: Sequence[memoryview]) -> bool:
+        """Fill `buffers` from the image at `offset`; False on a short read or an error."""
+        want = sum(len(b) for b in buffers)
+        try:
+            return os.preadv(self.fd, buffers, offset) == want
+        except OSError:
+            return False
+
+    def write_from(self, offset: int, buffers: Sequence[memoryview]) -> bool:
+        """Write `buffers` to the image at `offset` and record the blocks as dirty
+        (after the write: a snapshot that fetches in between sees them next time)."""
+        length = sum(len(b) for b in buffers)
+        try:
+            done = os.pwritev(self.fd, buffers, offset)
+        except OSError:
+            return False
+        if length:
+            self.mark_dirty(offset, length)
+        return done == length
+
+    def flush(self) -> bool:
+        try:
+            os.fdatasync(self.fd)
+        except OSError:
+            return False
+        return True
+
+    # --- dirty-block tracking ---------------------------------------------------------------------
+    def mark_dirty(self, offset: int, length: int) -> None:
+        first, last = offset // BLOCK_SIZE, (offset + length - 1) // BLOCK_SIZE
+        with self._dirty_lock:
+            self._dirty[first : last + 1] = b"\x01" * (last + 1 - first)
+
+    def fetch_dirty(self) -> "np.ndarray":
+        """Bool array, one entry per block, of blocks written since the previous
+        fetch (or since the image was attached); tracking goes on."""
+        import numpy as np
+
+        with self._dirty_lock:
+            taken = bytes(self._dirty)
+            self._dirty[:] = bytes(self.blocks)
+        return np.frombuffer(taken, dtype=np.uint8).astype(bool)
+
+    def data_blocks(self) -> "np.ndarray":
+        """Bool array of the blocks the file has data for (holes of a sparse file
+        read as zeros and need not be read): what a full snapshot must look at."""
+        import numpy as np
+
+        mask = np.zeros(self.blocks, dtype=bool)
+        offset = 0
+        while offset < self.size:
+            try:
+                start = os.lseek(self.fd, offset, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data after offset
+                    break
+                mask[offset // BLOCK_SIZE :] = True  # no SEEK_DATA here: look at everything
+                break
+            end = os.lseek(self.fd, start, os.SEEK_HOLE)
+            mask[start // BLOCK_SIZE : -(-end // BLOCK_SIZE)] = True
+            offset = end
+        return mask
+
+    def snapshot_view(self) -> memoryview:
+        """The whole image mapped read-only (shared: it shows every completed
+        write), for a snapshot to copy blocks from without a system call per block."""
+        if self._snapshot_map is None:
+            self._snapshot_map = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ)
+        return memoryview(self._snapshot_map)
+
+    def close(self) -> None:
+        if self._snapshot_map is not None:
+            try:
+                self._snapshot_map.close()
+            except BufferError:
+                pass  # a caller still holds a view; the mapping goes with it
+            self._snapshot_map = None
+        if self.fd >= 0:
+            os.close(self.fd)  # also drops the flock
+            self.fd = -1

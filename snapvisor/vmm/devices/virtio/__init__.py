@@ -1,0 +1,1 @@
+"""virtio 1.x devices on the virtio-mmio transport (version 2, split virtqueues)."""
