@@ -10,6 +10,7 @@ unreferenced data that gc removes.
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -302,5 +303,14 @@ class SnapshotWriter:
         return RegionRef(region.size, root_id)
 
 
+_gather = threading.local()
+
+
 def _compress_pages(pages: np.ndarray, rows: np.ndarray, level: int) -> tuple[int, bytes]:
-    return codec.compress(pages[rows], level)
+    # Gather into a per-thread buffer: a fresh 256 KiB array per frame would page-fault.
+    buf = getattr(_gather, "buf", None)
+    if buf is None or len(buf) < len(rows):
+        buf = _gather.buf = np.empty((max(len(rows), 64), PAGE_SIZE), dtype=np.uint8)
+    frame = buf[:len(rows)]
+    np.take(pages, rows, axis=0, out=frame)
+    return codec.compress(frame, level)
