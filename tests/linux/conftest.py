@@ -1,4 +1,5 @@
-"""Fixtures for the Linux boot tests: /dev/kvm and Debian's cloud kernel."""
+"""Fixtures for the Linux boot tests: Debian's cloud kernel, fetched once and
+cached (the `kvm` marker is handled by tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -7,16 +8,6 @@ from pathlib import Path
 import pytest
 
 from debian_kernel import KernelUnavailable, extract_vmlinux, fetch_bzimage
-from snapvisor.vmm.errors import KvmUnavailableError
-from snapvisor.vmm.kvm import Kvm
-
-
-def pytest_runtest_setup(item: pytest.Item) -> None:
-    if item.get_closest_marker("kvm"):
-        try:
-            Kvm.open().close()
-        except KvmUnavailableError as exc:
-            pytest.skip(f"needs /dev/kvm: {exc}")
 
 
 @pytest.fixture(scope="session")

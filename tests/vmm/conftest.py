@@ -1,11 +1,10 @@
-"""Fixtures for the VMM tests: real /dev/kvm (tests marked `kvm` skip, with the
-reason, only where it is missing or not accessible) and the real test guest."""
+"""VMM test helpers. The `kvm` marker (skip, with the reason, where /dev/kvm is
+missing or not accessible) and the `testguest` fixture come from tests/conftest.py."""
 
 from __future__ import annotations
 
 import io
 import time
-from pathlib import Path
 
 import pytest
 
@@ -13,36 +12,15 @@ from snapvisor.vmm.errors import KvmUnavailableError
 from snapvisor.vmm.kvm import Kvm
 
 
-def _kvm_unavailable_reason() -> str | None:
-    try:
-        Kvm.open().close()
-    except KvmUnavailableError as exc:
-        return str(exc)
-    return None
-
-
-_UNAVAILABLE = _kvm_unavailable_reason()
-
-
-def pytest_runtest_setup(item: pytest.Item) -> None:
-    if item.get_closest_marker("kvm") and _UNAVAILABLE:
-        pytest.skip(f"needs /dev/kvm: {_UNAVAILABLE}")
-
-
 @pytest.fixture
 def kvm() -> Kvm:
-    if _UNAVAILABLE:
-        pytest.skip(f"needs /dev/kvm: {_UNAVAILABLE}")
-    handle = Kvm.open()
+    """An open /dev/kvm system object."""
+    try:
+        handle = Kvm.open()
+    except KvmUnavailableError as exc:
+        pytest.skip(f"needs /dev/kvm: {exc}")
     yield handle
     handle.close()
-
-
-@pytest.fixture(scope="session")
-def testguest() -> Path:
-    from snapvisor import testguest as builder
-
-    return builder.build()
 
 
 def wait_for_output(buffer: io.BytesIO, needle: bytes, timeout: float) -> bytes:
