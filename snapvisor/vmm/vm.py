@@ -50,6 +50,10 @@ class VcpuControl:
                 lambda: len(self._parked | self._finished) == self._vcpu_count, timeout=timeout
             )
 
+    def request_pause(self) -> None:
+        with self._cond:
+            self.paused = True
+
     def release(self) -> None:
         with self._cond:
             self.paused = False
@@ -129,12 +133,10 @@ class Vm:
         interrupts), so the saved state is consistent."""
         if not self._started:
             raise VmRuntimeError("the VM has not been started")
-        control = self._control
-        with control._cond:
-            control.paused = True
+        self._control.request_pause()
         for vcpu in self.vcpus:
             vcpu.kick()
-        if not control.wait_all_parked(timeout):
+        if not self._control.wait_all_parked(timeout):
             raise VmRuntimeError(f"the vCPUs did not pause within {timeout} s")
 
     def resume(self) -> None:
