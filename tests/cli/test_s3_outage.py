@@ -49,6 +49,7 @@ class PrivateS3:
         self.credentials = {"AWS_ACCESS_KEY_ID": values["AWS_ACCESS_KEY_ID"],
                             "AWS_SECRET_ACCESS_KEY": values["AWS_SECRET_ACCESS_KEY"]}
         self.pid = int((state / "weed.pid").read_text())
+        self.restarted: subprocess.Popen | None = None
         self.command = Path(f"/proc/{self.pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
 
     def client(self):
@@ -67,6 +68,7 @@ class PrivateS3:
         with open(self.state / "weed.log", "ab") as log:
             process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                        start_new_session=True)
+        self.restarted = process
         self.pid = process.pid
         (self.state / "weed.pid").write_text(str(self.pid))
 
@@ -80,6 +82,13 @@ class PrivateS3:
         wait_until(serves, 90, "the S3 server to serve again", interval=0.5)
 
     def close(self) -> None:
+        # Its data is thrown away: no need for the graceful (slow) stop.
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if self.restarted is not None:
+            self.restarted.wait(10)  # reap it, or the script's stop waits on a zombie
         subprocess.run([self.script, "stop"], env=self.env, capture_output=True, timeout=60)
 
 
