@@ -108,8 +108,28 @@ def _add_run(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
         metavar="N",
         help="number of virtual CPUs (default: 1; at most what KVM_CAP_NR_VCPUS reports)",
     )
+    parser.add_argument(
+        "--disk",
+        type=_disk_option,
+        action="append",
+        default=[],
+        metavar="PATH[,readonly]",
+        help="attach a raw disk image as virtio-blk (vda, vdb, ... in order; repeatable); "
+        "snapshots capture it with memory",
+    )
     _add_operation_flags(parser, restoring=False)
     parser.set_defaults(handler=_run)
+
+
+def _disk_option(value: str):
+    from snapvisor.vmm.devices.blockfile import DiskConfig
+
+    path, _, option = value.rpartition(",")
+    if option == "readonly" and path:
+        return DiskConfig(Path(path), readonly=True)
+    if path and not Path(value).exists():
+        raise argparse.ArgumentTypeError(f"unknown disk option {option!r} in {value!r}: use PATH or PATH,readonly")
+    return DiskConfig(Path(value))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -125,6 +145,7 @@ def _run(args: argparse.Namespace) -> int:
             vcpus=args.vcpus,
             serial_out=sys.stdout.fileno(),
             serial_in=serial_in,
+            disks=args.disk,
         )
         with build_microvm_for_boot(config) as vm, _operated(vm, args, args.repo or _env_repos()):
             vm.start()
@@ -361,6 +382,9 @@ def _add_restore(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser
     parser.add_argument("snapshot_id", metavar="ID", help="snapshot id or a unique prefix (see `snapvisor ls`)")
     parser.add_argument("--lazy", action="store_true",
                         help="start the guest at once and stream its memory in behind it (userfaultfd)")
+    parser.add_argument("--disk-dir", type=Path, metavar="DIR",
+                        help="write the snapshot's disks here as sparse images (vda.img, ...) and attach them; "
+                             "needed when the snapshot has disks")
     _add_operation_flags(parser, restoring=True)
     parser.set_defaults(handler=_restore)
 
@@ -374,7 +398,8 @@ def _restore(args: argparse.Namespace) -> int:
     with _terminal_input(stdin_fd) as serial_in:
         with humanize.Activity(f"restoring {args.snapshot_id} from {url}"):
             machine = restore(url, args.snapshot_id, lazy=args.lazy, name=args.name,
-                              serial_out=sys.stdout.fileno(), serial_in=serial_in, start=False)
+                              serial_out=sys.stdout.fileno(), serial_in=serial_in, start=False,
+                              disk_dir=args.disk_dir)
         with machine, _operated(machine, args, [url]):
             machine.vm.start()
             try:

@@ -20,6 +20,7 @@ from snapvisor.image.lazy import LazyMemory
 from snapvisor.image.restore import restore_vm
 from snapvisor.store import Repository, SnapshotInfo
 from snapvisor.vmm.builder import VmConfig, build_microvm_for_boot
+from snapvisor.vmm.devices.blockfile import DiskConfig
 from snapvisor.vmm.exit_status import ExitStatus
 from snapvisor.vmm.vm import Vm
 
@@ -62,7 +63,10 @@ class VM:
         name: str | None = None,
         serial_out: BinaryIO | int | None = None,
         serial_in: BinaryIO | int | None = None,
+        disks: list[str | Path | DiskConfig] = (),
     ) -> "VM":
+        """`disks`: raw image files (paths, or DiskConfig for read-only ones),
+        attached as virtio-blk vda, vdb, ... and captured with every snapshot."""
         config = VmConfig(
             kernel=Path(kernel),
             initrd=Path(initrd) if initrd else None,
@@ -71,6 +75,7 @@ class VM:
             vcpus=vcpus,
             serial_out=serial_out,
             serial_in=serial_in,
+            disks=[disk if isinstance(disk, DiskConfig) else DiskConfig(Path(disk)) for disk in disks],
         )
         vm = build_microvm_for_boot(config)
         machine = cls(vm, name or f"vm-{secrets.token_hex(3)}")
@@ -126,11 +131,18 @@ def restore(
     serial_out: BinaryIO | int | None = None,
     serial_in: BinaryIO | int | None = None,
     start: bool = True,
+    disk_dir: str | Path | None = None,
+    disk_paths: dict[str, str | Path] | None = None,
 ) -> VM:
     """A new VM from `snapshot_id` (an id or a unique prefix); with `lazy`, the
-    guest starts before its memory is read and pages stream in behind it."""
+    guest starts before its memory is read and pages stream in behind it. Its
+    disks are written as new sparse images into `disk_dir` (vda.img, ...) or to
+    `disk_paths[name]`, and attached."""
     repository = _repository(repo, create=False)
-    restored = restore_vm(repository, snapshot_id, lazy=lazy, serial_out=serial_out, serial_in=serial_in)
+    restored = restore_vm(
+        repository, snapshot_id, lazy=lazy, serial_out=serial_out, serial_in=serial_in,
+        disk_dir=disk_dir, disk_paths=disk_paths,
+    )
     machine = VM(restored.vm, name or restored.snapshot.info.vm, restored.lazy)
     machine._snapshotter.adopt_parent(repository, restored.snapshot.id)
     if start:

@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
 from snapvisor.errors import SnapvisorError
 from snapvisor.image.compat import compat_record
+from snapvisor.image.disks import attached_disks, region_name
 from snapvisor.image.state_codec import encode_state
 from snapvisor.store import PAGE_SIZE, Repository, SnapshotInfo
-from snapvisor.vmm.memory import MemoryRegion
 from snapvisor.vmm.vm import Vm
 
 STATE_BLOB = "vm-state"
@@ -51,7 +52,27 @@ class CaptureStats:
     total_s: float = 0.0
     precopy_pages: int = 0
     paused_pages: int = 0
+    # Pages put per region (disk-vda: 4 KiB blocks); one pre-copied and copied again in the pause counts twice.
+    region_pages: dict[str, int] = field(default_factory=dict)
     store: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Source:
+    """Something a snapshot stores page by page: a guest RAM region, or a disk
+    (its 4 KiB blocks, region disk-<name>). Every copy reads `view`, the live
+    bytes; `fetch_dirty` returns the pages changed since its previous call;
+    `everything` the pages a full snapshot must look at (the rest are zero)."""
+
+    name: str
+    size: int
+    view: memoryview
+    fetch_dirty: Callable[[], np.ndarray]
+    everything: Callable[[], np.ndarray]
+
+    @property
+    def pages(self) -> int:
+        return self.size // PAGE_SIZE
 
 
 @dataclass
@@ -75,17 +96,27 @@ class Snapshotter:
         self._lineages: dict[str, _Lineage] = {}
         self.last: CaptureStats | None = None
         vm.memory.enable_dirty_log()
+        memory = vm.memory
+        self._sources = [
+            _Source(r.name, r.size, r.view, lambda r=r: memory.fetch_dirty(r), lambda r=r: np.ones(r.pages, dtype=bool))
+            for r in memory.regions
+        ]
+        # Disks: their dirty-block record runs from the moment they were attached.
+        self._sources += [
+            _Source(region_name(name), disk.size, disk.snapshot_view(), disk.fetch_dirty, disk.data_blocks)
+            for name, disk in attached_disks(vm).items()
+        ]
 
     def adopt_parent(self, repo: Repository, snapshot_id: str) -> None:
-        """The VM's memory equals `snapshot_id` in `repo` now (it was restored from
-        it), so the next snapshot there may be incremental against it."""
+        """The VM's memory and disks equal `snapshot_id` in `repo` now (it was
+        restored from it), so the next snapshot there may be incremental against it."""
         self._lineages[repository_key(repo)] = _Lineage(
-            snapshot_id, {r.name: np.zeros(r.pages, dtype=bool) for r in self.vm.memory.regions}
+            snapshot_id, {s.name: np.zeros(s.pages, dtype=bool) for s in self._sources}
         )
 
     def _drain_dirty(self) -> dict[str, np.ndarray]:
-        """Fetch KVM's dirty log and fold it into every lineage's pending set."""
-        fresh = {region.name: self.vm.memory.fetch_dirty(region) for region in self.vm.memory.regions}
+        """Fetch the dirty logs (memory and disks) and fold them into every lineage's pending set."""
+        fresh = {source.name: source.fetch_dirty() for source in self._sources}
         for lineage in self._lineages.values():
             if lineage.pending is not None:
                 for name, dirty in fresh.items():
@@ -102,15 +133,15 @@ class Snapshotter:
         stats = CaptureStats(full=lineage.pending is None)
         started = time.perf_counter()
         self._drain_dirty()
-        regions = self.vm.memory.regions
-        needed = lineage.pending or {r.name: np.ones(r.pages, dtype=bool) for r in regions}
+        regions = self._sources
+        needed = lineage.pending or {r.name: r.everything() for r in regions}
         writer = repo.start_snapshot(parent=lineage.parent)
         with writer:
             to_copy = needed
             for _ in range(PRECOPY_ROUNDS):
                 if _count(to_copy) * PAGE_SIZE <= PRECOPY_THRESHOLD:
                     break
-                stats.precopy_pages += self._precopy(writer, regions, to_copy)
+                stats.precopy_pages += self._precopy(writer, regions, to_copy, stats.region_pages)
                 to_copy = self._drain_dirty()  # what the guest wrote meanwhile
             # Page faults on fresh host memory are slow: fault the copy buffers in now,
             # sized for what is left plus what the guest may dirty before the pause.
@@ -127,6 +158,7 @@ class Snapshotter:
             for region in regions:
                 pages, data = copies[region.name]
                 stats.paused_pages += len(pages)
+                stats.region_pages[region.name] = stats.region_pages.get(region.name, 0) + len(pages)
                 writer.put_region(region.name, region.size, data, pages=pages)
             writer.put_blob(STATE_BLOB, encode_state(state))
             meta = {"compat": compat_record(state["vcpus"][0]["cpuid"]), "kind": "full" if stats.full else "incremental"}
@@ -141,7 +173,7 @@ class Snapshotter:
         self.last = stats
         return info
 
-    def _precopy(self, writer, regions: list[MemoryRegion], needed: dict[str, np.ndarray]) -> int:
+    def _precopy(self, writer, regions: list[_Source], needed: dict[str, np.ndarray], counts: dict[str, int]) -> int:
         """Write the needed pages from live memory; the pause rewrites those dirtied meanwhile."""
         batch_pages = PRECOPY_BATCH // PAGE_SIZE
         buffer = np.empty((batch_pages, PAGE_SIZE), dtype=np.uint8)
@@ -155,6 +187,7 @@ class Snapshotter:
                 np.take(live, pages, axis=0, out=chunk)
                 writer.put_region(region.name, region.size, chunk, pages=pages)
                 written += len(pages)
+                counts[region.name] = counts.get(region.name, 0) + len(pages)
         return written
 
 
@@ -168,7 +201,7 @@ def _prefaulted_pages(count: int) -> np.ndarray:
     return buffer
 
 
-def _copy_pages(region: MemoryRegion, mask: np.ndarray, buffer: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _copy_pages(region: _Source, mask: np.ndarray, buffer: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The indices of the pages set in `mask` and a private copy of them, in
     `buffer` when it is large enough."""
     pages = np.flatnonzero(mask)

@@ -8,12 +8,15 @@ not yet started.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import BinaryIO
+from pathlib import Path
+from typing import BinaryIO, Mapping
 
 from snapvisor.errors import SnapvisorError
 from snapvisor.image.capture import STATE_BLOB
 from snapvisor.image.compat import IncompatibleSnapshot, check_compat
+from snapvisor.image.disks import region_name, write_sparse_image
 from snapvisor.image.lazy import LazyMemory
 from snapvisor.image.state_codec import decode_state
 from snapvisor.store import Repository, Snapshot
@@ -68,6 +71,28 @@ def check_restorable(snapshot: Snapshot) -> dict:
     return state
 
 
+def _disk_image_paths(
+    snapshot: Snapshot, state: dict, disk_dir: Path | str | None, disk_paths: Mapping[str, Path | str] | None
+) -> dict[str, Path]:
+    """Where each of the snapshot's disks is to be written."""
+    name = snapshot.info.short_id
+    disks = [disk["name"] for disk in state["config"].get("disks", [])]
+    paths: dict[str, Path] = {}
+    for disk in disks:
+        if region_name(disk) not in snapshot.regions:
+            raise RestoreError(f"snapshot {name}: disk {disk} is missing from the snapshot; it is damaged: run `snapvisor verify`")
+        if disk_paths and disk in disk_paths:
+            paths[disk] = Path(disk_paths[disk])
+        elif disk_dir is not None:
+            paths[disk] = Path(disk_dir) / f"{disk}.img"
+        else:
+            raise RestoreError(
+                f"snapshot {name} has disks ({', '.join(disks)}): say where to write them "
+                f"(disk_dir=, or --disk-dir DIR on the command line)"
+            )
+    return paths
+
+
 def restore_vm(
     repo: Repository,
     snapshot_id: str,
@@ -75,9 +100,14 @@ def restore_vm(
     lazy: bool = False,
     serial_out: BinaryIO | int | None = None,
     serial_in: BinaryIO | int | None = None,
+    disk_dir: Path | str | None = None,
+    disk_paths: Mapping[str, Path | str] | None = None,
 ) -> RestoredVm:
+    """Each disk of the snapshot is written as a new sparse image, to
+    `disk_paths[name]` or else `disk_dir/<name>.img` (vda.img, ...), and attached."""
     snapshot = repo.get_snapshot(snapshot_id)
     state = check_restorable(snapshot)
+    images = _disk_image_paths(snapshot, state, disk_dir, disk_paths)
     lazy_memory: list[LazyMemory] = []
     built: list[Vm] = []
 
@@ -97,11 +127,19 @@ def restore_vm(
             for region, reader in readers:
                 reader.read_into(region.view, threads=repo.threads)
 
+    written: list[Path] = []
     try:
-        vm = build_microvm_from_state(state, serial_out=serial_out, serial_in=serial_in, memory_fill=fill)
+        for name, path in images.items():
+            write_sparse_image(snapshot.region_reader(region_name(name)), path)
+            written.append(path)
+        vm = build_microvm_from_state(
+            state, serial_out=serial_out, serial_in=serial_in, memory_fill=fill, disk_paths=images
+        )
     except BaseException:
         for memory in lazy_memory:
             memory.close()
+        for path in written:
+            os.unlink(path)
         raise
     built.append(vm)
     return RestoredVm(vm, snapshot, lazy_memory[0] if lazy_memory else None)

@@ -140,7 +140,13 @@ class BlockFile:
         """The whole image mapped read-only (shared: it shows every completed
         write), for a snapshot to copy blocks from without a system call per block."""
         if self._snapshot_map is None:
-            self._snapshot_map = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ)
+            # Through a file description of its own: a mapping that outlives close()
+            # (a caller still holding a view) must not keep the image's lock.
+            fd = os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                self._snapshot_map = mmap.mmap(fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ)
+            finally:
+                os.close(fd)
         return memoryview(self._snapshot_map)
 
     def close(self) -> None:

@@ -1,0 +1,63 @@
+"""Disks in snapshots: each attached disk is a repository region named
+`disk-<name>` (disk-vda, ...) whose pages are the disk's 4 KiB blocks, so disk
+data dedups with memory and with other VMs' disks in the same repository.
+
+Capture copies a disk's blocks like guest pages (the first snapshot its data
+blocks, later ones the blocks written since); restore writes them into a sparse
+image file, leaving zero blocks as holes.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from pathlib import Path
+
+from snapvisor.errors import SnapvisorError
+from snapvisor.store import RegionReader
+from snapvisor.vmm.devices.blockfile import BlockFile
+from snapvisor.vmm.devices.virtio.block import VirtioBlock
+from snapvisor.vmm.vm import Vm
+
+REGION_PREFIX = "disk-"
+
+
+class DiskRestoreError(SnapvisorError):
+    """A disk of a snapshot could not be written out; nothing was started."""
+
+
+def region_name(disk_name: str) -> str:
+    return REGION_PREFIX + disk_name
+
+
+def attached_disks(vm: Vm) -> dict[str, BlockFile]:
+    """Disk name (vda, ...) -> its image, for every virtio-blk device of `vm`."""
+    disks = {}
+    for device in vm.devices.values():
+        block = getattr(device, "device", None)
+        if isinstance(block, VirtioBlock):
+            disks[block.name] = block.disk
+    return disks
+
+
+def write_sparse_image(reader: RegionReader, path: Path) -> None:
+    """Write the region as a new image file at `path`; only non-zero blocks are
+    written, so the file is as sparse as the disk was. Refuses to overwrite."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        raise DiskRestoreError(
+            f"{path} already exists; restore disks into an empty directory (or remove the file)"
+        ) from None
+    except OSError as exc:
+        raise DiskRestoreError(f"cannot create disk image {path}: {exc.strerror}") from None
+    try:
+        os.ftruncate(fd, reader.size)
+        with mmap.mmap(fd, reader.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as image:
+            reader.read_into(image)
+            image.flush()
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    os.close(fd)
