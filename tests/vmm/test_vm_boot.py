@@ -160,3 +160,31 @@ def test_a_failed_build_leaks_nothing(tmp_path: Path) -> None:
     with pytest.raises(BootError, match="truncated"):
         build_microvm_for_boot(VmConfig(kernel=kernel, mem_size=16 * MiB, serial_out=io.BytesIO()))
     assert _open_fds() == fds_before
+
+
+def test_string_port_io_in_both_directions(tmp_path: Path) -> None:
+    """`rep outsb` to COM1 and `rep insb` from its scratch register: exits that
+    carry several items, read from or written to the kvm_run data area."""
+    text = b"string I/O works\n"
+    buffer_gpa = 0x300000
+    body = (
+        out_byte(0x3FF, 0x5A)  # scratch register = 0x5a
+        + b"\xbf" + struct.pack("<I", buffer_gpa)  # mov edi, buffer
+        + b"\xb9" + struct.pack("<I", 64)  # mov ecx, 64
+        + b"\xf3\x6c"  # rep insb (dx = 0x3ff)
+        + b"\x66\xba\xf8\x03"  # mov dx, COM1
+        + b"\xbe" + b"TEXT"  # mov esi, text (patched below)
+        + b"\xb9" + struct.pack("<I", len(text))  # mov ecx, len
+        + b"\xf3\x6e"  # rep outsb
+        + power_off(0)
+    )
+    code_gpa = 0x100000 + 64 + 56  # elf_image puts the code right after its headers
+    code = body.replace(b"TEXT", struct.pack("<I", code_gpa + len(body))) + text
+    kernel = tmp_path / "k.elf"
+    kernel.write_bytes(elf_image(code))
+    out = io.BytesIO()
+    with build_microvm_for_boot(VmConfig(kernel=kernel, mem_size=16 * MiB, serial_out=out)) as vm:
+        vm.start()
+        assert vm.wait(10).code == 0
+        assert vm.memory.read(buffer_gpa, 65) == b"\x5a" * 64 + b"\x00"
+    assert out.getvalue() == text
