@@ -206,6 +206,8 @@ def _copy_pages(region: _Source, mask: np.ndarray, buffer: np.ndarray) -> tuple[
     `buffer` when it is large enough."""
     pages = np.flatnonzero(mask)
     live = np.frombuffer(region.view, dtype=np.uint8).reshape(region.pages, PAGE_SIZE)
+    if len(pages) == 0:
+        return pages, np.empty(0, dtype=np.uint8)
     if len(pages) > len(buffer):
         return pages, live[pages]
     copy = buffer[: len(pages)]
