@@ -118,13 +118,6 @@ class LocalStore(ObjectStore):
         except OSError as e:
             raise StoreError(f"cannot delete {key!r} from {self.url}: {e.strerror}") from e
 
-    def stale_temporaries(self) -> Iterator[str]:
-        """Paths of temporary files left by writers that crashed mid-put."""
-        for dirpath, _, filenames in os.walk(self.root):
-            for name in filenames:
-                if TMP_MARK in name:
-                    yield os.path.join(dirpath, name)
-
 
 def _fsync_dir(directory: str) -> None:
     try:

@@ -62,8 +62,3 @@ class MemoryStore(ObjectStore):
     def delete(self, key: str) -> None:
         with self._lock:
             self._objects.pop(check_key(key), None)
-
-    # Test hooks: damage the repository the way a bad disk or a bad actor would.
-    def replace_for_test(self, key: str, data: bytes) -> None:
-        with self._lock:
-            self._objects[key] = bytes(data)

@@ -36,7 +36,8 @@ class S3Store(ObjectStore):
                  region: str | None = None, access_key: str | None = None,
                  secret_key: str | None = None, max_attempts: int | None = None,
                  connect_timeout: float = 5.0, read_timeout: float = 60.0,
-                 max_connections: int = 32, multipart_threshold: int = MULTIPART_THRESHOLD):
+                 max_connections: int = 32, multipart_threshold: int = MULTIPART_THRESHOLD,
+                 multipart_part_size: int = MULTIPART_PART_SIZE):
         rest = url[len("s3://"):]
         bucket, _, prefix = rest.partition("/")
         if not bucket:
@@ -44,7 +45,10 @@ class S3Store(ObjectStore):
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        if multipart_part_size < 5 << 20:
+            raise StoreError("multipart_part_size must be at least 5 MiB (the S3 minimum)")
         self.multipart_threshold = multipart_threshold
+        self.multipart_part_size = multipart_part_size
         endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
             "AWS_ENDPOINT_URL")
         attempts = max_attempts or int(os.environ.get("AWS_MAX_ATTEMPTS") or 4)
@@ -142,8 +146,9 @@ class S3Store(ObjectStore):
         upload_id = upload["UploadId"]
         try:
             parts = []
-            for number, start in enumerate(range(0, len(view), MULTIPART_PART_SIZE), 1):
-                body = view[start:start + MULTIPART_PART_SIZE].tobytes()
+            size = self.multipart_part_size
+            for number, start in enumerate(range(0, len(view), size), 1):
+                body = view[start:start + size].tobytes()
                 part = self._client.upload_part(Bucket=self.bucket, Key=full, UploadId=upload_id,
                                                 PartNumber=number, Body=body)
                 parts.append({"PartNumber": number, "ETag": part["ETag"]})

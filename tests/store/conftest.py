@@ -78,6 +78,25 @@ def moto_s3():
         yield
 
 
+def s3_factory(kind: str, request):
+    """A function making S3 stores on fresh prefixes of moto or of the real server."""
+    if kind == "moto":
+        request.getfixturevalue("moto_s3")
+        bucket, base = "moto-bucket", {"region": "us-east-1", "access_key": "testing",
+                                       "secret_key": "testing"}
+    else:
+        bucket = request.getfixturevalue("s3_bucket")
+        base = s3_options(request.getfixturevalue("s3_server"))
+    made = []
+
+    def make(**options):
+        store = open_backend(f"s3://{bucket}/{secrets.token_hex(6)}", **base, **options)
+        made.append(store)
+        return store
+
+    return make, made
+
+
 def _open_backend(kind: str, request, tmp_path):
     if kind == "memory":
         url = f"memory://{request.node.name}-{secrets.token_hex(4)}"
@@ -85,18 +104,11 @@ def _open_backend(kind: str, request, tmp_path):
         MemoryStore.forget(url)
     elif kind == "local":
         yield open_backend(str(tmp_path / "repo"))
-    elif kind == "moto":
-        request.getfixturevalue("moto_s3")
-        store = open_backend(f"s3://moto-bucket/{secrets.token_hex(4)}", region="us-east-1",
-                             access_key="testing", secret_key="testing")
-        yield store
-        store.close()
     else:
-        server = request.getfixturevalue("s3_server")
-        bucket = request.getfixturevalue("s3_bucket")
-        store = open_backend(f"s3://{bucket}/{secrets.token_hex(6)}", **s3_options(server))
-        yield store
-        store.close()
+        make, made = s3_factory(kind, request)
+        yield make()
+        for store in made:
+            store.close()
 
 
 @pytest.fixture(params=BACKENDS)
@@ -115,3 +127,12 @@ def any_backend(request, tmp_path):
 def repo(backend):
     """A repository with small packs, frames and map blocks so small images exercise them."""
     return Repository.init(backend, **SMALL_REPO, lock_wait=2.0)
+
+
+@pytest.fixture(params=["moto", pytest.param("s3", marks=pytest.mark.s3)])
+def make_s3_store(request):
+    """Build S3 stores with custom options (moto, and the real server when there is one)."""
+    make, made = s3_factory(request.param, request)
+    yield make
+    for store in made:
+        store.close()

@@ -1,5 +1,7 @@
 """The ObjectStore conformance suite: every backend behaves the same."""
 
+import os
+
 import pytest
 
 from snapvisor.store import ObjectNotFound, StoreError, open_backend
@@ -81,5 +83,19 @@ def test_local_put_leaves_no_temporaries(tmp_path):
     store = open_backend(str(tmp_path))
     store.put("data/aa/x", b"1")
     store.put("data/aa/x", b"2")
-    assert list(store.stale_temporaries()) == []
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["x"]
     assert [o.key for o in store.list("")] == ["data/aa/x"]
+    assert store.get("data/aa/x") == b"1"
+
+
+
+def test_s3_multipart_upload(make_s3_store):
+    """Objects over the threshold go up in parts, with the same put-if-absent rule."""
+    store = make_s3_store(multipart_threshold=5 << 20, multipart_part_size=5 << 20)
+    blob = os.urandom(12 << 20)
+    assert store.put("data/multi", blob) is True
+    assert store.get("data/multi") == blob
+    assert store.put("data/multi", b"other") is False
+    assert store.put("data/multi", os.urandom(11 << 20)) is False  # multipart, also refused
+    assert store.get("data/multi", 5 << 20, 10) == blob[(5 << 20):(5 << 20) + 10]
+    assert [o.size for o in store.list("data/")] == [12 << 20]
