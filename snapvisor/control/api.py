@@ -24,7 +24,6 @@ import socket
 import socketserver
 import stat
 import threading
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 

@@ -87,8 +87,9 @@ def test_scheduled_snapshots_retention_verify_and_restore(testguest: Path, tmp_p
         # round counter goes on) and verifies all its memory.
         newest = snapshots[-1]
         restore_sock = tmp_path / f"restore-{len(repo)}.sock"
-        lazy = ["--lazy"] if repo == remote else []
-        restored = Foreground("restore", "--repo", repo, newest["id"][:10], *lazy, "--api-sock", str(restore_sock),
+        # From S3 lazily; locally eagerly, and protected again on a schedule.
+        extra = ["--lazy"] if repo == remote else ["--snapshot-every", "3s", "--keep-last", "2"]
+        restored = Foreground("restore", "--repo", repo, newest["id"][:10], *extra, "--api-sock", str(restore_sock),
                               env=env)
         try:
             restored_api = wait_for_api(restore_sock, restored)
@@ -96,6 +97,14 @@ def test_scheduled_snapshots_retention_verify_and_restore(testguest: Path, tmp_p
             console = wait_for_rounds(restored, 1, 2)
             assert not console.startswith(b"tg: snapvisor-testguest")
             assert rounds(console)[0][1] > 5, console[:200]
+            if repo == local:
+                target = wait_until(lambda: (lambda t: t if t["snapshots"] >= 1 else None)(
+                    restored_api.schedule()["targets"][0]), 20, "a scheduled snapshot of the restored VM")
+                assert target["snapshots"] == 1, target  # the next is 3 s later
+                shown = snapvisor("show", "--repo", repo, target["last_snapshot"], "--json", env=env)
+                first = json.loads(shown.stdout)
+                # Incremental against the snapshot it was restored from.
+                assert first["parent"] == newest["id"] and first["meta"]["kind"] == "incremental"
             restored_api.shutdown()
             assert restored.wait() == 0, restored.stderr
         finally:
