@@ -183,6 +183,15 @@ environment:
 EXIT_DAMAGED = 3
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Wraps descriptions to the terminal; keeps the exit status table as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text is EXIT_CODES_HELP:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
 class UsageError(SnapvisorError):
     """Arguments that argparse cannot check alone (they depend on each other or
     on the environment)."""
@@ -343,7 +352,7 @@ def _add_snapshot(subparsers: "argparse._SubParsersAction[argparse.ArgumentParse
         description="Ask a VM started with --api-sock to snapshot itself into a repository while "
                     "it runs (it pauses only to copy what changed). The first snapshot of a VM in "
                     "a repository holds every non-zero page; later ones the pages dirtied since.",
-        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EXIT_CODES_HELP, formatter_class=HelpFormatter)
     parser.add_argument("--api-sock", type=Path, required=True, metavar="PATH", help="the VM's API socket")
     _add_repo_flag(parser)
     parser.add_argument("--full", action="store_true", help="store every page, not only those dirtied since the last snapshot")
@@ -377,7 +386,7 @@ def _add_restore(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser
                     "it in the foreground like `run`, its console on this terminal. The guest "
                     "continues from the instant of the snapshot. With --snapshot-every it is "
                     "snapshotted again into the same repository, incrementally.",
-        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EXIT_CODES_HELP, formatter_class=HelpFormatter)
     _add_repo_flag(parser)
     parser.add_argument("snapshot_id", metavar="ID", help="snapshot id or a unique prefix (see `snapvisor ls`)")
     parser.add_argument("--lazy", action="store_true",
@@ -418,7 +427,7 @@ def _add_ls(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -
         "ls", help="list the snapshots in a repository",
         description="List a repository's snapshots, oldest first: id, time (UTC), age, VM, kind, "
                     "memory size and tags.",
-        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EXIT_CODES_HELP, formatter_class=HelpFormatter)
     _add_repo_flag(parser)
     parser.add_argument("--vm", metavar="NAME", help="only this VM's snapshots")
     parser.add_argument("--tag", metavar="TAG", help="only snapshots with this tag")
@@ -452,7 +461,7 @@ def _add_show(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]")
         "show", help="details of one snapshot",
         description="Show one snapshot: time, VM, kind, parent, tags, memory regions, stored "
                     "blobs and the compatibility record (what a host needs to restore it).",
-        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EXIT_CODES_HELP, formatter_class=HelpFormatter)
     _add_repo_flag(parser)
     parser.add_argument("snapshot_id", metavar="ID", help="snapshot id or a unique prefix")
     _add_json_flag(parser)
@@ -494,7 +503,7 @@ def _add_verify(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]
         description="Check that every snapshot's manifest, page maps and index entries are there "
                     "and consistent. With --read-data also read, decompress and hash every stored "
                     "page (slow: reads the whole repository). Exits 3 when anything is damaged.",
-        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EXIT_CODES_HELP, formatter_class=HelpFormatter)
     _add_repo_flag(parser)
     parser.add_argument("--read-data", action="store_true", help="also read and check every stored byte")
     _add_json_flag(parser)
@@ -526,7 +535,7 @@ def _add_prune(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
         description="Apply keep rules to each VM's snapshots (each VM on its own) and forget the "
                     "rest. Any remaining snapshot stays restorable: none depends on another. The "
                     "space is reclaimed by `snapvisor gc`.",
-        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EXIT_CODES_HELP, formatter_class=HelpFormatter)
     _add_repo_flag(parser)
     _add_keep_flags(parser, "")
     parser.add_argument("--vm", metavar="NAME", help="only judge this VM's snapshots")
@@ -563,7 +572,7 @@ def _add_gc(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -
         "gc", help="delete data no snapshot uses",
         description="Delete the packs and index entries that no remaining snapshot references "
                     "(after prune). Takes the repository's exclusive lock: snapshots into it wait.",
-        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EXIT_CODES_HELP, formatter_class=HelpFormatter)
     _add_repo_flag(parser)
     parser.add_argument("--dry-run", action="store_true", help="show what would be deleted, delete nothing")
     _add_json_flag(parser)
@@ -739,7 +748,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="snapvisor",
         description="A KVM micro-VM monitor for disaster recovery.",
         epilog=EXIT_CODES_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)

@@ -54,3 +54,21 @@ def test_activity_is_silent_when_not_a_terminal() -> None:
     with humanize.Activity("working", stream=stream, interval=0.01):
         pass
     assert stream.getvalue() == ""
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_activity_draws_and_erases_on_a_terminal(monkeypatch) -> None:
+    monkeypatch.setenv("TERM", "xterm")
+    stream = _Terminal()
+    with humanize.Activity("verifying /srv/repo", stream=stream, interval=0.01) as activity:
+        activity.detail = "3 packs"
+        import time
+
+        time.sleep(0.1)
+    drawn = stream.getvalue()
+    assert "\r\x1b[Kverifying /srv/repo ... 3 packs " in drawn
+    assert drawn.endswith("\r\x1b[K")  # nothing left behind on the line
