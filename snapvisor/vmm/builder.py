@@ -146,6 +146,8 @@ class _Parts:
             irqchip=self.irqchip,
             vcpus=self.vcpus,
             serial=self.serial,
+            pio_bus=self.pio_bus,
+            mmio_bus=self.mmio_bus,
             devices=self.devices,
             config=config,
             serial_input=self.serial_input,

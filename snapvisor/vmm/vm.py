@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable
 
+from snapvisor.vmm.bus import MmioBus, PioBus
 from snapvisor.vmm.devices.console import SerialInputPump
 from snapvisor.vmm.devices.serial import Serial
 from snapvisor.vmm.errors import VmRuntimeError
@@ -87,6 +88,8 @@ class Vm:
         irqchip: Irqchip,
         vcpus: list[Vcpu],
         serial: Serial,
+        pio_bus: PioBus,
+        mmio_bus: MmioBus,
         devices: dict[str, Any],
         config: dict,
         serial_input: SerialInputPump | None,
@@ -97,6 +100,8 @@ class Vm:
         self.irqchip = irqchip
         self.vcpus = vcpus
         self.serial = serial
+        self.pio_bus = pio_bus
+        self.mmio_bus = mmio_bus
         self.devices = devices  # name -> device with save()/restore()
         self.config = config
         self._serial_input = serial_input

@@ -188,3 +188,35 @@ def test_string_port_io_in_both_directions(tmp_path: Path) -> None:
         assert vm.wait(10).code == 0
         assert vm.memory.read(buffer_gpa, 65) == b"\x5a" * 64 + b"\x00"
     assert out.getvalue() == text
+
+
+class RecordingMmioDevice:
+    def __init__(self) -> None:
+        self.writes: list[tuple[int, int, int]] = []
+
+    def read(self, offset: int, size: int) -> int:
+        return 0x11223344 + offset
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.writes.append((offset, size, value))
+
+
+def test_mmio_dispatch_by_address_range(tmp_path: Path) -> None:
+    base = 0xD0000000
+    code = (
+        b"\xbb" + struct.pack("<I", base)  # mov ebx, base
+        + b"\xc7\x43\x08" + struct.pack("<I", 0xCAFEF00D)  # mov dword [rbx+8], 0xcafef00d
+        + b"\x8b\x43\x04"  # mov eax, [rbx+4]      -> 0x11223348
+        + b"\x8b\x8b" + struct.pack("<I", 0x1000)  # mov ecx, [rbx+0x1000] (unclaimed: all ones)
+        + b"\x01\xc8"  # add eax, ecx          -> 0x11223347
+        + b"\x66\xba\x01\x05\xee\xf4\xeb\xfd"  # out 0x501, al -> status 0x47
+    )
+    kernel = tmp_path / "k.elf"
+    kernel.write_bytes(elf_image(code))
+    device = RecordingMmioDevice()
+    with build_microvm_for_boot(VmConfig(kernel=kernel, mem_size=16 * MiB, serial_out=io.BytesIO())) as vm:
+        vm.mmio_bus.register(base, 0x1000, device)
+        vm.start()
+        status = vm.wait(10)
+    assert device.writes == [(8, 4, 0xCAFEF00D)]
+    assert status.code == 0x47
