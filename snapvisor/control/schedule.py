@@ -114,7 +114,7 @@ class TargetStatus:
     """What the schedule did in one repository, for GET /vm and GET /schedule."""
 
     repo: str
-    next_run: float
+    next_run: float  # time.monotonic(): wall-clock steps neither burst nor stall the schedule
     snapshots: int = 0
     failures: int = 0
     consecutive_failures: int = 0
@@ -127,7 +127,7 @@ class TargetStatus:
 
     def to_json(self) -> dict:
         return {
-            "repo": self.repo, "next_run": _iso(self.next_run), "snapshots": self.snapshots,
+            "repo": self.repo, "next_run": _iso(time.time() + self.next_run - time.monotonic()), "snapshots": self.snapshots,
             "failures": self.failures, "consecutive_failures": self.consecutive_failures,
             "last_success": _iso(self.last_success), "last_snapshot": self.last_snapshot,
             "last_error": self.last_error, "last_error_at": _iso(self.last_error_at),
@@ -170,7 +170,7 @@ class Scheduler:
         from now, and repositories that stay keep their history."""
         with self._cond:
             self._schedule = schedule
-            now = time.time()
+            now = time.monotonic()
             old = self._targets
             self._targets = {}
             if schedule is not None:
@@ -199,7 +199,7 @@ class Scheduler:
                     if self._stopping:
                         return
                     target = self._next_due()
-                    delay = None if target is None else target.next_run - time.time()
+                    delay = None if target is None else target.next_run - time.monotonic()
                     if delay is not None and delay <= 0:
                         break
                     self._cond.wait(delay)
@@ -210,7 +210,7 @@ class Scheduler:
             self._run_one(schedule, target)
 
     def _run_one(self, schedule: Schedule, target: TargetStatus) -> None:
-        started = time.time()
+        started = time.monotonic()
         try:
             info = self.controller.snapshot(target.repo, tags=schedule.tags)
         except Conflict as exc:
@@ -220,7 +220,7 @@ class Scheduler:
         except Exception as exc:  # noqa: BLE001 - nothing a store does may end the schedule
             backoff = min(FIRST_RETRY_S * 2 ** target.consecutive_failures,
                           max(schedule.every, MIN_BACKOFF_CAP_S))
-            self._record_failure(target, _describe(exc), time.time() + backoff, count=True)
+            self._record_failure(target, _describe(exc), time.monotonic() + backoff, count=True)
             self._tell(f"scheduled snapshot into {target.repo} failed ({target.consecutive_failures} in a row): "
                        f"{target.last_error}; retrying in {duration(backoff)}, no dirty page is lost")
             return
@@ -234,7 +234,7 @@ class Scheduler:
             target.last_snapshot = info.id
             # On time: the next run is one interval after this one started, unless
             # that has passed already (a slow upload), then right after this one.
-            target.next_run = max(started + schedule.every, time.time())
+            target.next_run = max(started + schedule.every, time.monotonic())
         if schedule.keep is not None:
             self._prune(target, schedule.keep)
 
