@@ -9,7 +9,7 @@ import re
 import time
 from pathlib import Path
 
-DISK_ROUND = re.compile(rb"^tg: disk round=(\d+) written=(\d+) verified=(\d+)$", re.M)
+DISK_ROUND = re.compile(rb"^tg: disk round=(\d+) written=(\d+) verified=(\d+) ticks=(\d+)$", re.M)
 DISK_BLOCKS = 256
 # ~20 rounds a second: 64 pages of memory at 10 MiB/s, then 8 disk blocks
 # written and the first 256 blocks (1 MiB) of the disk read back and checked.

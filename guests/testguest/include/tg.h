@@ -56,10 +56,13 @@ struct tg_params {
 	u32 cpus;
 	u64 disk_blocks;   /* disk workload: 4 KiB blocks used, 0 = no disk workload */
 	u64 disk_writes;   /* blocks written per round */
+	u64 disk_seq;      /* 1: write blocks in order, round after round; 0: pseudo-random */
+	u64 disk_verify;   /* read back and check the disk every n rounds */
 };
 
 /* Ring 3 only (the kernel has its own extern in kernel.h). */
 extern struct tg_params tg_params;
+extern volatile u64 tg_ticks;
 void disk_round(u64 round); /* user/disk.c */
 #endif
 

@@ -12,7 +12,7 @@ static const struct key keys[] = {
 	KEY("tg.rounds", rounds),    KEY("tg.exit", exit_status), KEY("tg.cpus", cpus),
 	KEY("tg.verify", verify),    KEY("tg.pages", pages),   KEY("tg.ticks", ticks),
 	KEY("tg.corrupt", corrupt),  KEY("tg.disk", disk),     KEY("tg.diskblocks", disk_blocks),
-	KEY("tg.diskwrites", disk_writes),
+	KEY("tg.diskwrites", disk_writes), KEY("tg.diskseq", disk_seq), KEY("tg.diskverify", disk_verify),
 };
 
 /* Decimal, or hex with 0x. Stops at the end of the word. */
@@ -67,7 +67,7 @@ const char *cmdline_value(const char *s, const char *name)
 void cmdline_parse(const char *s, struct kparams *kp)
 {
 	*kp = (struct kparams){ .mem_mib = 16, .seed = 1, .rounds = 3, .cpus = 1, .verify = 1,
-				.disk_blocks = 256, .disk_writes = 8 };
+				.disk_blocks = 256, .disk_writes = 8, .disk_verify = 1 };
 	while (*s) {
 		while (*s == ' ')
 			s++;
@@ -86,6 +86,8 @@ void cmdline_parse(const char *s, struct kparams *kp)
 		kp->cpus = MAX_CPUS;
 	if (!kp->verify)
 		kp->verify = 1;
+	if (!kp->disk_verify)
+		kp->disk_verify = 1;
 	kp->exit_status &= 0xff;
 	if (kp->disk_blocks > MAX_DISK_BLOCKS)
 		kp->disk_blocks = MAX_DISK_BLOCKS;

@@ -59,6 +59,8 @@ static void disk_setup(const struct kparams *kp)
 	if (sectors >= kp->disk_blocks * SECTORS_PER_BLOCK && kp->disk_blocks) {
 		tg_params.disk_blocks = kp->disk_blocks;
 		tg_params.disk_writes = kp->disk_writes;
+		tg_params.disk_seq = kp->disk_seq;
+		tg_params.disk_verify = kp->disk_verify;
 		line_str(&l, "tg: disk ok");
 		line_kv(&l, "sectors", sectors);
 		print_line(&l);

@@ -4,6 +4,9 @@
  * read every one of those blocks back and check it. A block never written must
  * read as zeros.
  *
+ * With tg.diskseq=1 the blocks are written in order instead, continuing round
+ * after round; tg.diskverify=n reads back only every n rounds (benchmarks).
+ *
  * The seq table lives in guest RAM, so a snapshot of memory and disk taken at
  * the same instant restores a state that verifies; a disk from another instant
  * (older, or carrying writes made after the snapshot) does not. The one write
@@ -125,13 +128,22 @@ void disk_round(u64 round)
 	u64 written = 0;
 	struct line l = { 0 };
 
+	u64 verified = 0;
+
 	if (round)
-		for (; written < p->disk_writes; written++)
-			write_block(mix64(mix64(p->seed ^ DISK_SALT) + round * 0x10000 + written) % p->disk_blocks);
+		for (; written < p->disk_writes; written++) {
+			u64 n = (round - 1) * p->disk_writes + written;
+
+			write_block(p->disk_seq ? n % p->disk_blocks
+					       : mix64(mix64(p->seed ^ DISK_SALT) + round * 0x10000 + written) % p->disk_blocks);
+		}
+	if (round % p->disk_verify == 0)
+		verified = verify_disk();
 	line_str(&l, "tg: disk");
 	line_kv(&l, "round", round);
 	line_kv(&l, "written", written);
-	line_kv(&l, "verified", verify_disk());
+	line_kv(&l, "verified", verified);
+	line_kv(&l, "ticks", tg_ticks);
 	line_end(&l);
 	sys_write(l.buf, l.len);
 }
