@@ -17,16 +17,52 @@ already has is not sent at all, and content it holds elsewhere is sent as a copy
 from __future__ import annotations
 
 import struct
+import threading
 from dataclasses import dataclass
 
 import numpy as np
+import zstandard
 
 from snapvisor.migrate.errors import StreamError
-from snapvisor.store import codec
 from snapvisor.store.pagehash import ID_SIZE, PAGE_SIZE, hash_pages
 
 BATCH = struct.Struct("<IIIIB3xI")
 ZSTD_LEVEL = 1
+CODEC_RAW = 0
+CODEC_ZSTD = 1
+
+_local = threading.local()
+
+
+def compress_pages(data: np.ndarray) -> tuple[int, bytes | memoryview]:
+    """(codec, frame) for contiguous pages: a zstd frame, or the pages themselves
+    (no copy) when zstd does not shrink them."""
+    compressor = getattr(_local, "compressor", None)
+    if compressor is None:
+        compressor = _local.compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True)
+    raw = memoryview(data).cast("B")
+    packed = compressor.compress(raw)
+    return (CODEC_ZSTD, packed) if len(packed) < len(raw) else (CODEC_RAW, raw)
+
+
+def decompress_pages(kind: int, frame: memoryview, raw_len: int) -> bytes | memoryview:
+    """The raw pages of a frame; StreamError when it does not decode to raw_len bytes."""
+    if kind == CODEC_RAW:
+        if len(frame) != raw_len:
+            raise StreamError(f"a raw PAGES frame holds {len(frame)} bytes, not {raw_len}; the stream is corrupt")
+        return frame
+    if kind != CODEC_ZSTD:
+        raise StreamError(f"a PAGES frame uses unknown codec {kind}; the stream is corrupt")
+    decompressor = getattr(_local, "decompressor", None)
+    if decompressor is None:
+        decompressor = _local.decompressor = zstandard.ZstdDecompressor()
+    try:
+        raw = decompressor.decompress(frame, max_output_size=raw_len)
+    except zstandard.ZstdError as exc:
+        raise StreamError(f"a PAGES frame does not decode ({exc}); the stream is corrupt") from None
+    if len(raw) != raw_len:
+        raise StreamError(f"a PAGES frame decodes to {len(raw)} bytes, not {raw_len}; the stream is corrupt")
+    return raw
 
 
 @dataclass
@@ -71,7 +107,7 @@ class PageBatch:
         return [head, *(np.ascontiguousarray(a, dtype="<u4").tobytes() for a in arrays), self.frame]
 
     @classmethod
-    def decode(cls, payload: bytearray, total_pages: int, has_base: bool) -> "PageBatch":
+    def decode(cls, payload: bytearray | memoryview, total_pages: int, has_base: bool) -> "PageBatch":
         """A batch whose every page number is inside the layout; anything else is refused."""
         if len(payload) < BATCH.size:
             raise StreamError("a PAGES message is shorter than its header; the stream is corrupt")
@@ -101,6 +137,14 @@ class ReceiverImage:
         # the page may have been rewritten since.
         self._holders: dict[bytes, int] = {}
 
+    def plan_final(self, pages: np.ndarray, chunk: np.ndarray) -> tuple[PageBatch, dict[str, int]]:
+        """The last batch, sent while the guest is paused: every page as data,
+        without hashing (nothing is planned after it, so there is nothing to track)."""
+        kind, frame = compress_pages(chunk)
+        empty = np.empty(0, dtype=np.int64)
+        batch = PageBatch(pages, frame, kind, chunk.nbytes, empty, empty, empty, empty)
+        return batch, {"data": len(pages)}
+
     def plan(self, pages: np.ndarray, chunk: np.ndarray, in_round: np.ndarray) -> tuple[PageBatch, dict[str, int]]:
         """A batch that brings the receiver's `pages` to the content in `chunk`
         (a private copy, one row per page). Pages of the same round may be planned
@@ -122,7 +166,9 @@ class ReceiverImage:
                     copy_src.append(holder)
         data = np.delete(rest, copy_at)
         self.ids[pages[changed]] = ids[changed]
-        kind, frame = codec.compress(chunk[data], ZSTD_LEVEL) if len(data) else (codec.CODEC_RAW, b"")
+        # Usually every page is data: compress the chunk as it is, without a gathering copy.
+        kind, frame = compress_pages(chunk if len(data) == len(pages) else chunk[data]) if len(data) \
+            else (CODEC_RAW, b"")
         batch = PageBatch(
             data_pages=pages[data], frame=frame, codec=kind, raw_len=len(data) * PAGE_SIZE,
             copy_dst=pages[rest[copy_at]], copy_src=np.asarray(copy_src, dtype=np.int64),
@@ -151,8 +197,5 @@ def apply_batch(batch: PageBatch, staging: np.ndarray, fetch_base) -> None:
     if len(batch.base_pages):
         fetch_base(batch.base_pages)
     if len(batch.data_pages):
-        try:
-            raw = codec.decompress(batch.codec, batch.frame, batch.raw_len, "PAGES frame")
-        except ValueError as exc:
-            raise StreamError(f"{exc}; the stream is corrupt") from None
+        raw = decompress_pages(batch.codec, batch.frame, batch.raw_len)
         staging[batch.data_pages] = np.frombuffer(raw, dtype=np.uint8).reshape(-1, PAGE_SIZE)

@@ -26,10 +26,10 @@ from snapvisor.image.restore import host_cpuid
 from snapvisor.image.state_codec import decode_state
 from snapvisor.machine import VM
 from snapvisor.migrate.errors import MigrationError, StreamError
-from snapvisor.migrate.pages import Layout, PageBatch, apply_batch
+from snapvisor.migrate.pages import Layout, PageBatch, apply_batch, decompress_pages
 from snapvisor.migrate.sender import STATE_HEADER
 from snapvisor.migrate.stream import DEFAULT_IO_TIMEOUT_S, Channel, Msg, decode_json, parse_address
-from snapvisor.store import Repository, codec
+from snapvisor.store import Repository
 from snapvisor.store.pagehash import PAGE_SIZE
 from snapvisor.vmm.builder import build_microvm_from_state
 from snapvisor.vmm.memory import FileBacking
@@ -134,17 +134,14 @@ def _open_base(offer: dict, repos: Sequence[Repository | str], layout: Layout,
     return None, "; ".join(reasons)
 
 
-def _decode_state(payload: bytearray) -> tuple[float, dict]:
+def _decode_state(payload: memoryview) -> tuple[float, dict]:
     if len(payload) < STATE_HEADER.size:
         raise StreamError("the STATE message is shorter than its header; the stream is corrupt")
     paused_at, kind, raw_len = STATE_HEADER.unpack_from(payload)
     if raw_len > MAX_STATE:
         raise StreamError(f"the VM state claims {raw_len} bytes; the stream is corrupt")
-    try:
-        raw = codec.decompress(kind, memoryview(payload)[STATE_HEADER.size:], raw_len, "VM state")
-    except ValueError as exc:
-        raise StreamError(f"{exc}; the stream is corrupt") from None
-    return paused_at, decode_state(raw)
+    raw = decompress_pages(kind, payload[STATE_HEADER.size:], raw_len)
+    return paused_at, decode_state(bytes(raw))
 
 
 def _build(state: dict, layout: Layout, staging: _Staging, name: str,

@@ -23,8 +23,10 @@ from __future__ import annotations
 import logging
 import struct
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from queue import Queue
 
 import numpy as np
 
@@ -32,10 +34,10 @@ from snapvisor.image.state_codec import encode_state
 from snapvisor.errors import SnapvisorError
 from snapvisor.machine import VM, Repo
 from snapvisor.migrate.errors import MigrationError
-from snapvisor.migrate.pages import ZSTD_LEVEL, Layout, PageBatch, ReceiverImage
-from snapvisor.migrate.stream import DEFAULT_IO_TIMEOUT_S, Channel, Msg, decode_json
+from snapvisor.migrate.pages import Layout, PageBatch, ReceiverImage, compress_pages
+from snapvisor.migrate.stream import DEFAULT_IO_TIMEOUT_S, Channel, Msg, decode_json, frame_header
 from snapvisor.migrate.throttle import Throttle
-from snapvisor.store import Repository, codec
+from snapvisor.store import Repository
 from snapvisor.store.pagehash import PAGE_SIZE
 from snapvisor.store.reader import load_page_map
 
@@ -43,6 +45,8 @@ log = logging.getLogger("snapvisor.migrate")
 
 STATE_HEADER = struct.Struct("<dBI")  # sender's pause time (CLOCK_MONOTONIC), codec, raw length
 BATCH_PAGES = 512  # 2 MiB per PAGES message: one zstd frame
+FINAL_INLINE_PAGES = 2048  # a paused round up to this size is sent without the workers
+WORKERS = 2
 IN_FLIGHT = 4  # batches prepared ahead of the socket
 # Share of the downtime target for the last pages; the rest is for the VM state
 # and building the VM on the receiver.
@@ -50,6 +54,8 @@ PAGE_BUDGET_SHARE = 0.5
 # The throttle steps up when a round's guest writes exceed this share of what the
 # round sent (the dirty set is not shrinking fast enough), two rounds in a row.
 DIRTY_SHARE_TO_THROTTLE = 0.5
+SMALL_FINAL_PAGES = 64
+SHRINKING = 0.5
 DEFAULT_DOWNTIME_MS = 50.0
 DEFAULT_MAX_TIME_S = 120.0
 
@@ -105,7 +111,12 @@ class _Sender:
         self.stats = stats
         self.live = [np.frombuffer(r.view, dtype=np.uint8).reshape(r.pages, PAGE_SIZE) for r in self.vm.memory.regions]
         self.image: ReceiverImage | None = None
-        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="migrate")
+        self.pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="migrate")
+        # Batch buffers are reused: a raw frame points into its buffer until sent,
+        # and fresh 2 MiB allocations would cost a page fault per page.
+        self.buffers: Queue[np.ndarray] = Queue()
+        for _ in range(IN_FLIGHT + WORKERS + 1):
+            self.buffers.put(np.empty((BATCH_PAGES, PAGE_SIZE), dtype=np.uint8))
         self.pages_per_s = 0.0
 
     def drain(self) -> np.ndarray:
@@ -115,24 +126,51 @@ class _Sender:
         fresh = self.machine._snapshotter._drain_dirty()
         return np.flatnonzero(np.concatenate([fresh[name] for name, _ in self.layout.regions]))
 
-    def _prepare(self, region: int, local: np.ndarray, in_round: np.ndarray) -> tuple[PageBatch, dict]:
-        chunk = np.take(self.live[region], local, axis=0)
+    def _prepare(self, region: int, local: np.ndarray, in_round: np.ndarray | None
+                 ) -> tuple[bytes, list, PageBatch, dict, np.ndarray]:
+        """Copy, plan, compress and frame one batch (on a worker thread)."""
+        buffer = self.buffers.get()
+        chunk = buffer[:len(local)]
+        np.take(self.live[region], local, axis=0, out=chunk)
+        pages = local + int(self.layout.first_page[region])
         assert self.image is not None
-        return self.image.plan(local + int(self.layout.first_page[region]), chunk, in_round)
+        batch, counts = (self.image.plan_final(pages, chunk) if in_round is None
+                         else self.image.plan(pages, chunk, in_round))
+        parts = batch.encode()
+        return frame_header(Msg.PAGES, parts), parts, batch, counts, buffer
 
-    def send_round(self, pages: np.ndarray) -> None:
-        """Send `pages` (sorted global numbers) as they are now."""
+    def send_final(self, pages: np.ndarray) -> None:
+        """Send the last pages while the guest is paused. A small set is done on
+        this thread: handing batches to workers and back costs two thread wake-ups
+        each, which on a busy host is more than the work."""
+        if len(pages) > FINAL_INLINE_PAGES:
+            self.send_round(pages, final=True)
+            return
+        for region, local in self.layout.split(pages):
+            for start in range(0, len(local), BATCH_PAGES):
+                header, parts, _, counts, buffer = self._prepare(region, local[start:start + BATCH_PAGES], None)
+                self.channel.send_framed(header, parts)
+                self.buffers.put(buffer)
+                self.stats.pages["data"] += counts["data"]
+
+    def send_round(self, pages: np.ndarray, final: bool = False) -> None:
+        """Send `pages` (sorted global numbers) as they are now; `final` when the
+        guest is paused (nothing is tracked after it)."""
         started = time.perf_counter()
-        in_round = np.zeros(self.layout.total_pages, dtype=bool)
-        in_round[pages] = True
-        pending: list[Future] = []
+        in_round = None
+        if not final:
+            in_round = np.zeros(self.layout.total_pages, dtype=bool)
+            in_round[pages] = True
+        pending: deque[Future] = deque()
 
         def flush(until: int) -> None:
             while len(pending) > until:
-                batch, counts = pending.pop(0).result()
-                self.channel.send(Msg.PAGES, *batch.encode())
-                assert self.image is not None
-                self.image.remember(batch)
+                header, parts, batch, counts, buffer = pending.popleft().result()
+                self.channel.send_framed(header, parts)
+                self.buffers.put(buffer)
+                if not final:
+                    assert self.image is not None
+                    self.image.remember(batch)
                 for key, value in counts.items():
                     self.stats.pages[key] += value
 
@@ -211,9 +249,13 @@ def migrate(
                 raise MigrationError(f"the guest could not be throttled: {throttle.error}")
             if not machine.vm.running:
                 raise MigrationError(f"VM {machine.name} stopped during the migration ({machine.vm.wait(0)})")
+            sent = len(pages)
             pages = sender.drain()
             round_s = time.monotonic() - round_started
-            if len(pages) / max(sender.pages_per_s, 1.0) <= budget_s:
+            # Stop once the rest fits the budget, unless it still shrinks fast: one
+            # more short round then usually leaves much less for the pause.
+            if len(pages) / max(sender.pages_per_s, 1.0) <= budget_s and (
+                    len(pages) <= SMALL_FINAL_PAGES or len(pages) > SHRINKING * sent):
                 break
             if time.monotonic() - started > max_time_s:
                 link = (channel.bytes_sent - sent_before) / round_s / 1e6
@@ -237,11 +279,11 @@ def migrate(
         marks = [("pause", time.monotonic())]
         # The pages of the last drain plus those written until the pause.
         final = np.union1d(pages, sender.drain())
-        sender.send_round(final)
+        sender.send_final(final)
         stats.final_pages = len(final)
         marks.append(("final_pages", time.monotonic()))
         state = encode_state(machine.vm.save_state())
-        kind, packed = codec.compress(state, ZSTD_LEVEL)
+        kind, packed = compress_pages(np.frombuffer(state, dtype=np.uint8))
         channel.send(Msg.STATE, STATE_HEADER.pack(paused_at, kind, len(state)), packed)
         marks.append(("state", time.monotonic()))
         stats.receiver = decode_json(channel.expect(Msg.READY), Msg.READY)

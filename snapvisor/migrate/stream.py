@@ -15,7 +15,7 @@ import json
 import socket
 import struct
 import zlib
-from typing import Any
+from typing import Any, Sequence
 
 from snapvisor import __version__
 from snapvisor.migrate.errors import MigrationError, StreamError
@@ -68,6 +68,7 @@ class Channel:
         self.peer = peer
         self.timeout = timeout
         self.bytes_sent = 0
+        self._buffer = bytearray(1 << 16)
 
     @classmethod
     def connect(cls, address: str, timeout: float = DEFAULT_IO_TIMEOUT_S) -> "Channel":
@@ -102,19 +103,19 @@ class Channel:
 
     # --- messages --------------------------------------------------------------------
     def send(self, kind: Msg, *parts: bytes | bytearray | memoryview) -> None:
-        length = sum(len(memoryview(p).cast("B")) for p in parts)
-        if length > MAX_MESSAGE:
-            raise StreamError(f"a {kind.name} message of {length} bytes is over the {MAX_MESSAGE} byte limit")
-        crc = zlib.crc32(HEADER.pack(kind, length, 0)[:8])
-        for part in parts:
-            crc = zlib.crc32(part, crc)
-        self._send_raw(HEADER.pack(kind, length, crc), *parts)
+        self.send_framed(frame_header(kind, parts), parts)
+
+    def send_framed(self, header: bytes, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+        """Send a message whose header `frame_header` made (on any thread)."""
+        self._send_raw(header, *parts)
 
     def send_json(self, kind: Msg, body: dict[str, Any]) -> None:
         self.send(kind, json.dumps(body, sort_keys=True).encode())
 
-    def recv(self) -> tuple[Msg, bytearray]:
-        header = self._recv_exact(HEADER.size, "message header")
+    def recv(self) -> tuple[Msg, memoryview]:
+        """The next message; its payload is valid until the next recv (the
+        receive buffer is reused: no fresh allocation per message)."""
+        header = bytes(self._recv_exact(HEADER.size, "message header"))
         kind, length, crc = HEADER.unpack(header)
         if kind not in Msg.__members__.values() or length > MAX_MESSAGE:
             raise StreamError(
@@ -129,7 +130,7 @@ class Channel:
             )
         return Msg(kind), payload
 
-    def expect(self, wanted: Msg) -> bytearray:
+    def expect(self, wanted: Msg) -> memoryview:
         """The payload of the next message, which must be `wanted`; an ERROR from the
         peer becomes a MigrationError with the peer's reason."""
         kind, payload = self.recv()
@@ -151,7 +152,7 @@ class Channel:
         try:
             for part in parts:
                 self.sock.sendall(part)
-                self.bytes_sent += len(memoryview(part).cast("B"))
+                self.bytes_sent += memoryview(part).nbytes
         except socket.timeout:
             raise StreamError(
                 f"sending to {self.peer} made no progress for {self.timeout:g} s: the connection is cut or the "
@@ -160,9 +161,10 @@ class Channel:
         except OSError as exc:
             raise StreamError(f"the connection to {self.peer} broke while sending: {exc.strerror or exc}") from None
 
-    def _recv_exact(self, length: int, what: str) -> bytearray:
-        buffer = bytearray(length)
-        view = memoryview(buffer)
+    def _recv_exact(self, length: int, what: str) -> memoryview:
+        if len(self._buffer) < length:
+            self._buffer = bytearray(length)
+        view = memoryview(self._buffer)[:length]
         got = 0
         try:
             while got < length:
@@ -177,10 +179,22 @@ class Channel:
             ) from None
         except OSError as exc:
             raise StreamError(f"the connection to {self.peer} broke while receiving: {exc.strerror or exc}") from None
-        return buffer
+        return view
 
 
-def decode_json(payload: bytes | bytearray, kind: Msg) -> dict[str, Any]:
+def frame_header(kind: Msg, parts: Sequence[bytes | bytearray | memoryview]) -> bytes:
+    """The header of a message made of `parts`, checksum included. Pure: workers
+    frame page batches in parallel and the sending thread only writes them."""
+    length = sum(memoryview(p).nbytes for p in parts)
+    if length > MAX_MESSAGE:
+        raise StreamError(f"a {kind.name} message of {length} bytes is over the {MAX_MESSAGE} byte limit")
+    crc = zlib.crc32(HEADER.pack(kind, length, 0)[:8])
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    return HEADER.pack(kind, length, crc)
+
+
+def decode_json(payload: bytes | bytearray | memoryview, kind: Msg) -> dict[str, Any]:
     try:
         body = json.loads(bytes(payload))
     except (UnicodeDecodeError, json.JSONDecodeError):
