@@ -123,6 +123,15 @@ class Snapshotter:
                     lineage.pending[name] |= dirty
         return fresh
 
+    def drain_dirty(self) -> dict[str, np.ndarray]:
+        """The pages written since the last drain, by source, for other operations
+        on the running VM (live migration); every lineage keeps them pending too."""
+        return self._drain_dirty()
+
+    def page_sources(self) -> list[tuple[str, int, memoryview]]:
+        """(name, size, live bytes) of what is stored page by page: RAM regions, then disks."""
+        return [(source.name, source.size, source.view) for source in self._sources]
+
     def snapshot(self, repo: Repository, tags: tuple[str, ...] | list[str] = (), full: bool = False) -> SnapshotInfo:
         if not self.vm.running:
             raise SnapshotError(f"VM {self.name} is not running; only a running VM can be snapshotted")
