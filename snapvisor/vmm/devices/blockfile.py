@@ -59,6 +59,7 @@ class BlockFile:
         self.blocks = self.size // BLOCK_SIZE
         self._dirty = bytearray(self.blocks)  # one byte per block: 1 = written since the last fetch
         self._dirty_lock = threading.Lock()
+        self.bytes_written = 0  # by the guest since attach: for statistics and benchmarks
         self._snapshot_map: mmap.mmap | None = None
 
     def _lock_image(self) -> None:
@@ -91,6 +92,7 @@ class BlockFile:
             return False
         if length:
             self.mark_dirty(offset, length)
+        self.bytes_written += done
         return done == length
 
     def flush(self) -> bool:
