@@ -31,6 +31,21 @@ _NETWORK_ERRORS = (bexc.EndpointConnectionError, bexc.ConnectTimeoutError,
                    bexc.ReadTimeoutError, bexc.ConnectionClosedError, bexc.ProxyConnectionError)
 
 
+_sessions: dict[str | None, boto3.session.Session] = {}
+_sessions_lock = threading.Lock()
+
+
+def _session(profile: str | None) -> boto3.session.Session:
+    """One session per profile: loading botocore's models costs a second per session."""
+    session = _sessions.get(profile)
+    if session is None:
+        try:
+            session = _sessions[profile] = boto3.session.Session(profile_name=profile)
+        except bexc.ProfileNotFound as e:
+            raise StoreError(f"AWS profile {profile!r} not found: {e}") from None
+    return session
+
+
 class S3Store(ObjectStore):
     def __init__(self, url: str, *, endpoint_url: str | None = None, profile: str | None = None,
                  region: str | None = None, access_key: str | None = None,
@@ -64,17 +79,14 @@ class S3Store(ObjectStore):
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        try:
-            session = boto3.session.Session(profile_name=profile)
-        except bexc.ProfileNotFound as e:
-            raise StoreError(f"AWS profile {profile!r} not found: {e}") from None
-        self.endpoint = endpoint_url or f"the AWS default endpoint (region {session.region_name})"
-        self._client = session.client(
-            "s3", endpoint_url=endpoint_url, config=config,
-            region_name=region or session.region_name or "us-east-1",
-            aws_access_key_id=access_key, aws_secret_access_key=secret_key)
+        with _sessions_lock:  # boto3 sessions are not thread-safe; clients are
+            session = _session(profile)
+            self.endpoint = endpoint_url or f"the AWS default endpoint (region {session.region_name})"
+            self._client = session.client(
+                "s3", endpoint_url=endpoint_url, config=config,
+                region_name=region or session.region_name or "us-east-1",
+                aws_access_key_id=access_key, aws_secret_access_key=secret_key)
         self._conditional_put = True  # cleared when the server rejects If-None-Match
-        self._lock = threading.Lock()
 
     def _key(self, key: str) -> str:
         return self.prefix + check_key(key)

@@ -14,6 +14,7 @@ import shlex
 import subprocess
 from pathlib import Path
 
+import moto  # noqa: F401  (first: moto hooks only boto3 sessions created after its import)
 import pytest
 
 from snapvisor.store import Repository, open_backend

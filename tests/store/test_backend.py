@@ -62,10 +62,11 @@ def test_large_object_roundtrip(any_backend):
     assert any_backend.get("data/big", (1 << 20) + 7, 100) == blob[(1 << 20) + 7:(1 << 20) + 107]
 
 
-@pytest.mark.parametrize("key", ["", "/abs", "a/../b", "a//b", "a/./b", "a\\b"])
-def test_bad_keys_rejected(any_backend, key):
-    with pytest.raises(StoreError, match="invalid object key"):
-        any_backend.put(key, b"x")
+def test_bad_keys_rejected(any_backend):
+    for key in ["", "/abs", "a/../b", "a//b", "a/./b", "a\\b"]:
+        with pytest.raises(StoreError, match="invalid object key"):
+            any_backend.put(key, b"x")
+    assert list(any_backend.list("")) == []
 
 
 def test_url_dispatch(tmp_path):
