@@ -23,6 +23,7 @@ from virtio_driver import (
     QSIZE,
     STATUS_ALL_OK,
     STATUS_GPA,
+    USED_GPA,
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
     MiB,
@@ -100,6 +101,27 @@ def test_features_the_device_did_not_offer_are_refused(tmp_path: Path) -> None:
     try:
         assert not r.setup(features=VIRTIO_F_VERSION_1 | 1 << 28) & 8  # indirect descriptors: not offered
         assert not r.setup(features=0) & 8  # legacy (no VERSION_1) drivers are not served
+    finally:
+        close_rig(r)
+
+
+def test_queue_is_not_served_without_feature_negotiation(tmp_path: Path) -> None:
+    r = make_rig(tmp_path)
+    try:
+        r.set_reg(Reg.STATUS, 1 | 2)  # no features negotiated: a legacy driver
+        r.set_reg(Reg.QUEUE_NUM, QSIZE)
+        for low, gpa in ((Reg.QUEUE_DESC_LOW, DESC_GPA), (Reg.QUEUE_DRIVER_LOW, AVAIL_GPA), (Reg.QUEUE_DEVICE_LOW, USED_GPA)):
+            r.set_reg(low, gpa)
+        r.set_reg(Reg.QUEUE_READY, 1)
+        r.set_reg(Reg.STATUS, 1 | 2 | 4)
+        assert r.reg(Reg.QUEUE_READY) == 1
+        r.memory.write(HEADER_GPA, struct.pack("<IIQ", IN, 0, 0))
+        r.put_desc(0, HEADER_GPA, 16, VIRTQ_DESC_F_NEXT, 1)
+        r.put_desc(1, STATUS_GPA, 1, VIRTQ_DESC_F_WRITE)
+        r.avail_idx = 0
+        r.offer(0)
+        r.notify()
+        assert r.used_idx() == 0
     finally:
         close_rig(r)
 

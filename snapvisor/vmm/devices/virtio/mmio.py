@@ -226,7 +226,9 @@ class VirtioMmioTransport:
 
     @property
     def driver_ok(self) -> bool:
-        return self.status & (STATUS_DRIVER_OK | STATUS_NEEDS_RESET | STATUS_FAILED) == STATUS_DRIVER_OK
+        """Served only after a completed negotiation, and not once broken or failed."""
+        wanted = STATUS_DRIVER_OK | STATUS_FEATURES_OK
+        return self.status & (wanted | STATUS_NEEDS_RESET | STATUS_FAILED) == wanted
 
     def _notify(self, index: int) -> None:
         if not self.driver_ok or index >= len(self.queues) or not self.queues[index].ready:
