@@ -97,11 +97,14 @@ class Virtqueue:
     def _walk(self, memory: GuestMemory, head: int) -> Chain:
         readable: list[Buffer] = []
         writable: list[Buffer] = []
+        # One read of the whole table (at most 4 KiB): what the walk validates is
+        # this copy, whatever the guest writes meanwhile.
+        table = memory.read(self.desc_addr, 16 * self.size)
         index = head
         for _ in range(self.size):
             if index >= self.size:
                 raise QueueError(f"descriptor index {index} is outside the queue of {self.size}")
-            addr, length, flags, next_index = _DESC.unpack(memory.read(self.desc_addr + 16 * index, 16))
+            addr, length, flags, next_index = _DESC.unpack_from(table, 16 * index)
             if flags & DESC_F_INDIRECT:
                 raise QueueError("indirect descriptors were not negotiated")
             if not memory.contains(addr, length):
