@@ -17,6 +17,9 @@ from disk_console import CMDLINE, DISK_BLOCKS, allocated_bytes, blank_image, dis
 from snapvisor.image.disks import DiskRestoreError
 from snapvisor.image.restore import RestoreError
 from snapvisor.store import PAGE_SIZE, Repository
+from snapvisor.store.errors import StoreError
+from snapvisor.store.format import DATA_PREFIX
+from snapvisor.store.memory import MemoryStore
 from snapvisor.vmm.devices.blockfile import DiskConfig
 
 pytestmark = pytest.mark.kvm
@@ -149,3 +152,45 @@ def test_restore_of_a_snapshot_with_disks_needs_a_place_for_them(testguest: Path
     with pytest.raises(DiskRestoreError, match="already exists"):
         snapvisor.restore(repo, info.id, disk_dir=taken)
     assert (taken / "vda.img").read_bytes() == b"keep me"
+
+
+class _FailingUploads(MemoryStore):
+    """An in-memory object store whose data uploads fail while `failing` is set."""
+
+    failing = False
+
+    def put(self, key: str, data) -> bool:
+        if self.failing and key.startswith(DATA_PREFIX):
+            raise StoreError(f"{key}: injected upload failure")
+        return super().put(key, data)
+
+
+def test_failed_snapshot_loses_no_written_blocks(testguest: Path, tmp_path: Path) -> None:
+    store = _FailingUploads()
+    repo = Repository.init(store)
+    image = blank_image(tmp_path / "disk.img", DISK_SIZE)
+    out = io.BytesIO()
+    vm = snapvisor.VM.boot(testguest, mem="32M", cmdline=CMDLINE, serial_out=out, disks=[image])
+    try:
+        wait_for_disk_rounds(out, 2)
+        vm.snapshot(repo)
+        wait_for_disk_rounds(out, 3)  # blocks written here reach only the failed snapshot's drain
+        store.failing = True
+        with pytest.raises(StoreError):
+            vm.snapshot(repo)
+        store.failing = False
+        wait_for_disk_rounds(out, 2)
+        last = vm.snapshot(repo)
+        assert vm.last_snapshot.full is False
+    finally:
+        vm.stop()
+        vm.close()
+    disk_dir = tmp_path / "restored"
+    disk_dir.mkdir()
+    out = io.BytesIO()
+    restored = snapvisor.restore(repo, last.id, serial_out=out, disk_dir=disk_dir)
+    try:
+        wait_for_disk_rounds(out, 2)  # every block checked against the restored seq table
+    finally:
+        restored.stop()
+        restored.close()
