@@ -120,6 +120,12 @@ class SnapshotWriter:
         self._check_open()
         check_name("vm", vm)
         tags = [check_name("tag", t) for t in tags]
+        meta = dict(meta or {})
+        try:
+            fmt.canonical_json(meta)
+        except (TypeError, ValueError) as e:  # checked before any work: the writer stays open
+            raise RepositoryError(f"snapshot meta must be JSON-serialisable plain data: {e}") \
+                from None
         try:
             refs = {name: self._write_map(name, region) for name, region in self._regions.items()}
             self._packer.finish()
@@ -131,7 +137,7 @@ class SnapshotWriter:
             time = datetime.now(timezone.utc)
             manifest = encode_manifest(
                 vm=vm, time=time, tags=tags,
-                parent=self._parent.id if self._parent else None, meta=dict(meta or {}),
+                parent=self._parent.id if self._parent else None, meta=meta,
                 map_block_pages=self._repo.map_block_pages, regions=refs, blobs=self._blobs)
             snapshot_id = fmt.sha256(manifest).hex()
             store.put(snapshot_key(snapshot_id), manifest)
@@ -144,7 +150,7 @@ class SnapshotWriter:
         self._finish()
         self._repo._forget_index_cache()
         return SnapshotInfo(snapshot_id, time, vm, tags, self._parent.id if self._parent else None,
-                            dict(meta or {}), {n: r.size for n, r in refs.items()},
+                            meta, {n: r.size for n, r in refs.items()},
                             sorted(self._blobs))
 
     def abort(self) -> None:

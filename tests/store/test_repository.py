@@ -179,7 +179,8 @@ def test_bad_arguments_are_clear_errors(repo):
         w.put_region("ram0", mem.nbytes, mem)
         with pytest.raises(RepositoryError, match="JSON"):
             w.commit("vm1", meta={"x": object()})
-    assert [s.id for s in repo.list_snapshots()] == [base.id]
+        fixed = w.commit("vm1", meta={"x": 1})  # the writer survives a bad meta
+    assert [s.id for s in repo.list_snapshots()] == [base.id, fixed.id]
 
 
 def test_init_open_errors(backend):
