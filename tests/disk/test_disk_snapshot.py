@@ -194,3 +194,28 @@ def test_failed_snapshot_loses_no_written_blocks(testguest: Path, tmp_path: Path
     finally:
         restored.stop()
         restored.close()
+
+
+def test_disks_cloned_from_one_base_image_are_stored_once(testguest: Path, tmp_path: Path) -> None:
+    base = np.random.default_rng(5).integers(0, 256, 2 * MiB, dtype=np.uint8).tobytes()
+    repo = Repository.open_url(str(tmp_path / "repo"), create=True)
+    roots, new_pages = [], []
+    for clone in ("a", "b"):
+        image = tmp_path / f"{clone}.img"
+        image.write_bytes(base)
+        vm = snapvisor.VM.boot(testguest, mem="32M", cmdline="console=ttyS0 tg.mem=4 tg.rounds=0 tg.rate=10",
+                               serial_out=io.BytesIO(), disks=[image])
+        try:
+            info = vm.snapshot(repo)
+            stats = vm.last_snapshot
+        finally:
+            vm.stop()
+            vm.close()
+        assert stats.region_pages["disk-vda"] == len(base) // PAGE_SIZE
+        roots.append(repo.get_snapshot(info.id).manifest.region_refs["disk-vda"].root)
+        new_pages.append(stats.store["pages_new"])
+    # Content addressing: the same blocks give the same page ids, map blocks and region
+    # root, so the second clone's disk is the first one's objects, stored once (how
+    # much of the second snapshot is new depends on how far its memory workload got).
+    assert roots[0] == roots[1]
+    assert new_pages[0] >= len(base) // PAGE_SIZE  # the first clone stored the blocks
