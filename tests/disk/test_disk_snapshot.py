@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import snapvisor
+from testsupport import s3_options
 from disk_console import CMDLINE, DISK_BLOCKS, allocated_bytes, blank_image, disk_rounds, wait_for_disk_rounds
 from snapvisor.image.disks import DiskRestoreError
 from snapvisor.image.restore import RestoreError
@@ -34,10 +35,20 @@ def _region_pages(repo: Repository, snapshot_id: str, name: str) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("lazy", [False, True], ids=["eager", "lazy-memory"])
-def test_restored_guest_finds_the_disk_of_the_snapshot_instant(testguest: Path, tmp_path: Path, lazy: bool) -> None:
+@pytest.mark.parametrize(
+    "where,lazy",
+    [("local", False), ("local", True), pytest.param("s3", False, marks=pytest.mark.s3)],
+    ids=["local-eager", "local-lazy-memory", "s3-eager"],
+)
+def test_restored_guest_finds_the_disk_of_the_snapshot_instant(
+    request, testguest: Path, tmp_path: Path, where: str, lazy: bool
+) -> None:
     image = blank_image(tmp_path / "disk.img", DISK_SIZE)
-    repo = Repository.open_url(str(tmp_path / "repo"), create=True)
+    if where == "local":
+        repo = Repository.open_url(str(tmp_path / "repo"), create=True)
+    else:
+        server, bucket = request.getfixturevalue("s3_server"), request.getfixturevalue("s3_bucket")
+        repo = Repository.open_url(f"s3://{bucket}/disks-{tmp_path.name}", create=True, **s3_options(server))
     out = io.BytesIO()
     vm = snapvisor.VM.boot(testguest, mem="32M", cmdline=CMDLINE, serial_out=out, disks=[image])
     try:
