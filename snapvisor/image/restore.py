@@ -77,6 +77,11 @@ def _disk_image_paths(
     """Where each of the snapshot's disks is to be written."""
     name = snapshot.info.short_id
     disks = [disk["name"] for disk in state["config"].get("disks", [])]
+    unknown = sorted(set(disk_paths or {}) - set(disks))
+    if unknown:
+        raise RestoreError(
+            f"snapshot {name} has no disk {', '.join(unknown)} (its disks: {', '.join(disks) or 'none'})"
+        )
     paths: dict[str, Path] = {}
     for disk in disks:
         if region_name(disk) not in snapshot.regions:

@@ -157,6 +157,8 @@ def test_restore_of_a_snapshot_with_disks_needs_a_place_for_them(testguest: Path
         vm.close()
     with pytest.raises(RestoreError, match=r"has disks \(vda\).*disk_dir"):
         snapvisor.restore(repo, info.id)
+    with pytest.raises(RestoreError, match=r"has no disk vdb \(its disks: vda\)"):
+        snapvisor.restore(repo, info.id, disk_paths={"vdb": tmp_path / "b.img"})
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "vda.img").write_bytes(b"keep me")
