@@ -108,7 +108,7 @@ def check_frames(key: str, frames: np.ndarray, data_end: int) -> None:
     if not np.isin(frames["kind"], KINDS).all() or (frames["codec"] > 1).any():
         raise CorruptObject(key, "frame table has an unknown kind or codec")
     pages = frames["kind"] == KIND_PAGES
-    if (frames["rlen"][pages] != frames["items"][pages].astype(np.uint64) * PAGE_SIZE).any() \
+    if (frames["items"] == 0).any() or (frames["rlen"][pages] != frames["items"][pages].astype(np.uint64) * PAGE_SIZE).any() \
             or (frames["items"][~pages] != 1).any():
         raise CorruptObject(key, "frame table item counts do not match frame sizes")
 

@@ -6,8 +6,10 @@ Order, so that a crash at any point leaves a readable repository:
 2. write one new index file listing only the packs still in use;
 3. delete the index files it replaces;
 4. delete the unused packs (and packs no index lists: leftovers of dead writers).
-A crash after 2 or 3 leaves extra index entries or unindexed packs, which the
-next gc removes; no step leaves an index entry pointing at a deleted pack.
+Packs that are mostly garbage are repacked first: their live objects are checked
+against their ids and written to new packs, which the new index lists instead.
+A crash at any point leaves extra index entries or unindexed packs, which the next
+gc removes; no step leaves an index entry pointing at a deleted pack.
 Snapshot writers hold shared locks, so gc never runs while one is deduplicating
 against the index it loaded.
 """
@@ -20,9 +22,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from snapvisor.store import codec, pagehash
 from snapvisor.store import format as fmt
-from snapvisor.store.errors import RepositoryError, SnapvisorError
+from snapvisor.store.errors import CorruptObject, RepositoryError, SnapvisorError
+from snapvisor.store.packer import Packer
+from snapvisor.store.pagehash import ID_SIZE, PAGE_SIZE
 from snapvisor.store.reachability import referenced_ids
+from snapvisor.store.reader import fetch_frames
 
 if TYPE_CHECKING:
     from snapvisor.store.repository import Repository
@@ -36,10 +42,16 @@ class GcResult:
     packs_deleted: int
     bytes_deleted: int
     index_files_replaced: int
-    unused_bytes_kept: int  # unreferenced frames inside packs that are still in use
+    packs_repacked: int
+    bytes_repacked: int     # written to new packs by repacking
+    unused_bytes_kept: int  # estimated garbage left inside packs that are still in use
 
 
-def collect_garbage(repo: "Repository", dry_run: bool) -> GcResult:
+REPACK_BELOW = 0.5  # repack a pack once more than half of its bytes are garbage
+
+
+def collect_garbage(repo: "Repository", dry_run: bool, repack_below: float = REPACK_BELOW
+                    ) -> GcResult:
     store = repo.store
     ids = repo.snapshot_ids()
     with ThreadPoolExecutor(max_workers=repo.io_threads) as pool:
@@ -51,50 +63,117 @@ def collect_garbage(repo: "Repository", dry_run: bool) -> GcResult:
         live = referenced_ids(repo, manifests)
     except SnapvisorError as e:
         raise RepositoryError(f"gc stopped, nothing deleted: {e}") from None
-    live_frames: set[tuple[int, int]] = set()
+    live_slots: dict[tuple[int, int], int] = {}
     for oid in live:
         loc = index.get(oid)
         if loc is None:
             raise RepositoryError(f"gc stopped, nothing deleted: object {oid.hex()} is referenced "
                                   f"but not indexed; run `snapvisor verify` first")
-        live_frames.add((loc[0], loc[1]))
-    live_packs = {p for p, _ in live_frames}
+        live_slots[loc[:2]] = live_slots.get(loc[:2], 0) + 1
+    live_packs = {p for p, _ in live_slots}
     for p in live_packs:
         if index.packs[p].key not in on_disk:
             raise RepositoryError(f"gc stopped, nothing deleted: pack {index.packs[p].key} is in "
                                   f"use but missing; run `snapvisor verify`")
+    garbage = {p: _garbage_bytes(index.packs[p], p, live_slots) for p in live_packs}
+    sparse = sorted(p for p in live_packs if garbage[p] > repack_below * index.packs[p].size)
+    kept = sorted(live_packs - set(sparse))
 
     dead_indexed = [p for p in range(len(index.packs)) if p not in live_packs]
     indexed_keys = {pack.key for pack in index.packs}
     unindexed = [k for k in on_disk if k not in indexed_keys and fmt.pack_id_from_key(k)]
-    doomed = [index.packs[p].key for p in dead_indexed] + unindexed
-    unused = sum(int(f["clen"]) for p in live_packs for fno, f in enumerate(index.packs[p].frames)
-                 if (p, fno) not in live_frames)
-    result = GcResult(dry_run, len(manifests), len(live_packs), len(doomed),
-                      sum(on_disk.get(k, 0) for k in doomed), 0, unused)
+    doomed = [index.packs[p].key for p in dead_indexed + sparse] + unindexed
+    result = GcResult(dry_run, len(manifests), len(kept), len(doomed),
+                      sum(on_disk.get(k, 0) for k in doomed), 0, len(sparse), 0,
+                      sum(garbage[p] for p in kept))
     if dry_run:
         return result
 
-    if dead_indexed or len(index.files) > 1:
-        new_key = _write_index(repo, index, sorted(live_packs)) if live_packs else None
+    moved = _repack(repo, index, live, sparse) if sparse else None
+    if dead_indexed or sparse or len(index.files) > 1:
+        new_key = _write_index(repo, index, kept, moved) if kept or moved else None
         old = sorted(k for k in index.files if k != new_key)
         for key in old:
             store.delete(key)
         result.index_files_replaced = len(old)
     with ThreadPoolExecutor(max_workers=repo.io_threads) as pool:
         list(pool.map(store.delete, doomed))
+    if moved is not None:
+        result.bytes_repacked = moved.bytes_written
     repo.refresh_index(full=True)
     return result
 
 
-def _write_index(repo: "Repository", index, live_packs: list[int]) -> str:
-    number = {p: i for i, p in enumerate(live_packs)}
+def _garbage_bytes(pack, number: int, live_slots: dict[tuple[int, int], int]) -> int:
+    """Stored bytes of a pack that no snapshot needs (page frames pro rata of live slots)."""
+    total = 0
+    for fno, frame in enumerate(pack.frames):
+        used = live_slots.get((number, fno), 0)
+        total += int(frame["clen"]) * (int(frame["items"]) - used) // int(frame["items"])
+    return total
+
+
+def _repack(repo: "Repository", index, live: set[bytes], sparse: list[int]) -> Packer:
+    """Copy the live objects of `sparse` packs into new packs, checking each one."""
+    wanted: dict[tuple[int, int], list[tuple[int, bytes]]] = {}
+    sparse_set = set(sparse)
+    for oid in live:
+        p, fno, slot = index.entries[oid]
+        if p in sparse_set:
+            wanted.setdefault((p, fno), []).append((slot, oid))
+    packer = Packer(repo.store, repo.pack_size, repo.io_threads)
+    try:
+        for p in sparse:
+            pack = index.packs[p]
+            frames = sorted(f for q, f in wanted if q == p)
+            for fno, raw in fetch_frames(repo, pack, frames):
+                items = sorted(wanted[(p, fno)])
+                if int(pack.frames[fno]["kind"]) == fmt.KIND_PAGES:
+                    _move_pages(repo, packer, pack, fno, raw, items)
+                else:
+                    (_, oid), = items
+                    if fmt.sha256(raw) != oid:
+                        raise CorruptObject(pack.key, f"frame {fno} does not hash to {oid.hex()}")
+                    cdc, payload = codec.compress(raw, repo.zstd_level)
+                    packer.add_frame(int(pack.frames[fno]["kind"]), cdc, payload, len(raw), oid)
+        packer.finish()
+    except SnapvisorError as e:
+        raise RepositoryError(f"gc stopped, nothing deleted: {e}") from None
+    finally:
+        packer.close()
+    return packer
+
+
+def _move_pages(repo, packer: Packer, pack, fno: int, raw: bytes,
+                items: list[tuple[int, bytes]]) -> None:
+    slots = np.array([slot for slot, _ in items], dtype=np.uint32)
+    ids = np.frombuffer(b"".join(oid for _, oid in items), np.uint8).reshape(-1, ID_SIZE)
+    bad = pagehash.check_slots(raw, slots, ids)
+    if bad >= 0:
+        raise CorruptObject(pack.key, f"frame {fno} slot {int(slots[bad])} does not hash to its id")
+    pages = np.frombuffer(raw, np.uint8).reshape(-1, PAGE_SIZE)[slots]
+    step = repo.frame_pages
+    for start in range(0, len(pages), step):
+        cdc, payload = codec.compress(pages[start:start + step], repo.zstd_level)
+        packer.add_frame(fmt.KIND_PAGES, cdc, payload, len(pages[start:start + step]) * PAGE_SIZE,
+                         ids[start:start + step].tobytes())
+
+
+def _write_index(repo: "Repository", index, kept: list[int], moved: Packer | None) -> str:
+    """One index file: the kept packs with their entries, plus the packs of `moved`."""
+    number = {p: i for i, p in enumerate(kept)}
     packs = np.array([(index.packs[p].pack_id, index.packs[p].size, len(index.packs[p].frames))
-                      for p in live_packs], dtype=fmt.PACK_RECORD_DTYPE)
+                      for p in kept], dtype=fmt.PACK_RECORD_DTYPE)
     entries = np.array([(oid, number[p], fr, slot) for oid, (p, fr, slot) in index.entries.items()
                         if p in number], dtype=fmt.ENTRY_DTYPE)
-    data = fmt.encode_index(fmt.IndexFile(packs, [index.packs[p].frames for p in live_packs],
-                                          entries))
+    frames = [index.packs[p].frames for p in kept]
+    if moved is not None and moved.packs:
+        extra = moved.index_file()
+        extra.entries["pack"] += len(kept)
+        packs = np.concatenate([packs, extra.packs])
+        frames += extra.frames
+        entries = np.concatenate([entries, extra.entries])
+    data = fmt.encode_index(fmt.IndexFile(packs, frames, entries))
     key = fmt.index_key(data)
     repo.store.put(key, data)
     return key

@@ -214,11 +214,13 @@ class Repository:
                 self.delete_snapshot(snap.id)
         return result
 
-    def gc(self, dry_run: bool = False):
-        from snapvisor.store.gc import collect_garbage
+    def gc(self, dry_run: bool = False, repack_below: float | None = None):
+        """Delete unreferenced data; repack packs more than `repack_below` garbage."""
+        from snapvisor.store.gc import REPACK_BELOW, collect_garbage
 
         with self.locks.acquire(EXCLUSIVE, "gc", wait=self.lock_wait):
-            return collect_garbage(self, dry_run)
+            return collect_garbage(self, dry_run,
+                                   REPACK_BELOW if repack_below is None else repack_below)
 
     def verify(self, read_data: bool = False):
         from snapvisor.store.verify import verify_repository

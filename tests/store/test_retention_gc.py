@@ -127,3 +127,49 @@ def test_gc_dry_run_changes_nothing(repo):
     assert object_listing(repo.store) == before
     repo.gc()
     assert not [k for k in object_listing(repo.store) if k.startswith(("data/", "index/"))]
+
+
+def test_gc_repacks_mostly_garbage_packs(repo):
+    rng = np.random.default_rng(11)
+    old = rng.integers(0, 256, (96, 4096), dtype=np.uint8)
+    first = snapshot(repo, old.reshape(-1), "vm1")
+    # The second snapshot keeps every 8th page of the first and adds new ones.
+    new = rng.integers(0, 256, (96, 4096), dtype=np.uint8)
+    new[::8] = old[::8]
+    second = snapshot(repo, new.reshape(-1), "vm1")
+    repo.delete_snapshot(first.id)
+    data_before = sum(v for k, v in object_listing(repo.store).items() if k.startswith("data/"))
+    plan = repo.gc(dry_run=True)
+    assert plan.packs_repacked > 0
+    result = repo.gc()
+    assert result.packs_repacked == plan.packs_repacked and result.bytes_repacked > 0
+    data_after = sum(v for k, v in object_listing(repo.store).items() if k.startswith("data/"))
+    assert data_after < data_before - 0.7 * old.nbytes
+    assert read_all(repo.get_snapshot(second.id), "ram0") == new.tobytes()
+    report = repo.verify(read_data=True)
+    assert report.ok, report.errors
+    assert repo.gc().packs_repacked == 0  # nothing left to gain
+
+
+def test_gc_repack_refuses_damaged_data(repo):
+    rng = np.random.default_rng(12)
+    old = rng.integers(0, 256, (64, 4096), dtype=np.uint8)
+    first = snapshot(repo, old.reshape(-1), "vm1")
+    keep = old.copy()
+    keep[1:] = rng.integers(0, 256, (63, 4096), dtype=np.uint8)
+    snapshot(repo, keep.reshape(-1), "vm1")
+    repo.delete_snapshot(first.id)
+    index = repo.refresh_index(full=True)
+    loc = index.entries[__import__("hashlib").sha256(old[0].tobytes()).digest()]
+    pack = index.packs[loc[0]]
+    data = bytearray(repo.store.get(pack.key))
+    start = int(pack.frames[loc[1]]["offset"]) + loc[2] * 4096
+    data[start + 5] ^= 1  # raw frame: random pages do not compress
+    repo.store.delete(pack.key)
+    repo.store.put(pack.key, bytes(data))
+    before = object_listing(repo.store)
+    with pytest.raises(RepositoryError, match=f"nothing.*{pack.key}"):
+        repo.gc()
+    assert {k for k in object_listing(repo.store) if not k.startswith("data/")} == \
+        {k for k in before if not k.startswith("data/")}
+    assert all(k in object_listing(repo.store) for k in before)  # nothing deleted
