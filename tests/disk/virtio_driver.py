@@ -12,7 +12,16 @@ from pathlib import Path
 
 from snapvisor.vmm.devices.blockfile import BlockFile
 from snapvisor.vmm.devices.virtio.block import VirtioBlock
-from snapvisor.vmm.devices.virtio.mmio import VIRTIO_F_VERSION_1, Reg, VirtioMmioTransport
+from snapvisor.vmm.devices.virtio.mmio import (
+    STATUS_ACKNOWLEDGE,
+    STATUS_DRIVER,
+    STATUS_DRIVER_OK,
+    STATUS_FEATURES_OK,
+    STATUS_NEEDS_RESET,
+    VIRTIO_F_VERSION_1,
+    Reg,
+    VirtioMmioTransport,
+)
 from snapvisor.vmm.kvm import Kvm, VmFd
 from snapvisor.vmm.memory import GuestMemory
 
@@ -25,8 +34,8 @@ HEADER_GPA = 0x13000
 STATUS_GPA = 0x14000
 DATA_GPA = 0x100000
 VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE = 1, 2
-STATUS_ALL_OK = 1 | 2 | 8 | 4  # ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK
-NEEDS_RESET = 64
+STATUS_ALL_OK = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK
+NEEDS_RESET = STATUS_NEEDS_RESET
 
 
 @dataclass
@@ -47,12 +56,12 @@ class Rig:
     def setup(self, features: int = VIRTIO_F_VERSION_1, qsize: int = QSIZE, interrupts: bool = True) -> int:
         """The driver's initialisation sequence; returns the status register after it."""
         self.set_reg(Reg.STATUS, 0)
-        self.set_reg(Reg.STATUS, 1 | 2)
+        self.set_reg(Reg.STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER)
         for sel in (0, 1):
             self.set_reg(Reg.DRIVER_FEATURES_SEL, sel)
             self.set_reg(Reg.DRIVER_FEATURES, (features >> (32 * sel)) & 0xFFFFFFFF)
-        self.set_reg(Reg.STATUS, 1 | 2 | 8)
-        if not self.reg(Reg.STATUS) & 8:
+        self.set_reg(Reg.STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK)
+        if not self.reg(Reg.STATUS) & STATUS_FEATURES_OK:
             return self.reg(Reg.STATUS)
         self.set_reg(Reg.QUEUE_SEL, 0)
         self.set_reg(Reg.QUEUE_NUM, qsize)
