@@ -618,6 +618,9 @@ def _add_receive(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser
                         help="address to accept the migration on, e.g. 192.0.2.2:7000 or [2001:db8::2]:7000")
     parser.add_argument("--wait", type=_duration, metavar="DURATION",
                         help="give up when no migration arrives within DURATION (default: wait forever)")
+    parser.add_argument("--disk-dir", type=Path, metavar="DIR",
+                        help="write the VM's disks here as new sparse images (vda.img, ...) and attach them; "
+                             "needed when the VM has disks")
     _add_migration_flags(parser)
     _add_operation_flags(parser, restoring=False)
     parser.set_defaults(handler=_receive)
@@ -633,7 +636,8 @@ def _receive(args: argparse.Namespace) -> int:
     repos = [_absolute_repo(r) for r in args.repo or _env_repos()]
     received = receive(listener, repos=repos, serial_out=sys.stdout.fileno(), accept_timeout_s=args.wait,
                        io_timeout_s=args.timeout,
-                       on_connect=lambda peer: _log_to_stderr(f"migration from {peer} started"))
+                       on_connect=lambda peer: _log_to_stderr(f"migration from {peer} started"),
+                       disk_dir=args.disk_dir)
     machine = received.machine
     if args.name:
         machine.name = args.name
@@ -673,6 +677,8 @@ def _add_migrate(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser
     parser.add_argument("--cmdline", default="console=ttyS0", metavar="STR", help="kernel command line")
     parser.add_argument("--mem", type=parse_size, default=256 << 20, metavar="SIZE", help="guest RAM (default: 256M)")
     parser.add_argument("--vcpus", type=_positive_int, default=1, metavar="N", help="virtual CPUs (default: 1)")
+    parser.add_argument("--disk", type=_disk_option, action="append", default=[], metavar="PATH[,readonly]",
+                        help="attach a raw disk image as virtio-blk (as for run); its blocks move with the VM")
     parser.add_argument("--downtime-ms", type=float, default=50.0, metavar="MS",
                         help="pause the guest for the last round once it fits in this many ms (default: 50)")
     parser.add_argument("--max-time", type=_duration, default=120.0, metavar="DURATION",
@@ -713,7 +719,7 @@ def _migrate(args: argparse.Namespace) -> int:
         raise UsageError("--downtime-ms must be more than 0")
     repos = [_absolute_repo(r) for r in args.repo or _env_repos()]
     machine = VM.boot(args.kernel, mem=args.mem, vcpus=args.vcpus, cmdline=args.cmdline, initrd=args.initrd,
-                      name=args.name, serial_out=sys.stdout.fileno())
+                      name=args.name, serial_out=sys.stdout.fileno(), disks=args.disk)
     with machine:
         try:
             # The API and schedule serve the VM until it leaves; none of them may

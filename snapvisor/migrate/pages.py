@@ -19,6 +19,7 @@ from __future__ import annotations
 import struct
 import threading
 from dataclasses import dataclass
+from typing import Callable, Protocol
 
 import numpy as np
 import zstandard
@@ -87,6 +88,19 @@ class Layout:
         bounds = np.searchsorted(pages, self.first_page)
         return [(r, pages[bounds[r]:bounds[r + 1]] - self.first_page[r])
                 for r in range(len(self.regions)) if bounds[r + 1] > bounds[r]]
+
+    def locate(self, pages: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray | slice]]:
+        """(region number, region-local page numbers, positions in `pages`) for
+        global `pages` in any order."""
+        owner = np.searchsorted(self.first_page[1:], pages, side="right")
+        if len(pages) and (owner == owner[0]).all():  # the usual case: one region
+            region = int(owner[0])
+            return [(region, pages - self.first_page[region], slice(None))]
+        found = []
+        for region in np.unique(owner).tolist():
+            at = np.flatnonzero(owner == region)
+            found.append((region, pages[at] - self.first_page[region], at))
+        return found
 
 
 @dataclass
@@ -187,15 +201,24 @@ class ReceiverImage:
             self._holders[blob[i * ID_SIZE:(i + 1) * ID_SIZE]] = page
 
 
-def apply_batch(batch: PageBatch, staging: np.ndarray, fetch_base) -> None:
-    """Write a batch into the receiver's staging pages (rows of `staging`). Copies
-    read the staging memory as it was before this batch, so they go first."""
+class Staging(Protocol):
+    """The receiver's pages before the VM runs, by global page number."""
+
+    def put(self, pages: np.ndarray, rows: np.ndarray) -> None: ...
+
+    def get(self, pages: np.ndarray) -> np.ndarray: ...
+
+
+def apply_batch(batch: PageBatch, staging: Staging, fetch_base: Callable[[np.ndarray], None] | None) -> None:
+    """Write a batch into the receiver's staging pages. Copies read the staging
+    pages as they were before this batch, so they go first."""
     if len(batch.copy_dst):
-        staging[batch.copy_dst] = staging[batch.copy_src]
+        staging.put(batch.copy_dst, staging.get(batch.copy_src))
     if len(batch.zero_pages):
-        staging[batch.zero_pages] = 0
+        staging.put(batch.zero_pages, np.zeros((len(batch.zero_pages), PAGE_SIZE), dtype=np.uint8))
     if len(batch.base_pages):
+        assert fetch_base is not None  # decode() refuses base pages without a base
         fetch_base(batch.base_pages)
     if len(batch.data_pages):
         raw = decompress_pages(batch.codec, batch.frame, batch.raw_len)
-        staging[batch.data_pages] = np.frombuffer(raw, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+        staging.put(batch.data_pages, np.frombuffer(raw, dtype=np.uint8).reshape(-1, PAGE_SIZE))

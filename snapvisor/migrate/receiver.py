@@ -1,9 +1,10 @@
 """Live migration, receiving side.
 
-Pages arrive into a staging memfd laid out like the guest's RAM. When the VM state
-arrives (the guest is paused on the sender), the VM is built with its RAM mapped
-copy-on-write from that memfd, so no page is copied during the downtime; the
-receiver then reports READY, waits for GO, starts the guest and confirms RESUMED.
+Pages arrive into a staging memfd laid out like the guest's RAM, disk blocks
+straight into the new disk images. When the VM state arrives (the guest is paused
+on the sender), the VM is built with its RAM mapped copy-on-write from that memfd,
+so no page is copied during the downtime; the receiver then reports READY, waits
+for GO, starts the guest and confirms RESUMED.
 A stream that breaks or turns out corrupt before GO leaves nothing running here.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -21,7 +23,8 @@ from typing import BinaryIO, Callable, Sequence
 import numpy as np
 
 from snapvisor.errors import SnapvisorError
-from snapvisor.image.compat import compat_record, check_compat
+from snapvisor.image.compat import check_compat, compat_record
+from snapvisor.image.disks import REGION_PREFIX as DISK_PREFIX
 from snapvisor.image.restore import host_cpuid
 from snapvisor.image.state_codec import decode_state
 from snapvisor.machine import VM
@@ -37,6 +40,7 @@ from snapvisor.vmm.vm import Vm
 
 log = logging.getLogger("snapvisor.migrate")
 MAX_STATE = 64 << 20
+DISK_NAME = re.compile(r"[A-Za-z0-9_-]{1,32}")  # what a disk name may be: it becomes a file name
 
 
 @dataclass
@@ -56,28 +60,90 @@ class Received:
 
 
 class _Staging:
-    """Guest RAM as it arrives: one memfd, regions back to back."""
+    """Where pages go until the VM is built: guest RAM in one memfd (its regions
+    back to back), each disk straight into its new sparse image in `disk_dir`."""
 
-    def __init__(self, layout: Layout) -> None:
+    def __init__(self, layout: Layout, disk_dir: Path | None) -> None:
         self.layout = layout
-        self.fd = os.memfd_create("snapvisor-migration", os.MFD_CLOEXEC)
+        self.arrays: list[np.ndarray] = []
+        self.memory_offsets: dict[str, int] = {}
+        self.disk_paths: dict[str, Path] = {}
+        self._maps: list[mmap.mmap] = []
+        self.fd = -1
+        disks = [name[len(DISK_PREFIX):] for name, _ in layout.regions if name.startswith(DISK_PREFIX)]
+        if disks and disk_dir is None:
+            raise MigrationError(f"the VM has disks ({', '.join(disks)}): give the receiver a directory for their "
+                                 f"images (--disk-dir DIR, or disk_dir=)")
         try:
-            os.ftruncate(self.fd, max(layout.size, PAGE_SIZE))
-            self._map = mmap.mmap(self.fd, layout.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self.fd = os.memfd_create("snapvisor-migration", os.MFD_CLOEXEC)
+            ram_size = sum(size for name, size in layout.regions if not name.startswith(DISK_PREFIX))
+            os.ftruncate(self.fd, ram_size)
+            ram = self._map(self.fd, ram_size, "guest RAM")
+            offset = 0
+            for name, size in layout.regions:
+                if name.startswith(DISK_PREFIX):
+                    assert disk_dir is not None
+                    self.arrays.append(self._new_disk(name[len(DISK_PREFIX):], size, disk_dir))
+                else:
+                    self.memory_offsets[name] = offset
+                    self.arrays.append(ram[offset // PAGE_SIZE:(offset + size) // PAGE_SIZE])
+                    offset += size
+        except BaseException:
+            self.close(keep_disks=False)
+            raise
+
+    def _map(self, fd: int, size: int, what: str) -> np.ndarray:
+        try:
+            mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as exc:
-            os.close(self.fd)
-            raise MigrationError(f"cannot stage {layout.size >> 20} MiB of guest RAM here: {exc.strerror}") from None
-        self.pages = np.frombuffer(self._map, dtype=np.uint8).reshape(layout.total_pages, PAGE_SIZE)
+            raise MigrationError(f"cannot stage {size >> 20} MiB of {what} here: {exc.strerror}") from None
+        self._maps.append(mapping)
+        return np.frombuffer(mapping, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+
+    def _new_disk(self, disk: str, size: int, disk_dir: Path) -> np.ndarray:
+        if not DISK_NAME.fullmatch(disk):
+            raise StreamError(f"the OFFER names a disk {disk!r}, which is not a disk name; the stream is corrupt")
+        path = Path(disk_dir) / f"{disk}.img"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            raise MigrationError(f"{path} already exists; receive disks into an empty directory "
+                                 f"(or remove the file)") from None
+        except OSError as exc:
+            raise MigrationError(f"cannot create disk image {path}: {exc.strerror}") from None
+        self.disk_paths[disk] = path
+        try:
+            os.ftruncate(fd, size)
+            return self._map(fd, size, f"disk {disk}")
+        finally:
+            os.close(fd)
+
+    def put(self, pages: np.ndarray, rows: np.ndarray) -> None:
+        for region, local, at in self.layout.locate(pages):
+            self.arrays[region][local] = rows[at]
+
+    def get(self, pages: np.ndarray) -> np.ndarray:
+        rows = np.empty((len(pages), PAGE_SIZE), dtype=np.uint8)
+        for region, local, at in self.layout.locate(pages):
+            rows[at] = self.arrays[region][local]
+        return rows
 
     def backing(self) -> dict[str, FileBacking]:
         path = Path(f"/proc/self/fd/{self.fd}")
-        return {name: FileBacking(path, int(self.layout.first_page[i]) * PAGE_SIZE)
-                for i, (name, _) in enumerate(self.layout.regions)}
+        return {name: FileBacking(path, offset) for name, offset in self.memory_offsets.items()}
 
-    def close(self) -> None:
-        del self.pages
-        self._map.close()
-        os.close(self.fd)
+    def close(self, keep_disks: bool) -> None:
+        """Unmap everything; the disk images stay only when the VM uses them."""
+        self.arrays.clear()
+        for mapping in self._maps:
+            mapping.close()
+        self._maps.clear()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if not keep_disks:
+            for path in self.disk_paths.values():
+                path.unlink(missing_ok=True)
 
 
 class _Base:
@@ -86,16 +152,16 @@ class _Base:
     def __init__(self, repo: Repository, snapshot_id: str, layout: Layout, staging: _Staging) -> None:
         snapshot = repo.get_snapshot(snapshot_id)
         if [(name, snapshot.regions.get(name)) for name, _ in layout.regions] != layout.regions:
-            raise MigrationError(f"snapshot {snapshot.info.short_id} has another memory layout than the VM")
+            raise MigrationError(f"snapshot {snapshot.info.short_id} has another memory and disk layout than the VM")
         self.readers = [snapshot.region_reader(name) for name, _ in layout.regions]
         self.layout = layout
         self.staging = staging
 
     def fetch(self, pages: np.ndarray) -> None:
-        for region, local in self.layout.split(np.sort(pages)):
-            chunk = np.empty((len(local), PAGE_SIZE), dtype=np.uint8)
-            self.readers[region].read_pages_into(local, chunk)
-            self.staging.pages[local + int(self.layout.first_page[region])] = chunk
+        for region, local, at in self.layout.locate(pages):
+            rows = np.empty((len(local), PAGE_SIZE), dtype=np.uint8)
+            self.readers[region].read_pages_into(local, rows)
+            self.staging.put(pages[at], rows)
 
 
 def _check_offer(offer: dict) -> Layout:
@@ -144,18 +210,21 @@ def _decode_state(payload: memoryview) -> tuple[float, dict]:
     return paused_at, decode_state(bytes(raw))
 
 
-def _build(state: dict, layout: Layout, staging: _Staging, name: str,
+def _build(state: dict, staging: _Staging, name: str,
            serial_out: BinaryIO | int | None, serial_in: BinaryIO | int | None) -> Vm:
     try:
-        saved = [(r["name"], r["size"]) for r in state["memory"]["regions"]]
+        memory = {r["name"]: r["size"] for r in state["memory"]["regions"]}
+        disks = {disk["name"] for disk in state["config"].get("disks", [])}
         cpuid = state["vcpus"][0]["cpuid"]
     except (KeyError, IndexError, TypeError):
-        raise StreamError("the VM state has no memory layout or vCPU; the stream is corrupt") from None
-    if saved != layout.regions:
-        raise StreamError(f"the VM state's memory layout {saved} is not the offered {layout.regions}")
+        raise StreamError("the VM state has no memory layout, disk list or vCPU; the stream is corrupt") from None
+    offered = {n: size for n, size in staging.layout.regions if not n.startswith(DISK_PREFIX)}
+    if memory != offered or disks != set(staging.disk_paths):
+        raise StreamError(f"the VM state's memory {memory} and disks {sorted(disks)} are not the offered "
+                          f"{offered} and {sorted(staging.disk_paths)}; the stream is corrupt")
     check_compat(compat_record(cpuid), host_cpuid(), f"of migrating VM {name}")
     return build_microvm_from_state(state, serial_out=serial_out, serial_in=serial_in,
-                                    memory_backing=staging.backing())
+                                    memory_backing=staging.backing(), disk_paths=staging.disk_paths)
 
 
 def listen(address: str) -> socket.socket:
@@ -181,10 +250,12 @@ def receive(
     accept_timeout_s: float | None = None,
     io_timeout_s: float = DEFAULT_IO_TIMEOUT_S,
     on_connect: Callable[[str], None] | None = None,
+    disk_dir: Path | str | None = None,
 ) -> Received:
     """Accept one migration on `listener` (a listening socket or HOST:PORT) and
     return the VM, already running here. When one of `repos` is the sender's
-    repository, pages of its base snapshot are read from there instead of the network."""
+    repository, pages of its base snapshot are read from there instead of the network.
+    The VM's disks are written as new images `disk_dir/<name>.img`."""
     sock = listen(listener) if isinstance(listener, str) else listener
     sock.settimeout(accept_timeout_s)
     try:
@@ -206,7 +277,7 @@ def receive(
         offer = decode_json(channel.expect(Msg.OFFER), Msg.OFFER)
         layout = _check_offer(offer)
         name = offer["vm"]
-        staging = _Staging(layout)
+        staging = _Staging(layout, Path(disk_dir) if disk_dir is not None else None)
         base, reason = _open_base(offer, repos, layout, staging)
         channel.send_json(Msg.ACCEPT, {"base": base is not None, "reason": reason})
         while True:
@@ -214,7 +285,7 @@ def receive(
             received_bytes += len(payload)
             if kind == Msg.PAGES:
                 batch = PageBatch.decode(payload, layout.total_pages, base is not None)
-                apply_batch(batch, staging.pages, base.fetch if base else None)
+                apply_batch(batch, staging, base.fetch if base else None)
                 pages += len(batch.data_pages) + len(batch.copy_dst) + len(batch.zero_pages) + len(batch.base_pages)
             elif kind == Msg.STATE:
                 break
@@ -224,25 +295,25 @@ def receive(
                 raise StreamError(f"{channel.peer} sent {kind.name} during the page transfer; the stream is out of order")
         paused_at, state = _decode_state(payload)
         build_started = time.monotonic()
-        vm = _build(state, layout, staging, name, serial_out, serial_in)
+        vm = _build(state, staging, name, serial_out, serial_in)
         build_s = time.monotonic() - build_started
         channel.send_json(Msg.READY, {"build_s": build_s, "pages": pages})
         channel.expect(Msg.GO)
         vm.start()
         started_at = time.monotonic()
     except BaseException as exc:
-        channel.send_error(f"the receiver gave up: {exc or type(exc).__name__}")
+        channel.send_error(str(exc) or type(exc).__name__)
         if vm is not None:
             vm.close()
+        if staging is not None:
+            staging.close(keep_disks=False)
         channel.close()
         if isinstance(exc, MigrationError):
             raise
         if isinstance(exc, SnapvisorError):
             raise MigrationError(f"incoming migration from {channel.peer} refused: {exc}") from None
         raise
-    finally:
-        if staging is not None:
-            staging.close()  # the VM maps its own reference to the memfd
+    staging.close(keep_disks=True)  # the VM maps the memfd and opened the disks itself
     try:
         # The guest runs here now; the sender stops its copy on this message (or
         # keeps it paused if the message is lost).

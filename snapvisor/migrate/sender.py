@@ -92,7 +92,7 @@ def base_page_ids(repo: Repository, snapshot_id: str, layout: Layout) -> np.ndar
     """Page ids of a snapshot in the layout's global numbering."""
     snapshot = repo.get_snapshot(snapshot_id)
     if [(name, snapshot.regions.get(name)) for name, _ in layout.regions] != layout.regions:
-        raise MigrationError(f"snapshot {snapshot.info.short_id} has another memory layout than the VM; "
+        raise MigrationError(f"snapshot {snapshot.info.short_id} has another memory and disk layout than the VM; "
                              f"it cannot serve as the migration's base")
     manifest = snapshot.manifest
     return np.concatenate([
@@ -109,7 +109,9 @@ class _Sender:
         self.channel = channel
         self.layout = layout
         self.stats = stats
-        self.live = [np.frombuffer(r.view, dtype=np.uint8).reshape(r.pages, PAGE_SIZE) for r in self.vm.memory.regions]
+        self.snapshotter = machine._snapshotter
+        self.live = [np.frombuffer(view, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+                     for _, _, view in self.snapshotter.page_sources()]
         self.image: ReceiverImage | None = None
         self.pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="migrate")
         # Batch buffers are reused: a raw frame points into its buffer until sent,
@@ -120,10 +122,10 @@ class _Sender:
         self.pages_per_s = 0.0
 
     def drain(self) -> np.ndarray:
-        """Global numbers of the pages written since the last drain. The VM's
-        snapshot lineages get them too, so snapshots after a failed migration
-        still contain every page the guest wrote."""
-        fresh = self.machine._snapshotter._drain_dirty()
+        """Global numbers of the pages (and disk blocks) written since the last
+        drain. The VM's snapshot lineages get them too, so snapshots after a
+        failed migration still contain every page the guest wrote."""
+        fresh = self.snapshotter.drain_dirty()
         return np.flatnonzero(np.concatenate([fresh[name] for name, _ in self.layout.regions]))
 
     def _prepare(self, region: int, local: np.ndarray, in_round: np.ndarray | None
@@ -212,7 +214,8 @@ def migrate(
         machine.lazy_memory.wait()  # pages are read from guest RAM: all must be resident
     started = time.monotonic()
     stats = MigrationStats()
-    layout = Layout([(r.name, r.size) for r in machine.vm.memory.regions])
+    # Guest RAM regions, then disks (disk-<name>): everything a snapshot stores.
+    layout = Layout([(name, size) for name, size, _ in machine._snapshotter.page_sources()])
     base_offer, base_ids = None, None
     if repo is not None:
         repository = repo if isinstance(repo, Repository) else Repository.open_url(repo)
@@ -306,7 +309,7 @@ def migrate(
                 f"and runs on {to} if the receiver got the go: check there, and resume it here only if it "
                 f"does not run there"
             ) from None
-        channel.send_error(f"the sender gave up: {exc or type(exc).__name__}")
+        channel.send_error(str(exc) or type(exc).__name__)
         machine.vm.resume()
         if isinstance(exc, SnapvisorError):
             raise MigrationError(f"migration to {to} failed, the VM keeps running on this host: {exc}") from None

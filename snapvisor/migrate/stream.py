@@ -158,6 +158,9 @@ class Channel:
                 f"sending to {self.peer} made no progress for {self.timeout:g} s: the connection is cut or the "
                 f"receiver stopped reading"
             ) from None
+        except (BrokenPipeError, ConnectionResetError):
+            raise StreamError(f"{self.peer} closed the connection in the middle of the migration (it stopped or "
+                              f"was killed)") from None
         except OSError as exc:
             raise StreamError(f"the connection to {self.peer} broke while sending: {exc.strerror or exc}") from None
 
@@ -177,6 +180,9 @@ class Channel:
                 f"nothing from {self.peer} for {self.timeout:g} s while waiting for the {what}: the connection is "
                 f"cut or the peer hangs"
             ) from None
+        except ConnectionResetError:
+            raise StreamError(f"{self.peer} closed the connection in the middle of the migration ({what}; it "
+                              f"stopped or was killed)") from None
         except OSError as exc:
             raise StreamError(f"the connection to {self.peer} broke while receiving: {exc.strerror or exc}") from None
         return view

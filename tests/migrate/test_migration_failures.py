@@ -11,21 +11,22 @@ from pathlib import Path
 import pytest
 
 from migrate_lab import Host, Process, rounds, wait_for_verified_rounds
-from test_live_migration import PORT
+from test_live_migration import GUEST, PORT, new_disk
 
 pytestmark = pytest.mark.kvm
-
-GUEST = "console=ttyS0 tg.mem=32 tg.rate=20 tg.pages=512 tg.rounds=0"
 
 
 def start_slow_migration(a: Host, b: Host, guest: Path, cmdline: str = GUEST, rate: str = "20mbit",
                          *extra: str) -> tuple[Process, Process]:
     """A migration over a link shaped to `rate`, already in its first round."""
     a.limit(rate)
-    receiver = b.run("receiver", ["receive", "--listen", f"{b.address}:{PORT}", "--timeout", "3s"])
+    (b.workdir / "b-disks").mkdir()
+    receiver = b.run("receiver", ["receive", "--listen", f"{b.address}:{PORT}", "--timeout", "3s",
+                                  "--disk-dir", str(b.workdir / "b-disks")])
     receiver.wait_for_stderr("waiting for a migration", 30)
     sender = a.run("sender", ["migrate", "--to", f"{b.address}:{PORT}", "--kernel", str(guest), "--mem", "128M",
-                              "--cmdline", cmdline, "--on-signal", "--timeout", "3s", *extra])
+                              "--cmdline", cmdline, "--disk", str(new_disk(a.workdir / "a-disk.img")),
+                              "--on-signal", "--timeout", "3s", *extra])
     wait_for_verified_rounds(sender, 2, 60)
     sender.signal(signal.SIGUSR1)
     receiver.wait_for_stderr("migration from", 30)
@@ -42,9 +43,11 @@ def assert_runs_on_a(sender: Process, error: str) -> None:
 
 
 def assert_nothing_ran_on_b(receiver: Process, error: str) -> None:
+    """B refused with `error`, ran no guest, and left no half-received disk behind."""
     assert receiver.wait(30) != 0
     assert error in receiver.stderr(), receiver.stderr()
     assert receiver.stdout() == b"", "the guest must not have run on B"
+    assert not any((receiver.stdout_path.parent / "b-disks").iterdir())
 
 
 def test_link_cut_during_precopy(testguest: Path, hosts: tuple[Host, Host]) -> None:
@@ -59,7 +62,7 @@ def test_receiver_killed(testguest: Path, hosts: tuple[Host, Host]) -> None:
     a, b = hosts
     sender, receiver = start_slow_migration(a, b, testguest)
     receiver.signal(signal.SIGKILL)
-    assert_runs_on_a(sender, "broke while sending")
+    assert_runs_on_a(sender, "closed the connection in the middle of the migration")
 
 
 def test_sender_killed(testguest: Path, hosts: tuple[Host, Host]) -> None:
@@ -72,8 +75,8 @@ def test_sender_killed(testguest: Path, hosts: tuple[Host, Host]) -> None:
 def test_guest_faster_than_link_ends_cleanly(testguest: Path, hosts: tuple[Host, Host]) -> None:
     a, b = hosts
     # The guest rewrites all of its 8 MiB as fast as it can; the link carries 2 MB/s.
-    hungry = "console=ttyS0 tg.mem=8 tg.rate=0 tg.pages=2048 tg.rounds=0 tg.verify=1"
+    hungry = "console=ttyS0 tg.mem=8 tg.rate=0 tg.pages=2048 tg.rounds=0 tg.disk=1"
     sender, receiver = start_slow_migration(a, b, testguest, hungry, "16mbit", "--max-time", "5s")
     assert_runs_on_a(sender, "did not converge")
     assert "throttled to" in sender.stderr()
-    assert_nothing_ran_on_b(receiver, "the sender gave up")
+    assert_nothing_ran_on_b(receiver, "gave up: pre-copy did not converge")
