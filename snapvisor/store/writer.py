@@ -258,9 +258,11 @@ class SnapshotWriter:
         promised by this snapshot, first occurrence only; marks them promised."""
         keys = np.ascontiguousarray(ids).view("V32").ravel().tolist()
         known = np.fromiter(map(self._known.__contains__, keys), dtype=bool, count=len(keys))
-        mine = np.fromiter(map(self._mine.__contains__, keys), dtype=bool, count=len(keys))
-        candidates = np.flatnonzero(~(known | mine))
+        candidates = np.flatnonzero(~known)
         fresh = [keys[i] for i in candidates.tolist()]
+        if self._mine:
+            mine = np.fromiter(map(self._mine.__contains__, fresh), dtype=bool, count=len(fresh))
+            candidates, fresh = candidates[~mine], [k for k, m in zip(fresh, mine) if not m]
         unique = dict.fromkeys(fresh)
         if len(unique) != len(fresh):  # the same page twice in this batch: keep the first
             first: dict[bytes, int] = {}
