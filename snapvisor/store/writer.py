@@ -10,6 +10,7 @@ unreferenced data that gc removes.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -262,7 +263,7 @@ class SnapshotWriter:
         fresh = [keys[i] for i in candidates.tolist()]
         if self._mine:
             mine = np.fromiter(map(self._mine.__contains__, fresh), dtype=bool, count=len(fresh))
-            candidates, fresh = candidates[~mine], [k for k, m in zip(fresh, mine) if not m]
+            candidates, fresh = candidates[~mine], list(itertools.compress(fresh, ~mine))
         unique = dict.fromkeys(fresh)
         if len(unique) != len(fresh):  # the same page twice in this batch: keep the first
             first: dict[bytes, int] = {}
