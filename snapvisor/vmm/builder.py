@@ -198,6 +198,49 @@ def build_microvm_for_boot(cfg: VmConfig) -> Vm:
         return vm
 
 
+def _disk_configs(config: dict, disk_paths: Mapping[str, Path] | None) -> list[DiskConfig]:
+    return [
+        DiskConfig(Path((disk_paths or {}).get(disk["name"], disk["path"])), disk["readonly"])
+        for disk in config.get("disks", [])
+    ]
+
+
+def _shape(config: dict) -> tuple:
+    """What parts a VM with `config` is made of (not where its files are)."""
+    return (config["vcpus"], config["mem_size"], [(d["name"], d["readonly"]) for d in config.get("disks", [])])
+
+
+class PreparedMicrovm:
+    """The parts of a VM with `config` (KVM VM, vCPUs, guest RAM, devices, disks
+    from `disk_paths`), created before its state is known. A live-migration
+    receiver makes them while pages arrive and writes RAM through `memory`; then
+    `build_microvm_from_state(state, prepared=...)` only restores state, which
+    keeps creating the VM out of the guest's downtime. `close()` if unused."""
+
+    def __init__(
+        self,
+        config: dict,
+        serial_out: BinaryIO | int | None = None,
+        serial_in: BinaryIO | int | None = None,
+        disk_paths: Mapping[str, Path] | None = None,
+    ) -> None:
+        self.config = config
+        self.disks = _disk_configs(config, disk_paths)
+        self.stack = ExitStack()
+        try:
+            self.parts = _Parts(self.stack, config["vcpus"], config["mem_size"], serial_out, serial_in, disks=self.disks)
+        except BaseException:
+            self.stack.close()
+            raise
+
+    @property
+    def memory(self) -> GuestMemory:
+        return self.parts.memory
+
+    def close(self) -> None:
+        self.stack.close()
+
+
 def build_microvm_from_state(
     state: dict,
     serial_out: BinaryIO | int | None = None,
@@ -205,22 +248,30 @@ def build_microvm_from_state(
     memory_fill: Callable[[GuestMemory], None] | None = None,
     memory_backing: Mapping[str, FileBacking] | None = None,
     disk_paths: Mapping[str, Path] | None = None,
+    prepared: "PreparedMicrovm | None" = None,
 ) -> Vm:
     """A paused-equivalent VM (not started) with the same layout as `state`,
     guest RAM filled by `memory_fill` (or mapped from `memory_backing`), each
     disk attached from `disk_paths[name]` (default: the path it had), and
-    every part restored; `vm.start()` continues where the guest was."""
+    every part restored; `vm.start()` continues where the guest was. With
+    `prepared`, its parts (and guest RAM as already filled) are used instead of
+    new ones, and the serial, backing and disk arguments are not used."""
     if state.get("version") != STATE_VERSION:
         raise VmStateError(f"VM state version {state.get('version')} is not {STATE_VERSION}")
     config = state["config"]
     with ExitStack() as stack:
-        disks = [
-            DiskConfig(Path((disk_paths or {}).get(disk["name"], disk["path"])), disk["readonly"])
-            for disk in config.get("disks", [])
-        ]
-        parts = _Parts(
-            stack, config["vcpus"], config["mem_size"], serial_out, serial_in, backing=memory_backing, disks=disks
-        )
+        if prepared is not None:
+            if _shape(prepared.config) != _shape(config):
+                raise VmStateError(
+                    f"the prepared VM {_shape(prepared.config)} does not fit the saved state {_shape(config)}"
+                )
+            stack.push(prepared.stack)  # closed with the rest if restoring fails
+            parts, disks = prepared.parts, prepared.disks
+        else:
+            disks = _disk_configs(config, disk_paths)
+            parts = _Parts(
+                stack, config["vcpus"], config["mem_size"], serial_out, serial_in, backing=memory_backing, disks=disks
+            )
         saved_layout = [(r["name"], r["gpa"], r["size"]) for r in state["memory"]["regions"]]
         layout = [(r.name, r.gpa, r.size) for r in parts.memory.regions]
         if saved_layout != layout:
