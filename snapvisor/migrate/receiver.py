@@ -1,10 +1,11 @@
 """Live migration, receiving side.
 
-Pages arrive into a staging memfd laid out like the guest's RAM, disk blocks
-straight into the new disk images. When the VM state arrives (the guest is paused
-on the sender), the VM is built with its RAM mapped copy-on-write from that memfd,
-so no page is copied during the downtime; the receiver then reports READY, waits
-for GO, starts the guest and confirms RESUMED.
+On the OFFER the receiver creates the VM's parts (KVM VM, vCPUs, RAM, devices,
+new disk images): pages arrive straight into its RAM and disk blocks into its
+images. When the VM state arrives (the guest is paused on the sender), only the
+state is restored, so neither creating the VM nor copying a page falls into the
+downtime; the receiver then reports READY, waits for GO, starts the guest and
+confirms RESUMED.
 A stream that breaks or turns out corrupt before GO leaves nothing running here.
 """
 
@@ -31,11 +32,12 @@ from snapvisor.machine import VM
 from snapvisor.migrate.errors import MigrationError, StreamError
 from snapvisor.migrate.pages import Layout, PageBatch, apply_batch, decompress_pages
 from snapvisor.migrate.sender import STATE_HEADER
+from snapvisor.migrate.warm import warm_up
 from snapvisor.migrate.stream import DEFAULT_IO_TIMEOUT_S, Channel, Msg, decode_json, parse_address
 from snapvisor.store import Repository
 from snapvisor.store.pagehash import PAGE_SIZE
-from snapvisor.vmm.builder import build_microvm_from_state
-from snapvisor.vmm.memory import FileBacking
+from snapvisor.vmm.builder import PreparedMicrovm, build_microvm_from_state
+from snapvisor.vmm.memory import GuestMemory
 from snapvisor.vmm.vm import Vm
 
 log = logging.getLogger("snapvisor.migrate")
@@ -60,37 +62,36 @@ class Received:
 
 
 class _Staging:
-    """Where pages go until the VM is built: guest RAM in one memfd (its regions
-    back to back), each disk straight into its new sparse image in `disk_dir`."""
+    """Where pages go until the VM runs: guest RAM straight into the prepared
+    VM's memory, each disk straight into its new sparse image in `disk_dir`."""
 
     def __init__(self, layout: Layout, disk_dir: Path | None) -> None:
         self.layout = layout
-        self.arrays: list[np.ndarray] = []
-        self.memory_offsets: dict[str, int] = {}
+        self.arrays: list[np.ndarray | None] = [None] * len(layout.regions)
         self.disk_paths: dict[str, Path] = {}
         self._maps: list[mmap.mmap] = []
-        self.fd = -1
         disks = [name[len(DISK_PREFIX):] for name, _ in layout.regions if name.startswith(DISK_PREFIX)]
         if disks and disk_dir is None:
             raise MigrationError(f"the VM has disks ({', '.join(disks)}): give the receiver a directory for their "
                                  f"images (--disk-dir DIR, or disk_dir=)")
         try:
-            self.fd = os.memfd_create("snapvisor-migration", os.MFD_CLOEXEC)
-            ram_size = sum(size for name, size in layout.regions if not name.startswith(DISK_PREFIX))
-            os.ftruncate(self.fd, ram_size)
-            ram = self._map(self.fd, ram_size, "guest RAM")
-            offset = 0
-            for name, size in layout.regions:
+            for index, (name, size) in enumerate(layout.regions):
                 if name.startswith(DISK_PREFIX):
                     assert disk_dir is not None
-                    self.arrays.append(self._new_disk(name[len(DISK_PREFIX):], size, disk_dir))
-                else:
-                    self.memory_offsets[name] = offset
-                    self.arrays.append(ram[offset // PAGE_SIZE:(offset + size) // PAGE_SIZE])
-                    offset += size
+                    self.arrays[index] = self._new_disk(name[len(DISK_PREFIX):], size, disk_dir)
         except BaseException:
             self.close(keep_disks=False)
             raise
+
+    def attach_memory(self, memory: GuestMemory) -> None:
+        regions = {region.name: region for region in memory.regions}
+        for index, (name, size) in enumerate(self.layout.regions):
+            if not name.startswith(DISK_PREFIX):
+                region = regions.get(name)
+                if region is None or region.size != size:
+                    raise StreamError(f"the offered RAM region {name} ({size} bytes) is not one this VM has; "
+                                      f"the stream is corrupt")
+                self.arrays[index] = np.frombuffer(region.view, dtype=np.uint8).reshape(-1, PAGE_SIZE)
 
     def _map(self, fd: int, size: int, what: str) -> np.ndarray:
         try:
@@ -128,19 +129,12 @@ class _Staging:
             rows[at] = self.arrays[region][local]
         return rows
 
-    def backing(self) -> dict[str, FileBacking]:
-        path = Path(f"/proc/self/fd/{self.fd}")
-        return {name: FileBacking(path, offset) for name, offset in self.memory_offsets.items()}
-
     def close(self, keep_disks: bool) -> None:
-        """Unmap everything; the disk images stay only when the VM uses them."""
+        """Unmap the disks; their images stay only when the VM uses them."""
         self.arrays.clear()
         for mapping in self._maps:
             mapping.close()
         self._maps.clear()
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
         if not keep_disks:
             for path in self.disk_paths.values():
                 path.unlink(missing_ok=True)
@@ -164,19 +158,29 @@ class _Base:
             self.staging.put(pages[at], rows)
 
 
-def _check_offer(offer: dict) -> Layout:
-    regions = offer.get("regions")
+def _check_offer(offer: dict) -> tuple[Layout, dict]:
+    """The layout and VM configuration an OFFER describes, once they make sense."""
+    regions, config = offer.get("regions"), offer.get("config")
     if not isinstance(offer.get("vm"), str) or not isinstance(regions, list) or not regions or not all(
         isinstance(r, list) and len(r) == 2 and isinstance(r[0], str) and isinstance(r[1], int)
         and r[1] > 0 and r[1] % PAGE_SIZE == 0 for r in regions
-    ):
-        raise StreamError("the OFFER does not describe a VM (name and memory regions); the stream is corrupt")
+    ) or not isinstance(config, dict):
+        raise StreamError("the OFFER does not describe a VM (name, memory regions, configuration); "
+                          "the stream is corrupt")
     layout = Layout([(name, size) for name, size in regions])
+    disks = config.get("disks", [])
+    memory = sum(size for name, size in layout.regions if not name.startswith(DISK_PREFIX))
+    if not isinstance(config.get("vcpus"), int) or config.get("mem_size") != memory or not isinstance(disks, list) \
+            or not all(isinstance(d, dict) and isinstance(d.get("name"), str) and isinstance(d.get("readonly"), bool)
+                       for d in disks) \
+            or sorted(DISK_PREFIX + d["name"] for d in disks) != sorted(
+                name for name, _ in layout.regions if name.startswith(DISK_PREFIX)):
+        raise StreamError("the OFFER's VM configuration does not match its memory and disks; the stream is corrupt")
     host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if layout.size > host:
-        raise MigrationError(f"VM {offer['vm']} has {layout.size >> 20} MiB of RAM, more than this host's "
+    if memory > host:
+        raise MigrationError(f"VM {offer['vm']} has {memory >> 20} MiB of RAM, more than this host's "
                              f"{host >> 20} MiB")
-    return layout
+    return layout, config
 
 
 def _open_base(offer: dict, repos: Sequence[Repository | str], layout: Layout,
@@ -210,21 +214,17 @@ def _decode_state(payload: memoryview) -> tuple[float, dict]:
     return paused_at, decode_state(bytes(raw))
 
 
-def _build(state: dict, staging: _Staging, name: str,
-           serial_out: BinaryIO | int | None, serial_in: BinaryIO | int | None) -> Vm:
+def _build(state: dict, staging: _Staging, prepared: PreparedMicrovm, name: str, cpuid_here: bytes) -> Vm:
     try:
         memory = {r["name"]: r["size"] for r in state["memory"]["regions"]}
-        disks = {disk["name"] for disk in state["config"].get("disks", [])}
         cpuid = state["vcpus"][0]["cpuid"]
     except (KeyError, IndexError, TypeError):
-        raise StreamError("the VM state has no memory layout, disk list or vCPU; the stream is corrupt") from None
+        raise StreamError("the VM state has no memory layout or vCPU; the stream is corrupt") from None
     offered = {n: size for n, size in staging.layout.regions if not n.startswith(DISK_PREFIX)}
-    if memory != offered or disks != set(staging.disk_paths):
-        raise StreamError(f"the VM state's memory {memory} and disks {sorted(disks)} are not the offered "
-                          f"{offered} and {sorted(staging.disk_paths)}; the stream is corrupt")
-    check_compat(compat_record(cpuid), host_cpuid(), f"of migrating VM {name}")
-    return build_microvm_from_state(state, serial_out=serial_out, serial_in=serial_in,
-                                    memory_backing=staging.backing(), disk_paths=staging.disk_paths)
+    if memory != offered:
+        raise StreamError(f"the VM state's memory {memory} is not the offered {offered}; the stream is corrupt")
+    check_compat(compat_record(cpuid), cpuid_here, f"of migrating VM {name}")
+    return build_microvm_from_state(state, prepared=prepared)
 
 
 def listen(address: str) -> socket.socket:
@@ -269,15 +269,21 @@ def receive(
     if on_connect is not None:
         on_connect(channel.peer)
     staging: _Staging | None = None
+    prepared: PreparedMicrovm | None = None
     vm: Vm | None = None
     received_bytes = 0
     pages = 0
     try:
         channel.hello()
         offer = decode_json(channel.expect(Msg.OFFER), Msg.OFFER)
-        layout = _check_offer(offer)
+        layout, config = _check_offer(offer)
         name = offer["vm"]
         staging = _Staging(layout, Path(disk_dir) if disk_dir is not None else None)
+        # Creating the VM now keeps it out of the downtime; its RAM is the staging area.
+        prepared = PreparedMicrovm(config, serial_out, serial_in, disk_paths=staging.disk_paths)
+        staging.attach_memory(prepared.memory)
+        cpuid_here = host_cpuid()  # asked now: it opens /dev/kvm, which is slow for the downtime
+        warm_up()
         base, reason = _open_base(offer, repos, layout, staging)
         channel.send_json(Msg.ACCEPT, {"base": base is not None, "reason": reason})
         while True:
@@ -295,7 +301,8 @@ def receive(
                 raise StreamError(f"{channel.peer} sent {kind.name} during the page transfer; the stream is out of order")
         paused_at, state = _decode_state(payload)
         build_started = time.monotonic()
-        vm = _build(state, staging, name, serial_out, serial_in)
+        vm = _build(state, staging, prepared, name, cpuid_here)
+        prepared = None  # the VM owns its parts now
         build_s = time.monotonic() - build_started
         channel.send_json(Msg.READY, {"build_s": build_s, "pages": pages})
         channel.expect(Msg.GO)
@@ -305,6 +312,8 @@ def receive(
         channel.send_error(str(exc) or type(exc).__name__)
         if vm is not None:
             vm.close()
+        if prepared is not None:
+            prepared.close()
         if staging is not None:
             staging.close(keep_disks=False)
         channel.close()

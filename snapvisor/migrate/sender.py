@@ -37,6 +37,7 @@ from snapvisor.migrate.errors import MigrationError
 from snapvisor.migrate.pages import Layout, PageBatch, ReceiverImage, compress_pages
 from snapvisor.migrate.stream import DEFAULT_IO_TIMEOUT_S, Channel, Msg, decode_json, frame_header
 from snapvisor.migrate.throttle import Throttle
+from snapvisor.migrate.warm import warm_up
 from snapvisor.store import Repository
 from snapvisor.store.pagehash import PAGE_SIZE
 from snapvisor.store.reader import load_page_map
@@ -224,14 +225,15 @@ def migrate(
             base_ids = base_page_ids(repository, base, layout)
             base_offer = {"repository": repository.config["id"], "snapshot": repository.resolve(base)}
 
+    warm_up()
     channel = Channel.connect(to, io_timeout_s)
     sender = _Sender(machine, channel, layout, stats)
     throttle = Throttle(machine.vm)
     committed = False
     try:
         channel.hello()
-        channel.send_json(Msg.OFFER, {"vm": machine.name, "regions": layout.regions, "base": base_offer,
-                                      "downtime_ms": downtime_ms})
+        channel.send_json(Msg.OFFER, {"vm": machine.name, "regions": layout.regions, "config": machine.vm.config,
+                                      "base": base_offer, "downtime_ms": downtime_ms})
         accepted = decode_json(channel.expect(Msg.ACCEPT), Msg.ACCEPT)
         stats.base_used = bool(accepted.get("base")) and base_ids is not None
         if base_offer and not stats.base_used:
@@ -280,8 +282,12 @@ def migrate(
         paused_at = time.monotonic()
         machine.vm.pause()
         marks = [("pause", time.monotonic())]
-        # The pages of the last drain plus those written until the pause.
-        final = np.union1d(pages, sender.drain())
+        # The pages of the last drain plus those written until the pause. (A mask,
+        # not np.union1d: numpy imports that lazily, ~10 ms on its first call.)
+        final_mask = np.zeros(layout.total_pages, dtype=bool)
+        final_mask[pages] = True
+        final_mask[sender.drain()] = True
+        final = np.flatnonzero(final_mask)
         sender.send_final(final)
         stats.final_pages = len(final)
         marks.append(("final_pages", time.monotonic()))
