@@ -18,7 +18,7 @@ from guest_console import assert_healthy, last_rounds, rounds, wait_for_rounds  
 
 from snapvisor.control import ApiClient, ApiUnreachable  # noqa: E402
 
-__all__ = ["assert_healthy", "last_rounds", "rounds", "wait_for_rounds", "snapvisor", "Foreground",
+__all__ = ["assert_healthy", "last_rounds", "rounds", "wait_for_rounds", "wait_for_guest", "snapvisor", "Foreground",
            "wait_for_api", "wait_until", "s3_env"]
 
 GUEST_CMDLINE = "console=ttyS0 tg.mem=8 tg.rate=10 tg.pages=256 tg.rounds=0"
@@ -75,6 +75,15 @@ class Foreground:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait(10)
+
+
+def wait_for_guest(process: Foreground, count: int, timeout: float = 60) -> bytes:
+    """wait_for_rounds on a snapvisor process, with its stderr when it fails (a
+    lazy restore under a loaded machine may take a while for the first rounds)."""
+    try:
+        return wait_for_rounds(process, 1, count, timeout)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\nexit status {process.process.poll()}, stderr: {process.stderr[-2000:]}") from None
 
 
 def wait_until(condition, timeout: float, what: str, interval: float = 0.2):

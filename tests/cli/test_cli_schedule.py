@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cli_helpers import (GUEST_CMDLINE, Foreground, assert_healthy, rounds, s3_env, snapvisor,
-                         wait_for_api, wait_for_rounds, wait_until)
+                         wait_for_api, wait_for_guest, wait_until)
 
 pytestmark = [pytest.mark.kvm, pytest.mark.s3]
 
@@ -47,7 +47,7 @@ def test_scheduled_snapshots_retention_verify_and_restore(testguest: Path, tmp_p
         assert "Traceback" not in refused.stderr
         manual = snapvisor("snapshot", "--api-sock", str(sock), "--repo", local, "--tag", "manual", env=env)
         assert manual.returncode == 0 and "(incremental)" in manual.stdout, manual.stderr
-        wait_for_rounds(run, 1, 3)
+        wait_for_guest(run, 3)
         api.shutdown()
         assert run.wait() == 0, run.stderr
     finally:
@@ -94,7 +94,7 @@ def test_scheduled_snapshots_retention_verify_and_restore(testguest: Path, tmp_p
         try:
             restored_api = wait_for_api(restore_sock, restored)
             assert restored_api.vm()["name"] == "sched"
-            console = wait_for_rounds(restored, 1, 2)
+            console = wait_for_guest(restored, 2)
             assert not console.startswith(b"tg: snapvisor-testguest")
             assert rounds(console)[0][1] > 5, console[:200]
             if repo == local:

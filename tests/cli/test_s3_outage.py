@@ -21,7 +21,7 @@ import pytest
 from snapvisor.store import Repository
 
 from cli_helpers import (Foreground, assert_healthy, last_rounds, rounds, wait_for_api,
-                         wait_for_rounds, wait_until)
+                         wait_for_guest, wait_until)
 
 pytestmark = [pytest.mark.kvm, pytest.mark.s3]
 # A slow writer (256 pages/s over 2048, 8 rounds/s): many pages dirtied during the
@@ -157,7 +157,7 @@ def test_store_outage_during_a_schedule(testguest: Path, tmp_path: Path, private
     restored = Foreground("restore", "--repo", repo, first_after, "--api-sock", str(tmp_path / "r.sock"), env=env)
     try:
         restored_api = wait_for_api(tmp_path / "r.sock", restored)
-        console = wait_for_rounds(restored, 1, 3)
+        console = wait_for_guest(restored, 3)
         assert rounds(console)[0][1] > rounds_before_return
         restored_api.shutdown()
         assert restored.wait() == 0, restored.stderr
