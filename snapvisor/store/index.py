@@ -28,17 +28,68 @@ Location = tuple[int, int, int]  # (pack number in Index.packs, frame, slot)
 
 
 class Index:
+    """Kept as sorted arrays (a restore looks up a whole region's page ids at once,
+    at C speed); the dict view `entries`, used for single look-ups while writing,
+    verifying and collecting garbage, is built on first use."""
+
     def __init__(self) -> None:
         self.packs: list[PackInfo] = []
         self.pack_numbers: dict[bytes, int] = {}
-        self.entries: dict[bytes, Location] = {}
         self.files: set[str] = set()
+        self._ids: list[np.ndarray] = []   # per index file: ids as V32
+        self._locs: list[np.ndarray] = []  # per index file: (n, 3) int64 (pack, frame, slot)
+        self._sorted: tuple[np.ndarray, np.ndarray] | None = None
+        self._entries: dict[bytes, Location] | None = None
+
+    @property
+    def entries(self) -> dict[bytes, Location]:
+        if self._entries is None:
+            self._entries = {}
+            for ids, locs in zip(self._ids, self._locs):
+                self._add_to_dict(ids, locs)
+        return self._entries
+
+    def _add_to_dict(self, ids: np.ndarray, locs: np.ndarray) -> None:
+        raw = ids.tobytes()
+        keys = [raw[i:i + fmt.ID_SIZE] for i in range(0, len(raw), fmt.ID_SIZE)]
+        self._entries.update(zip(keys, map(tuple, locs.tolist())))
 
     def __contains__(self, object_id: bytes) -> bool:
-        return object_id in self.entries
+        return self.get(object_id) is not None
 
     def get(self, object_id: bytes) -> Location | None:
-        return self.entries.get(object_id)
+        if self._entries is not None:
+            return self._entries.get(object_id)
+        row = self.locate_many(np.frombuffer(object_id, dtype=np.uint8).reshape(1, fmt.ID_SIZE))[0]
+        return None if row[0] < 0 else (int(row[0]), int(row[1]), int(row[2]))
+
+    def locate_many(self, ids: np.ndarray) -> np.ndarray:
+        """(n, 3) int64 locations of the (n, 32) uint8 `ids`; rows of -1 where unknown."""
+        if self._sorted is None:
+            all_ids = np.concatenate(self._ids) if self._ids else np.empty(0, dtype="V32")
+            all_locs = np.concatenate(self._locs) if self._locs else np.empty((0, 3), dtype=np.int64)
+            # Sorting on the first 8 bytes as an integer is several times faster than
+            # on 32-byte strings; the full id is compared after the search.
+            order = np.argsort(_prefix(all_ids), kind="stable")
+            self._sorted = all_ids[order], all_locs[order], _prefix(all_ids[order])
+        sorted_ids, sorted_locs, sorted_prefix = self._sorted
+        wanted = np.ascontiguousarray(ids, dtype=np.uint8).view("V32").reshape(-1)
+        out = np.full((len(wanted), 3), -1, dtype=np.int64)
+        if not len(sorted_ids) or not len(wanted):
+            return out
+        prefix = _prefix(wanted)
+        first = np.searchsorted(sorted_prefix, prefix, side="left")
+        last = np.searchsorted(sorted_prefix, prefix, side="right")
+        at = np.minimum(first, len(sorted_ids) - 1)
+        found = (first < last) & (sorted_ids[at] == wanted)
+        out[found] = sorted_locs[at[found]]
+        # Ids sharing their first 8 bytes with another (guests choose page contents, so
+        # such pairs can be made on purpose): look through the whole run.
+        for row in np.flatnonzero(~found & (last - first > 1)).tolist():
+            run = np.flatnonzero(sorted_ids[first[row]:last[row]] == wanted[row])
+            if len(run):
+                out[row] = sorted_locs[first[row] + run[0]]
+        return out
 
     def add_file(self, key: str, index_file: fmt.IndexFile) -> None:
         numbers = []
@@ -51,16 +102,24 @@ class Index:
             numbers.append(number)
         entries = index_file.entries
         if len(entries):
-            ids = entries["id"].tobytes()
-            keys = [ids[i:i + fmt.ID_SIZE] for i in range(0, len(ids), fmt.ID_SIZE)]
-            packs = np.asarray(numbers, dtype=np.int64)[entries["pack"]].tolist()
-            self.entries.update(zip(keys, zip(packs, entries["frame"].tolist(),
-                                              entries["slot"].tolist())))
+            ids = entries["id"].copy()
+            locs = np.stack([np.asarray(numbers, dtype=np.int64)[entries["pack"]],
+                             entries["frame"].astype(np.int64), entries["slot"].astype(np.int64)], axis=1)
+            self._ids.append(ids)
+            self._locs.append(locs)
+            self._sorted = None
+            if self._entries is not None:
+                self._add_to_dict(ids, locs)
         self.files.add(key)
 
     def frame(self, loc: Location) -> tuple[PackInfo, np.void]:
         pack = self.packs[loc[0]]
         return pack, pack.frames[loc[1]]
+
+
+def _prefix(ids: np.ndarray) -> np.ndarray:
+    """The first 8 bytes of each V32 id as an unsigned integer."""
+    return np.ascontiguousarray(ids).view(np.uint8).reshape(-1, fmt.ID_SIZE)[:, :8].copy().view("<u8").reshape(-1)
 
 
 def load_index(store: ObjectStore, previous: Index | None = None, threads: int = 8,

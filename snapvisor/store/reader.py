@@ -93,10 +93,13 @@ def read_object(repo: "Repository", object_id: bytes, what: str) -> bytes:
 def read_objects(repo: "Repository", object_ids: list[bytes], what: str) -> dict[bytes, bytes]:
     """Many single-frame objects at once, grouped by pack, hash-checked."""
     index = repo.index
+    unique = list(set(object_ids))
+    locs = index.locate_many(np.frombuffer(b"".join(unique), dtype=np.uint8).reshape(-1, ID_SIZE)).tolist()
     by_pack: dict[int, dict[int, bytes]] = {}
-    for oid in set(object_ids):
-        loc = require(index, oid, what)
-        by_pack.setdefault(loc[0], {})[loc[1]] = oid
+    for oid, (pack_no, fno, _slot) in zip(unique, locs):
+        if pack_no < 0:
+            require(index, oid, what)  # raises the error that names the missing object
+        by_pack.setdefault(pack_no, {})[fno] = oid
     out: dict[bytes, bytes] = {}
 
     def one_pack(pack_no: int) -> None:
@@ -158,16 +161,15 @@ class RegionReader:
         self._cache_lock = threading.Lock()
 
     def _locate(self, index: Index) -> np.ndarray:
-        blob = self._ids[self._nonzero].tobytes()
-        get = index.entries.get
-        locs = [get(blob[k:k + ID_SIZE]) for k in range(0, len(blob), ID_SIZE)]
-        if None in locs:
-            bad = locs.index(None)
+        locs = index.locate_many(self._ids[self._nonzero])
+        missing = np.flatnonzero(locs[:, 0] < 0)
+        if len(missing):
+            bad = int(missing[0])
             raise RepositoryError(
-                f"{self._what}: page {int(self._nonzero[bad])} (id {blob[bad * 32:bad * 32 + 32].hex()}) "
+                f"{self._what}: page {int(self._nonzero[bad])} (id {self._ids[self._nonzero[bad]].tobytes().hex()}) "
                 f"is not in the repository index (missing index file or pack); run "
                 f"`snapvisor verify`")
-        return np.array(locs, dtype=np.int64).reshape(-1, 3)
+        return locs
 
     def nonzero_pages(self) -> np.ndarray:
         return self._nonzero.copy()
