@@ -31,9 +31,8 @@ from snapvisor.image.state_codec import decode_state
 from snapvisor.machine import VM
 from snapvisor.migrate.errors import MigrationError, StreamError
 from snapvisor.migrate.pages import Layout, PageBatch, apply_batch, decompress_pages
-from snapvisor.migrate.sender import STATE_HEADER
+from snapvisor.migrate.stream import DEFAULT_IO_TIMEOUT_S, STATE_HEADER, Channel, Msg, decode_json, parse_address
 from snapvisor.migrate.warm import warm_up
-from snapvisor.migrate.stream import DEFAULT_IO_TIMEOUT_S, Channel, Msg, decode_json, parse_address
 from snapvisor.store import Repository
 from snapvisor.store.pagehash import PAGE_SIZE
 from snapvisor.vmm.builder import PreparedMicrovm, build_microvm_from_state

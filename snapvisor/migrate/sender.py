@@ -21,7 +21,6 @@ runs on here at full speed.
 from __future__ import annotations
 
 import logging
-import struct
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,12 +29,12 @@ from queue import Queue
 
 import numpy as np
 
-from snapvisor.image.state_codec import encode_state
 from snapvisor.errors import SnapvisorError
+from snapvisor.image.state_codec import encode_state
 from snapvisor.machine import VM, Repo
 from snapvisor.migrate.errors import MigrationError
 from snapvisor.migrate.pages import Layout, PageBatch, ReceiverImage, compress_pages
-from snapvisor.migrate.stream import DEFAULT_IO_TIMEOUT_S, Channel, Msg, decode_json, frame_header
+from snapvisor.migrate.stream import DEFAULT_IO_TIMEOUT_S, STATE_HEADER, Channel, Msg, decode_json, frame_header
 from snapvisor.migrate.throttle import Throttle
 from snapvisor.migrate.warm import warm_up
 from snapvisor.store import Repository
@@ -44,7 +43,6 @@ from snapvisor.store.reader import load_page_map
 
 log = logging.getLogger("snapvisor.migrate")
 
-STATE_HEADER = struct.Struct("<dBI")  # sender's pause time (CLOCK_MONOTONIC), codec, raw length
 BATCH_PAGES = 512  # 2 MiB per PAGES message: one zstd frame
 FINAL_INLINE_PAGES = 2048  # a paused round up to this size is sent without the workers
 WORKERS = 2
@@ -110,6 +108,7 @@ class _Sender:
         self.channel = channel
         self.layout = layout
         self.stats = stats
+        # The VM's own Snapshotter: its dirty logs are the ones to drain (see drain).
         self.snapshotter = machine._snapshotter
         self.live = [np.frombuffer(view, dtype=np.uint8).reshape(-1, PAGE_SIZE)
                      for _, _, view in self.snapshotter.page_sources()]
@@ -121,6 +120,7 @@ class _Sender:
         for _ in range(IN_FLIGHT + WORKERS + 1):
             self.buffers.put(np.empty((BATCH_PAGES, PAGE_SIZE), dtype=np.uint8))
         self.pages_per_s = 0.0
+        self.committed = False  # GO was sent: this side must not resume the guest any more
 
     def drain(self) -> np.ndarray:
         """Global numbers of the pages (and disk blocks) written since the last
@@ -189,6 +189,75 @@ class _Sender:
     def close(self) -> None:
         self.pool.shutdown(wait=True)
 
+    def precopy(self, budget_s: float, max_time_s: float, auto_converge: bool, throttle: Throttle,
+                started: float) -> np.ndarray:
+        """Rounds while the guest runs; returns the pages dirtied since the last one."""
+        self.drain()  # round 0 sends everything: earlier writes need no record
+        pages = np.arange(self.layout.total_pages)
+        slow_rounds = 0
+        while True:
+            round_started = time.monotonic()
+            sent_before = self.channel.bytes_sent
+            self.send_round(pages)
+            self.stats.rounds += 1
+            if throttle.error is not None:
+                raise MigrationError(f"the guest could not be throttled: {throttle.error}")
+            status = self.vm.wait(0)
+            if status is not None:
+                raise MigrationError(f"VM {self.machine.name} stopped during the migration: {status.message}")
+            sent = len(pages)
+            pages = self.drain()
+            round_s = time.monotonic() - round_started
+            round_bytes = self.channel.bytes_sent - sent_before
+            # Stop once the rest fits the budget, unless it still shrinks fast: one
+            # more short round then usually leaves much less for the pause.
+            if len(pages) / max(self.pages_per_s, 1.0) <= budget_s and (
+                    len(pages) <= SMALL_FINAL_PAGES or len(pages) > SHRINKING * sent):
+                return pages
+            if time.monotonic() - started > max_time_s:
+                raise MigrationError(
+                    f"pre-copy did not converge in {max_time_s:g} s: the guest dirtied {len(pages)} pages "
+                    f"({len(pages) * PAGE_SIZE / round_s / 1e6:.1f} MB/s) during the last round while the link "
+                    f"carried {round_bytes / round_s / 1e6:.1f} MB/s (throttled to {throttle.share:.0%}); give a "
+                    f"larger downtime target or time limit, or migrate when the guest is quieter"
+                )
+            slow = len(pages) * PAGE_SIZE > DIRTY_SHARE_TO_THROTTLE * max(round_bytes, 1)
+            slow_rounds = slow_rounds + 1 if slow else 0
+            if auto_converge and slow_rounds >= 2:
+                throttle.step_up()
+                slow_rounds = 0
+
+    def handover(self, pages: np.ndarray) -> None:
+        """Pause, send the rest and the VM state, and let the receiver start the
+        guest; `committed` is set once GO is sent."""
+        paused_at = time.monotonic()
+        self.vm.pause()
+        marks = [("pause", time.monotonic())]
+        # The pages of the last drain plus those written until the pause. (A mask,
+        # not np.union1d: numpy imports that lazily, ~10 ms on its first call.)
+        final_mask = np.zeros(self.layout.total_pages, dtype=bool)
+        final_mask[pages] = True
+        final_mask[self.drain()] = True
+        final = np.flatnonzero(final_mask)
+        self.send_final(final)
+        self.stats.final_pages = len(final)
+        marks.append(("final_pages", time.monotonic()))
+        state = encode_state(self.vm.save_state())
+        kind, packed = compress_pages(np.frombuffer(state, dtype=np.uint8))
+        self.channel.send(Msg.STATE, STATE_HEADER.pack(paused_at, kind, len(state)), packed)
+        marks.append(("state", time.monotonic()))
+        self.stats.receiver = decode_json(self.channel.expect(Msg.READY), Msg.READY)
+        marks.append(("receiver_build", time.monotonic()))
+        self.channel.send(Msg.GO)
+        self.committed = True
+        resumed = decode_json(self.channel.expect(Msg.RESUMED), Msg.RESUMED)
+        started_at = float(resumed["started_at"])
+        marks.append(("receiver_start", started_at))
+        self.stats.downtime_s = started_at - paused_at
+        self.stats.downtime_parts = {name: round(at - prev, 6) for (name, at), (_, prev)
+                                     in zip(marks, [("", paused_at)] + marks)}
+        self.stats.receiver.update(resumed)
+
 
 def migrate(
     machine: VM,
@@ -206,7 +275,8 @@ def migrate(
     With `repo`, pages equal to those of `base` (default: this VM's newest snapshot
     there) are read by the receiver from that repository instead of crossing the
     link. On success the VM is stopped here and runs on the receiver; on failure it
-    keeps running here and MigrationError says what happened."""
+    keeps running here and MigrationError says what happened. Nothing else may
+    pause or snapshot the VM meanwhile."""
     if downtime_ms <= 0 or max_time_s <= 0:
         raise MigrationError("the downtime target and the time limit must be positive")
     if not machine.vm.running:
@@ -229,7 +299,6 @@ def migrate(
     channel = Channel.connect(to, io_timeout_s)
     sender = _Sender(machine, channel, layout, stats)
     throttle = Throttle(machine.vm)
-    committed = False
     try:
         channel.hello()
         channel.send_json(Msg.OFFER, {"vm": machine.name, "regions": layout.regions, "config": machine.vm.config,
@@ -240,74 +309,15 @@ def migrate(
             log.warning("the receiver cannot use base snapshot %s (%s); sending every page",
                         base_offer["snapshot"][:12], accepted.get("reason"))
         sender.image = ReceiverImage(layout, base_ids if stats.base_used else None)
-
-        sender.drain()  # round 0 sends everything: earlier writes need no record
-        pages = np.arange(layout.total_pages)
         budget_s = downtime_ms / 1000 * PAGE_BUDGET_SHARE
-        slow_rounds = 0
-        while True:
-            round_started = time.monotonic()
-            sent_before = channel.bytes_sent
-            sender.send_round(pages)
-            stats.rounds += 1
-            if throttle.error is not None:
-                raise MigrationError(f"the guest could not be throttled: {throttle.error}")
-            if not machine.vm.running:
-                raise MigrationError(f"VM {machine.name} stopped during the migration ({machine.vm.wait(0)})")
-            sent = len(pages)
-            pages = sender.drain()
-            round_s = time.monotonic() - round_started
-            # Stop once the rest fits the budget, unless it still shrinks fast: one
-            # more short round then usually leaves much less for the pause.
-            if len(pages) / max(sender.pages_per_s, 1.0) <= budget_s and (
-                    len(pages) <= SMALL_FINAL_PAGES or len(pages) > SHRINKING * sent):
-                break
-            if time.monotonic() - started > max_time_s:
-                link = (channel.bytes_sent - sent_before) / round_s / 1e6
-                raise MigrationError(
-                    f"pre-copy did not converge in {max_time_s:g} s: the guest dirtied {len(pages)} pages "
-                    f"({len(pages) * PAGE_SIZE / round_s / 1e6:.1f} MB/s) during the last round while the link "
-                    f"carried {link:.1f} MB/s (throttled to {throttle.share:.0%}); give a larger downtime target "
-                    f"or time limit, or migrate when the guest is quieter"
-                )
-            slow_rounds = slow_rounds + 1 if len(pages) * PAGE_SIZE > DIRTY_SHARE_TO_THROTTLE * max(
-                channel.bytes_sent - sent_before, 1) else 0
-            if auto_converge and slow_rounds >= 2:
-                throttle.step_up()
-                slow_rounds = 0
+        pages = sender.precopy(budget_s, max_time_s, auto_converge, throttle, started)
         throttle.stop()
         stats.throttle_share = throttle.share
         stats.precopy_s = time.monotonic() - started
-
-        paused_at = time.monotonic()
-        machine.vm.pause()
-        marks = [("pause", time.monotonic())]
-        # The pages of the last drain plus those written until the pause. (A mask,
-        # not np.union1d: numpy imports that lazily, ~10 ms on its first call.)
-        final_mask = np.zeros(layout.total_pages, dtype=bool)
-        final_mask[pages] = True
-        final_mask[sender.drain()] = True
-        final = np.flatnonzero(final_mask)
-        sender.send_final(final)
-        stats.final_pages = len(final)
-        marks.append(("final_pages", time.monotonic()))
-        state = encode_state(machine.vm.save_state())
-        kind, packed = compress_pages(np.frombuffer(state, dtype=np.uint8))
-        channel.send(Msg.STATE, STATE_HEADER.pack(paused_at, kind, len(state)), packed)
-        marks.append(("state", time.monotonic()))
-        stats.receiver = decode_json(channel.expect(Msg.READY), Msg.READY)
-        marks.append(("receiver_build", time.monotonic()))
-        channel.send(Msg.GO)
-        committed = True
-        resumed = decode_json(channel.expect(Msg.RESUMED), Msg.RESUMED)
-        stats.downtime_s = float(resumed["started_at"]) - paused_at
-        marks.append(("receiver_start", float(resumed["started_at"])))
-        stats.downtime_parts = {name: round(at - prev, 6) for (name, at), (_, prev)
-                                in zip(marks, [("", paused_at)] + marks)}
-        stats.receiver.update(resumed)
+        sender.handover(pages)
     except BaseException as exc:
         throttle.stop()
-        if committed:
+        if sender.committed:
             # The receiver may have started the guest: running it here too could
             # make two copies. Keep it paused and let the operator decide.
             raise MigrationError(

@@ -24,6 +24,7 @@ MAGIC = b"snapvisor-migr8\0"
 VERSION = 1
 HELLO = struct.Struct("<16sHH")
 HEADER = struct.Struct("<B3xII")
+STATE_HEADER = struct.Struct("<dBI")  # STATE: sender's pause time (CLOCK_MONOTONIC), codec, raw length
 MAX_MESSAGE = 256 << 20
 # Without progress on a connection for this long, it is treated as cut.
 DEFAULT_IO_TIMEOUT_S = 20.0

@@ -54,7 +54,8 @@ def test_link_cut_during_precopy(testguest: Path, hosts: tuple[Host, Host]) -> N
     a, b = hosts
     sender, receiver = start_slow_migration(a, b, testguest)
     a.cut()
-    assert_runs_on_a(sender, "made no progress for 3 s")
+    # Sending stalls, or the answer A waits for never comes: either way after --timeout.
+    assert_runs_on_a(sender, " for 3 s")
     assert_nothing_ran_on_b(receiver, "nothing from")
 
 
