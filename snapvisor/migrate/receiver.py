@@ -292,6 +292,8 @@ def receive(
                 batch = PageBatch.decode(payload, layout.total_pages, base is not None)
                 apply_batch(batch, staging, base.fetch if base else None)
                 pages += len(batch.data_pages) + len(batch.copy_dst) + len(batch.zero_pages) + len(batch.base_pages)
+            elif kind == Msg.SYNC:
+                channel.send(Msg.SYNC, payload)
             elif kind == Msg.STATE:
                 break
             elif kind == Msg.ERROR:

@@ -32,7 +32,7 @@ import numpy as np
 from snapvisor.errors import SnapvisorError
 from snapvisor.image.state_codec import encode_state
 from snapvisor.machine import VM, Repo
-from snapvisor.migrate.errors import MigrationError
+from snapvisor.migrate.errors import MigrationError, StreamError
 from snapvisor.migrate.pages import Layout, PageBatch, ReceiverImage, compress_pages
 from snapvisor.migrate.stream import DEFAULT_IO_TIMEOUT_S, STATE_HEADER, Channel, Msg, decode_json, frame_header
 from snapvisor.migrate.throttle import Throttle
@@ -50,10 +50,11 @@ IN_FLIGHT = 4  # batches prepared ahead of the socket
 # Share of the downtime target for the last pages; the rest is for the VM state
 # and building the VM on the receiver.
 PAGE_BUDGET_SHARE = 0.5
-# The throttle steps up when a round's guest writes exceed this share of what the
-# round sent (the dirty set is not shrinking fast enough), two rounds in a row.
+# A round is slow when the guest wrote more than this share of what the round
+# sent (the dirty set is not shrinking fast enough); slow rounds step the throttle up.
 DIRTY_SHARE_TO_THROTTLE = 0.5
 SMALL_FINAL_PAGES = 64
+RATE_SAMPLE_BYTES = 1 << 20
 SHRINKING = 0.5
 DEFAULT_DOWNTIME_MS = 50.0
 DEFAULT_MAX_TIME_S = 120.0
@@ -119,7 +120,10 @@ class _Sender:
         self.buffers: Queue[np.ndarray] = Queue()
         for _ in range(IN_FLIGHT + WORKERS + 1):
             self.buffers.put(np.empty((BATCH_PAGES, PAGE_SIZE), dtype=np.uint8))
-        self.pages_per_s = 0.0
+        # Bytes per second that reached the receiver and were applied, from the
+        # last round that carried enough to measure (zero and unchanged pages
+        # cost nothing on the wire, so pages per second would mislead).
+        self.wire_bytes_per_s = 0.0
         self.committed = False  # GO was sent: this side must not resume the guest any more
 
     def drain(self) -> np.ndarray:
@@ -160,6 +164,7 @@ class _Sender:
         """Send `pages` (sorted global numbers) as they are now; `final` when the
         guest is paused (nothing is tracked after it)."""
         started = time.perf_counter()
+        sent_before = self.channel.bytes_sent
         in_round = None
         if not final:
             in_round = np.zeros(self.layout.total_pages, dtype=bool)
@@ -182,9 +187,16 @@ class _Sender:
                 pending.append(self.pool.submit(self._prepare, region, local[start:start + BATCH_PAGES], in_round))
                 flush(IN_FLIGHT)
         flush(0)
+        if not final:
+            # Wait until the receiver has applied the round: the socket buffers
+            # megabytes, and the round's time must be the link's, not the buffer's.
+            marker = self.stats.rounds.to_bytes(4, "little")
+            self.channel.send(Msg.SYNC, marker)
+            if self.channel.expect(Msg.SYNC) != marker:
+                raise StreamError(f"{self.channel.peer} answered another round's SYNC; the stream is out of order")
         elapsed = time.perf_counter() - started
-        if len(pages) >= BATCH_PAGES:
-            self.pages_per_s = len(pages) / max(elapsed, 1e-6)
+        if self.channel.bytes_sent - sent_before >= RATE_SAMPLE_BYTES:
+            self.wire_bytes_per_s = (self.channel.bytes_sent - sent_before) / max(elapsed, 1e-6)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
@@ -211,7 +223,8 @@ class _Sender:
             round_bytes = self.channel.bytes_sent - sent_before
             # Stop once the rest fits the budget, unless it still shrinks fast: one
             # more short round then usually leaves much less for the pause.
-            if len(pages) / max(self.pages_per_s, 1.0) <= budget_s and (
+            # (Every page counted as incompressible: the estimate errs on the safe side.)
+            if len(pages) * PAGE_SIZE / max(self.wire_bytes_per_s, 1.0) <= budget_s and (
                     len(pages) <= SMALL_FINAL_PAGES or len(pages) > SHRINKING * sent):
                 return pages
             if time.monotonic() - started > max_time_s:
@@ -223,7 +236,8 @@ class _Sender:
                 )
             slow = len(pages) * PAGE_SIZE > DIRTY_SHARE_TO_THROTTLE * max(round_bytes, 1)
             slow_rounds = slow_rounds + 1 if slow else 0
-            if auto_converge and slow_rounds >= 2:
+            # Two slow rounds start the throttle; once on, each slow round steps it up.
+            if auto_converge and slow_rounds >= (1 if throttle.share else 2):
                 throttle.step_up()
                 slow_rounds = 0
 

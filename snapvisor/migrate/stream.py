@@ -39,6 +39,7 @@ class Msg(enum.IntEnum):
     GO = 6  # sender -> receiver: start it; from here the sender never resumes its copy
     RESUMED = 7  # receiver -> sender, JSON: monotonic time the guest started there
     ERROR = 8  # either way, JSON {"message"}: the peer gives up, and says why
+    SYNC = 9  # sender -> receiver at the end of a round, echoed back once all before it is applied
 
 
 def parse_address(text: str) -> tuple[str, int]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from migrate_lab import Host, Process, rounds, wait_for_verified_rounds
-from test_live_migration import GUEST, PORT, new_disk
+from test_live_migration import GUEST, PORT, new_disk, report
 
 pytestmark = pytest.mark.kvm
 
@@ -81,3 +81,17 @@ def test_guest_faster_than_link_ends_cleanly(testguest: Path, hosts: tuple[Host,
     assert_runs_on_a(sender, "did not converge")
     assert "throttled to" in sender.stderr()
     assert_nothing_ran_on_b(receiver, "gave up: pre-copy did not converge")
+
+
+def test_throttle_lets_a_busy_guest_converge(testguest: Path, hosts: tuple[Host, Host]) -> None:
+    a, b = hosts
+    # The guest rewrites its 2 MiB at 4 MiB/s; the link carries 2 MB/s: it cannot
+    # converge at full speed, and does once auto-converge slows the guest down.
+    busy = "console=ttyS0 tg.mem=2 tg.rate=4 tg.pages=256 tg.rounds=0"
+    sender, receiver = start_slow_migration(a, b, testguest, busy, "16mbit", "--max-time", "50s", "--json")
+    assert sender.wait(60) == 0, sender.stderr()
+    stats = report(sender)
+    assert stats["throttle_share"] >= 0.2, stats
+    last = max(number for _, number, _ in rounds(sender.stdout()))
+    console_b = wait_for_verified_rounds(receiver, 3, 60, after=last)
+    assert b"snapvisor-testguest" not in console_b
