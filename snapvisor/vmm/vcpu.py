@@ -298,7 +298,7 @@ class Vcpu:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
     def run_loop(self, control: "VcpuControl") -> None:
-        block_kicks_in_this_thread()
+        """The vCPU thread's body; Vm.start() starts it with kicks blocked."""
         try:
             status = self._run(control)
         except KvmError as exc:
@@ -315,6 +315,9 @@ class Vcpu:
         pio_lookup = self._pio_bus.lookup
         unpack_io = _IO_EXIT.unpack_from
         union_offset = b.RUN_EXIT_UNION_OFFSET
+        # A pause or stop requested before this thread was alive sent it no kick.
+        if self._stop_requested(control):
+            return None
         while True:
             try:
                 run_once()
@@ -322,10 +325,7 @@ class Vcpu:
                 if exc.errno not in (errno.EINTR, errno.EAGAIN):
                     raise
                 _drain_kicks()
-                if control.stopping:
-                    return None
-                control.park_if_paused(self)
-                if control.stopping:
+                if self._stop_requested(control):
                     return None
                 continue
 
@@ -371,6 +371,12 @@ class Vcpu:
                     return ExitStatus(0, "poweroff", f"vCPU {self.index} halted")
                 case other:
                     return ExitStatus(ERROR_EXIT_CODE, "error", f"vCPU {self.index}: unexpected KVM exit reason {other}")
+
+    def _stop_requested(self, control: "VcpuControl") -> bool:
+        """Park while the VM is paused; True when the thread should end."""
+        if not control.stopping:
+            control.park_if_paused(self)
+        return control.stopping
 
     def _handle_mmio(self, mmio) -> None:
         size = mmio.len

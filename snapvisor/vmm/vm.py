@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import signal
 import threading
 from typing import Any, Callable
 
@@ -14,7 +15,7 @@ from snapvisor.vmm.exit_status import ExitStatus
 from snapvisor.vmm.irqchip import Irqchip
 from snapvisor.vmm.kvm import Kvm, VmFd
 from snapvisor.vmm.memory import GuestMemory
-from snapvisor.vmm.vcpu import Vcpu, install_kick_handler
+from snapvisor.vmm.vcpu import Vcpu, block_kicks_in_this_thread, install_kick_handler
 
 STATE_VERSION = 1
 PAUSE_TIMEOUT_S = 5.0
@@ -119,8 +120,15 @@ class Vm:
             vcpu.thread = threading.Thread(
                 target=vcpu.run_loop, args=(self._control,), name=f"vcpu{vcpu.index}", daemon=True
             )
-        for vcpu in self.vcpus:
-            vcpu.thread.start()
+        # Threads inherit the creator's signal mask: starting them with kicks
+        # already blocked means a kick sent before a thread reaches KVM_RUN
+        # stays pending instead of being delivered (and lost) early.
+        previous_mask = block_kicks_in_this_thread()
+        try:
+            for vcpu in self.vcpus:
+                vcpu.thread.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
         if self._serial_input is not None:
             self._serial_input.start()
 
