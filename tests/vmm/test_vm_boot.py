@@ -220,3 +220,21 @@ def test_mmio_dispatch_by_address_range(tmp_path: Path) -> None:
         status = vm.wait(10)
     assert device.writes == [(8, 4, 0xCAFEF00D)]
     assert status.code == 0x47
+
+
+def test_requests_made_before_a_vcpu_thread_runs_are_honoured(tmp_path: Path) -> None:
+    """CPU 0 powers off (or the VMM pauses) before CPU 1's thread is even alive:
+    CPU 1 must still stop (or park) instead of waiting for a SIPI forever."""
+    kernel = tmp_path / "k.elf"
+    kernel.write_bytes(elf_image(power_off(5)))
+    for _ in range(25):
+        with build_microvm_for_boot(VmConfig(kernel=kernel, mem_size=16 * MiB, vcpus=2, serial_out=io.BytesIO())) as vm:
+            vm.start()
+            status = vm.wait(5)
+            assert status is not None and status.code == 5
+    for _ in range(10):
+        with build_microvm_for_boot(VmConfig(kernel=kernel, mem_size=16 * MiB, vcpus=2, serial_out=io.BytesIO())) as vm:
+            vm.start()
+            vm.pause(timeout=2)
+            vm.resume()
+            assert vm.wait(5) is not None
