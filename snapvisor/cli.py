@@ -637,10 +637,8 @@ def _receive(args: argparse.Namespace) -> int:
     received = receive(listener, repos=repos, serial_out=sys.stdout.fileno(), accept_timeout_s=args.wait,
                        io_timeout_s=args.timeout,
                        on_connect=lambda peer: _log_to_stderr(f"migration from {peer} started"),
-                       disk_dir=args.disk_dir)
+                       disk_dir=args.disk_dir, name=args.name)
     machine = received.machine
-    if args.name:
-        machine.name = args.name
     report = {"vm": machine.name, "downtime_s": received.downtime_s, "build_s": received.build_s,
               "pages": received.pages, "bytes_received": received.bytes_received}
     _log_to_stderr(json.dumps(report) if args.json else

@@ -250,11 +250,13 @@ def receive(
     io_timeout_s: float = DEFAULT_IO_TIMEOUT_S,
     on_connect: Callable[[str], None] | None = None,
     disk_dir: Path | str | None = None,
+    name: str | None = None,
 ) -> Received:
     """Accept one migration on `listener` (a listening socket or HOST:PORT) and
     return the VM, already running here. When one of `repos` is the sender's
     repository, pages of its base snapshot are read from there instead of the network.
-    The VM's disks are written as new images `disk_dir/<name>.img`."""
+    The VM's disks are written as new images `disk_dir/<name>.img`. The VM keeps
+    the sender's name unless `name` gives another (its name in snapshots)."""
     sock = listen(listener) if isinstance(listener, str) else listener
     sock.settimeout(accept_timeout_s)
     try:
@@ -276,7 +278,7 @@ def receive(
         channel.hello()
         offer = decode_json(channel.expect(Msg.OFFER), Msg.OFFER)
         layout, config = _check_offer(offer)
-        name = offer["vm"]
+        offered_name = offer["vm"]
         staging = _Staging(layout, Path(disk_dir) if disk_dir is not None else None)
         # Creating the VM now keeps it out of the downtime; its RAM is the staging area.
         prepared = PreparedMicrovm(config, serial_out, serial_in, disk_paths=staging.disk_paths)
@@ -302,7 +304,7 @@ def receive(
                 raise StreamError(f"{channel.peer} sent {kind.name} during the page transfer; the stream is out of order")
         paused_at, state = _decode_state(payload)
         build_started = time.monotonic()
-        vm = _build(state, staging, prepared, name, cpuid_here)
+        vm = _build(state, staging, prepared, offered_name, cpuid_here)
         prepared = None  # the VM owns its parts now
         build_s = time.monotonic() - build_started
         channel.send_json(Msg.READY, {"build_s": build_s, "pages": pages})
@@ -332,4 +334,4 @@ def receive(
         log.warning("the sender did not get the resume confirmation (%s); the VM runs here", exc)
     finally:
         channel.close()
-    return Received(VM(vm, name), paused_at, started_at, build_s, pages, received_bytes)
+    return Received(VM(vm, name or offered_name), paused_at, started_at, build_s, pages, received_bytes)
