@@ -9,7 +9,8 @@ Prints one JSON document:
   byte, inside one process (the VMM's own cost without interpreter start-up);
 - pio_exits: exits per second of the guest loop `inc rbx; out 0x80, al; jmp`
   under snapvisor's run loop, next to bench/pio_loop.c doing the same KVM_RUN
-  round trip in C (built here with gcc), the physical limit on this host.
+  round trip in C (built here with gcc), the physical limit on this host; and
+  the same loop writing COM1's scratch register (a device on the bus).
 Medians over N runs. Takes /tmp/snapvisor-bench.lock so benchmarks on this
 shared machine do not overlap.
 """
@@ -38,7 +39,9 @@ from snapvisor.vmm.builder import VmConfig, build_microvm_for_boot  # noqa: E402
 
 LOCK = Path("/tmp/snapvisor-bench.lock")
 GUEST_CMDLINE = "console=ttyS0 tg.mem=1 tg.rounds=1"
-PIO_LOOP_CODE = b"\x48\xff\xc3" + b"\xe6\x80" + b"\xeb\xf9"  # inc rbx; out 0x80, al; jmp loop
+PIO_LOOP_CODE = b"\x48\xff\xc3" + b"\xe6\x80" + b"\xeb\xf9"  # inc rbx; out 0x80, al; jmp loop (unclaimed port)
+# The same loop writing COM1's scratch register: each exit also goes through a device.
+SERIAL_LOOP_CODE = b"\x66\xba\xff\x03" + b"\x48\xff\xc3" + b"\xee" + b"\xeb\xfa"  # mov dx,0x3ff; inc rbx; out dx,al
 
 
 def first_byte_cli(kernel: Path) -> float:
@@ -105,6 +108,8 @@ def main() -> None:
             testguest = build()
             loop_guest = Path(work) / "pio_loop.elf"
             loop_guest.write_bytes(elf_image(PIO_LOOP_CODE))
+            serial_guest = Path(work) / "serial_loop.elf"
+            serial_guest.write_bytes(elf_image(SERIAL_LOOP_CODE))
             c_loop = Path(work) / "pio_loop"
             subprocess.run(["gcc", "-O2", "-o", str(c_loop), str(REPO / "bench" / "pio_loop.c")], check=True)
 
@@ -116,6 +121,7 @@ def main() -> None:
             for _ in range(max(3, args.runs // 2)):
                 python_rate.append(pio_exits_python(loop_guest, args.seconds))
                 c_rate.append(pio_exits_c(c_loop, args.seconds))
+            serial_rate = [pio_exits_python(serial_guest, args.seconds) for _ in range(max(3, args.runs // 2))]
             load = os.getloadavg()
 
     result = {
@@ -132,6 +138,7 @@ def main() -> None:
             "snapvisor_python": statistics.median(python_rate),
             "c_loop": statistics.median(c_rate),
             "python_over_c_median_of_pairs": statistics.median(p / c for p, c in zip(python_rate, c_rate)),
+            "snapvisor_python_through_serial_device": statistics.median(serial_rate),
             "runs_python": python_rate,
             "runs_c": c_rate,
         },

@@ -55,7 +55,10 @@ CPUID_EXT_TOPOLOGY = 0xB
 CPUID_EXT_TOPOLOGY_V2 = 0x1F
 CPUID_HYPERVISOR_BIT = 1 << 31
 
-_IO_EXIT = struct.Struct("<BBHIQ")  # struct kvm_run_io at the exit union
+# exit_reason, then struct kvm_run_io at the start of the exit union
+_EXIT_AND_IO = struct.Struct(f"<I{b.RUN_EXIT_UNION_OFFSET - b.RUN_EXIT_REASON_OFFSET - 4}xBBHIQ")
+_SIZE_MASK = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF}
+_UNCLAIMED_READ = 0xFFFFFFFF  # nothing answers: the bus floats high
 _LE_U32 = struct.Struct("<I")
 
 
@@ -311,41 +314,41 @@ class Vcpu:
         fd = self.fd
         run = fd.run
         buffer = fd.run_buffer
-        run_once = fd.run_once
+        kvm_run = fd.run_call()
         pio_lookup = self._pio_bus.lookup
-        unpack_io = _IO_EXIT.unpack_from
-        union_offset = b.RUN_EXIT_UNION_OFFSET
+        unpack_exit = _EXIT_AND_IO.unpack_from
+        exit_offset = b.RUN_EXIT_REASON_OFFSET
         # A pause or stop requested before this thread was alive sent it no kick.
         if self._stop_requested(control):
             return None
         while True:
-            try:
-                run_once()
-            except KvmError as exc:
-                if exc.errno not in (errno.EINTR, errno.EAGAIN):
-                    raise
+            if kvm_run() < 0:
+                error = ffi.errno
+                if error not in (errno.EINTR, errno.EAGAIN):
+                    raise KvmError("KVM_RUN", error)
                 _drain_kicks()
                 if self._stop_requested(control):
                     return None
                 continue
 
-            match run.exit_reason:
+            # One read for the exit reason and the port-I/O fields (meaningless,
+            # and unused, for other exits).
+            reason, direction, size, port, count, data_offset = unpack_exit(buffer, exit_offset)
+            match reason:
                 case b.KVM_EXIT_IO:
-                    direction, size, port, count, data_offset = unpack_io(buffer, union_offset)
                     target = pio_lookup(port)
-                    for _ in range(count):
-                        if direction == b.KVM_EXIT_IO_OUT:
-                            if target is not None:
-                                value = buffer[data_offset] if size == 1 else int.from_bytes(
-                                    buffer[data_offset : data_offset + size], "little"
-                                )
-                                target[0].write(target[1], size, value)
-                        else:
-                            value = target[0].read(target[1], size) if target is not None else 0xFFFFFFFF
-                            buffer[data_offset : data_offset + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(
-                                size, "little"
+                    if count != 1:
+                        self._string_io(target, direction, size, count, data_offset, buffer)
+                    elif direction == b.KVM_EXIT_IO_OUT:
+                        if target is not None:  # writes to unclaimed ports are dropped
+                            target[0].write(
+                                target[1],
+                                size,
+                                buffer[data_offset] if size == 1 else int.from_bytes(buffer[data_offset : data_offset + size], "little"),
                             )
-                        data_offset += size
+                    else:
+                        value = target[0].read(target[1], size) if target is not None else _UNCLAIMED_READ
+                        buffer[data_offset : data_offset + size] = (value & _SIZE_MASK[size]).to_bytes(size, "little")
                 case b.KVM_EXIT_MMIO:
                     self._handle_mmio(run.u.mmio)
                 case b.KVM_EXIT_INTR:
@@ -371,6 +374,19 @@ class Vcpu:
                     return ExitStatus(0, "poweroff", f"vCPU {self.index} halted")
                 case other:
                     return ExitStatus(ERROR_EXIT_CODE, "error", f"vCPU {self.index}: unexpected KVM exit reason {other}")
+
+    @staticmethod
+    def _string_io(target, direction: int, size: int, count: int, data_offset: int, buffer: memoryview) -> None:
+        """`rep ins/outs` exits carry `count` items, one after another in the data area."""
+        mask = _SIZE_MASK[size]
+        for _ in range(count):
+            if direction == b.KVM_EXIT_IO_OUT:
+                if target is not None:
+                    target[0].write(target[1], size, int.from_bytes(buffer[data_offset : data_offset + size], "little"))
+            else:
+                value = target[0].read(target[1], size) & mask if target is not None else mask
+                buffer[data_offset : data_offset + size] = value.to_bytes(size, "little")
+            data_offset += size
 
     def _stop_requested(self, control: "VcpuControl") -> bool:
         """Park while the VM is paused; True when the thread should end."""

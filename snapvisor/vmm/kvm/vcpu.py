@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import mmap
+from functools import partial
+from typing import Callable
 
 from snapvisor.vmm.errors import KvmError
 from snapvisor.vmm.kvm import bindings as b
@@ -29,6 +31,12 @@ class VcpuFd(KvmFd):
         self.run_buffer.release()
         self._run_mmap.close()
         super().close()
+
+    def run_call(self) -> Callable[[], int]:
+        """KVM_RUN as a zero-argument callable returning the raw result (0, or -1
+        with the error in `ffi.errno`): the run loop's hot path, without a Python
+        frame or an exception per exit."""
+        return partial(_ioctl, self._fd, b.KVM_RUN, _NO_ARG)
 
     def run_once(self) -> None:
         """KVM_RUN. Raises KvmError (errno EINTR when a signal or immediate_exit stopped it)."""
