@@ -13,8 +13,8 @@ import pytest
 
 from conftest import wait_for_output
 from snapvisor.vmm.builder import VmConfig, build_microvm_for_boot, build_microvm_from_state
-from snapvisor.vmm.errors import VmRuntimeError, VmStateError
-from snapvisor.vmm.memory import GuestMemory
+from snapvisor.vmm.errors import GuestMemoryError, VmRuntimeError, VmStateError
+from snapvisor.vmm.memory import FileBacking, GuestMemory
 
 pytestmark = pytest.mark.kvm
 MiB = 1 << 20
@@ -143,3 +143,42 @@ def test_restore_refuses_an_unknown_state_version(testguest: Path) -> None:
     bad_vcpu = dict(state, vcpus=[state["vcpus"][0] | {"regs": b"short"}])
     with pytest.raises(VmStateError, match="regs is 5 bytes"):
         build_microvm_from_state(bad_vcpu, serial_out=io.BytesIO())
+
+
+def test_restore_straight_from_a_memory_file_leaves_the_file_untouched(testguest: Path, tmp_path: Path) -> None:
+    """memory_backing maps guest RAM privately from an image file: the guest runs
+    on copy-on-write pages and the image stays as it was saved."""
+    first_out = io.BytesIO()
+    first = paced_guest(testguest, 1, rounds=6, out=first_out, exit_code=21)
+    first.start()
+    wait_for_output(first_out, b"round=2 ", 30)
+    first.pause()
+    state = first.save_state()
+    image = tmp_path / "ram0.img"
+    image.write_bytes(first.memory.regions[0].view)
+    first.close()
+    saved = image.read_bytes()
+
+    second_out = io.BytesIO()
+    second = build_microvm_from_state(
+        state, serial_out=second_out, memory_backing={"ram0": FileBacking(image)}
+    )
+    with second:
+        second.start()
+        status = second.wait(60)
+    assert (status.code, status.reason) == (21, "poweroff")
+    assert_clean_run(first_out.getvalue() + second_out.getvalue(), 1, 6)
+    assert image.read_bytes() == saved
+
+
+def test_memory_file_too_small_is_refused(testguest: Path, tmp_path: Path) -> None:
+    out = io.BytesIO()
+    with paced_guest(testguest, 1, rounds=0, out=out) as vm:
+        vm.start()
+        wait_for_output(out, b"timer ok", 30)
+        vm.pause()
+        state = vm.save_state()
+    image = tmp_path / "short.img"
+    image.write_bytes(bytes(4096))
+    with pytest.raises(GuestMemoryError, match="holds 4096 bytes"):
+        build_microvm_from_state(state, serial_out=io.BytesIO(), memory_backing={"ram0": FileBacking(image)})
