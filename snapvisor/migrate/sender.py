@@ -331,9 +331,11 @@ def migrate(
         sender.handover(pages)
     except BaseException as exc:
         throttle.stop()
-        if sender.committed:
-            # The receiver may have started the guest: running it here too could
-            # make two copies. Keep it paused and let the operator decide.
+        # After GO the receiver may have started the guest, unless its side of the
+        # connection is gone: the guest would have ended with its process, and
+        # once started the receiver only confirms. On a stall, running the guest
+        # here too could make two copies: keep it paused, the operator decides.
+        if sender.committed and not (isinstance(exc, StreamError) and exc.peer_closed):
             raise MigrationError(
                 f"migration to {to}: the handover was sent but not confirmed ({exc}); the VM is paused here "
                 f"and runs on {to} if the receiver got the go: check there, and resume it here only if it "

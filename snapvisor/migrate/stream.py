@@ -162,7 +162,7 @@ class Channel:
             ) from None
         except (BrokenPipeError, ConnectionResetError):
             raise StreamError(f"{self.peer} closed the connection in the middle of the migration (it stopped or "
-                              f"was killed)") from None
+                              f"was killed)", peer_closed=True) from None
         except OSError as exc:
             raise StreamError(f"the connection to {self.peer} broke while sending: {exc.strerror or exc}") from None
 
@@ -175,7 +175,8 @@ class Channel:
             while got < length:
                 n = self.sock.recv_into(view[got:])
                 if n == 0:
-                    raise StreamError(f"{self.peer} closed the connection in the middle of the migration ({what})")
+                    raise StreamError(f"{self.peer} closed the connection in the middle of the migration ({what})",
+                                      peer_closed=True)
                 got += n
         except socket.timeout:
             raise StreamError(
@@ -184,7 +185,7 @@ class Channel:
             ) from None
         except ConnectionResetError:
             raise StreamError(f"{self.peer} closed the connection in the middle of the migration ({what}; it "
-                              f"stopped or was killed)") from None
+                              f"stopped or was killed)", peer_closed=True) from None
         except OSError as exc:
             raise StreamError(f"the connection to {self.peer} broke while receiving: {exc.strerror or exc}") from None
         return view

