@@ -175,6 +175,7 @@ def main() -> None:
     rates = [10] if args.quick else [int(r) for r in args.rates.split(",")]
     elf = build()
     qemu = shutil.which("qemu-system-x86_64")
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-migrate-") as tmp:
         workdir = Path(tmp)
@@ -195,6 +196,13 @@ def main() -> None:
         "guest": {"mem_mib": MEM_MIB, "working_set_mib": WORKING_SET_MIB, "vcpus": 1},
         "link": "loopback (127.0.0.1), both VMMs on this machine",
         "downtime_target_ms": DOWNTIME_TARGET_MS,
+        "downtime_measured_as": {
+            "snapvisor": "sender's pause() to receiver's vm.start() returning, CLOCK_MONOTONIC of both processes",
+            "qemu": "the downtime QEMU's query-migrate reports (source side)",
+        },
+        "load_average_at_start": load_at_start,
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        "cpus": os.cpu_count(),
         "qemu": {"binary": qemu, "accel": accel} if qemu else "qemu-system-x86_64 not installed",
         "results": results,
         "targets": {
