@@ -170,14 +170,14 @@ class ReceiverImage:
         if self.base_ids is not None:
             base = changed & nonzero & (ids == self.base_ids[pages]).all(axis=1)
         rest = np.flatnonzero(changed & nonzero & ~base)
-        copy_at, copy_src = [], []
+        copy_at = copy_src = np.empty(0, dtype=np.int64)
         if self._holders and len(rest):
-            blob = ids[rest].tobytes()
-            for i, row in enumerate(rest.tolist()):
-                holder = self._holders.get(blob[i * ID_SIZE:(i + 1) * ID_SIZE])
-                if holder is not None and not in_round[holder] and (self.ids[holder] == ids[row]).all():
-                    copy_at.append(i)
-                    copy_src.append(holder)
+            holders = np.array([self._holders.get(key, -1) for key in _keys(ids[rest])], dtype=np.int64)
+            found = np.flatnonzero(holders >= 0)
+            source = holders[found]
+            # Usable only if the receiver still holds that content there and keeps it this round.
+            usable = ~in_round[source] & (self.ids[source] == ids[rest[found]]).all(axis=1)
+            copy_at, copy_src = found[usable], source[usable]
         data = np.delete(rest, copy_at)
         self.ids[pages[changed]] = ids[changed]
         # Usually every page is data: compress the chunk as it is, without a gathering copy.
@@ -185,7 +185,7 @@ class ReceiverImage:
             else (CODEC_RAW, b"")
         batch = PageBatch(
             data_pages=pages[data], frame=frame, codec=kind, raw_len=len(data) * PAGE_SIZE,
-            copy_dst=pages[rest[copy_at]], copy_src=np.asarray(copy_src, dtype=np.int64),
+            copy_dst=pages[rest[copy_at]], copy_src=copy_src,
             zero_pages=pages[zero], base_pages=pages[base],
         )
         counts = {"data": len(data), "copied": len(copy_at), "zero": int(zero.sum()), "base": int(base.sum()),
@@ -194,11 +194,13 @@ class ReceiverImage:
 
     def remember(self, batch: PageBatch) -> None:
         """After a round: the pages sent as data can be copy sources from the next round on."""
-        if not len(batch.data_pages):
-            return
-        blob = self.ids[batch.data_pages].tobytes()
-        for i, page in enumerate(batch.data_pages.tolist()):
-            self._holders[blob[i * ID_SIZE:(i + 1) * ID_SIZE]] = page
+        self._holders.update(zip(_keys(self.ids[batch.data_pages]), batch.data_pages.tolist()))
+
+
+def _keys(ids: np.ndarray) -> list[bytes]:
+    """Rows of page ids as bytes (dict keys)."""
+    blob = ids.tobytes()
+    return [blob[i:i + ID_SIZE] for i in range(0, len(blob), ID_SIZE)]
 
 
 class Staging(Protocol):
