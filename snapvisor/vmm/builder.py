@@ -177,7 +177,9 @@ def build_microvm_for_boot(cfg: VmConfig) -> Vm:
         )
         # Linux (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES) and the test guest find disks here.
         cmdline = " ".join([cfg.cmdline] + [kernel_cmdline_option(i) for i in range(len(cfg.disks))])
-        boot = load_kernel(parts.memory, Path(cfg.kernel), Path(cfg.initrd) if cfg.initrd else None, cmdline)
+        boot = load_kernel(
+            parts.memory, Path(cfg.kernel), Path(cfg.initrd) if cfg.initrd else None, cmdline, cfg.vcpus
+        )
         for vcpu in parts.vcpus:
             enters = vcpu.index == 0 or boot.all_vcpus_at_entry
             vcpu.configure_for_boot(parts.supported_cpuid, boot.entry if enters else None)

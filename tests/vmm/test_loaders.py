@@ -158,3 +158,33 @@ def test_bad_elf_kernels(memory: GuestMemory, tmp_path: Path, image: bytes, mess
 def test_missing_kernel(memory: GuestMemory, tmp_path: Path) -> None:
     with pytest.raises(BootError, match="does not exist"):
         load_kernel(memory, tmp_path / "nope", None, "")
+
+
+def test_mp_table_lists_every_vcpu_and_the_ioapic(memory: GuestMemory, tmp_path: Path) -> None:
+    """The MP table (for kernels built with CONFIG_X86_MPPARSE, as Firecracker's
+    are) sits where Linux scans for it, with valid checksums."""
+    kernel = tmp_path / "k.elf"
+    kernel.write_bytes(elf_image(power_off(0)))
+    load_kernel(memory, kernel, None, "", vcpus=2)
+    pointer = memory.read(0x9FC00, 16)
+    assert pointer[:4] == b"_MP_" and sum(pointer) % 256 == 0
+    table_address = struct.unpack_from("<I", pointer, 4)[0]
+    length = struct.unpack_from("<H", memory.read(table_address + 4, 2))[0]
+    table = memory.read(table_address, length)
+    assert table[:4] == b"PCMP" and sum(table) % 256 == 0 and table_address + length <= 0xA0000
+    entry_count = struct.unpack_from("<H", table, 34)[0]
+    position, processors, ioapics, interrupts = 44, [], [], 0
+    for _ in range(entry_count):
+        kind = table[position]
+        if kind == 0:
+            processors.append((table[position + 1], table[position + 3]))  # (APIC id, flags)
+            position += 20
+        else:
+            if kind == 2:
+                ioapics.append((table[position + 1], struct.unpack_from("<I", table, position + 4)[0]))
+            interrupts += kind in (3, 4)
+            position += 8
+    assert position == length
+    assert processors == [(0, 0b11), (1, 0b01)]  # enabled; CPU 0 is the BSP
+    assert ioapics == [(2, 0xFEC00000)]
+    assert interrupts == 16 + 2

@@ -10,6 +10,7 @@ from snapvisor.vmm.errors import BootError
 from snapvisor.vmm.loader import x86
 from snapvisor.vmm.loader.bzimage import is_bzimage, load_bzimage
 from snapvisor.vmm.loader.elf import is_elf, load_elf
+from snapvisor.vmm.loader.mptable import write_mptable
 from snapvisor.vmm.memory import PAGE_SIZE, GuestMemory
 
 
@@ -30,8 +31,9 @@ def _read(path: Path, what: str) -> bytes:
         raise BootError(f"cannot read {what} {path}: {exc.strerror}") from None
 
 
-def load_kernel(memory: GuestMemory, kernel: Path, initrd: Path | None, cmdline: str) -> BootInfo:
-    """Load kernel, initrd and command line and write every boot structure."""
+def load_kernel(memory: GuestMemory, kernel: Path, initrd: Path | None, cmdline: str, vcpus: int = 1) -> BootInfo:
+    """Load kernel, initrd and command line and write every boot structure
+    (for `vcpus` CPUs: the MP table lists them)."""
     image = _read(kernel, "kernel")
     name = str(kernel)
     if is_elf(image):
@@ -57,6 +59,7 @@ def load_kernel(memory: GuestMemory, kernel: Path, initrd: Path | None, cmdline:
     if initrd is not None:
         initrd_range = _load_initrd(memory, _read(initrd, "initrd"), initrd, kernel_end, initrd_max)
     x86.write_boot_structures(memory)
+    write_mptable(memory, vcpus)
     x86.build_zero_page(memory, setup_header, initrd_range)
     return BootInfo(entry=entry, all_vcpus_at_entry=all_at_entry)
 
