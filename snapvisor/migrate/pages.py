@@ -31,6 +31,8 @@ BATCH = struct.Struct("<IIIIB3xI")
 ZSTD_LEVEL = 1
 CODEC_RAW = 0
 CODEC_ZSTD = 1
+SKIP_AFTER = 4
+PROBE_EVERY = 8
 
 _local = threading.local()
 
@@ -150,11 +152,23 @@ class ReceiverImage:
         # page id -> a page that held it when last sent; checked before use, since
         # the page may have been rewritten since.
         self._holders: dict[bytes, int] = {}
+        # Batches in a row that zstd could not shrink (random or encrypted data):
+        # after a few, only every PROBE_EVERY-th batch tries again.
+        self._incompressible = 0
+
+    def _compress(self, data: np.ndarray) -> tuple[int, bytes | memoryview]:
+        streak = self._incompressible
+        if streak >= SKIP_AFTER and streak % PROBE_EVERY:
+            self._incompressible = streak + 1
+            return CODEC_RAW, memoryview(data).cast("B")
+        kind, frame = compress_pages(data)
+        self._incompressible = streak + 1 if kind == CODEC_RAW else 0
+        return kind, frame
 
     def plan_final(self, pages: np.ndarray, chunk: np.ndarray) -> tuple[PageBatch, dict[str, int]]:
         """The last batch, sent while the guest is paused: every page as data,
         without hashing (nothing is planned after it, so there is nothing to track)."""
-        kind, frame = compress_pages(chunk)
+        kind, frame = self._compress(chunk)
         empty = np.empty(0, dtype=np.int64)
         batch = PageBatch(pages, frame, kind, chunk.nbytes, empty, empty, empty, empty)
         return batch, {"data": len(pages)}
@@ -181,7 +195,7 @@ class ReceiverImage:
         data = np.delete(rest, copy_at)
         self.ids[pages[changed]] = ids[changed]
         # Usually every page is data: compress the chunk as it is, without a gathering copy.
-        kind, frame = compress_pages(chunk if len(data) == len(pages) else chunk[data]) if len(data) \
+        kind, frame = self._compress(chunk if len(data) == len(pages) else chunk[data]) if len(data) \
             else (CODEC_RAW, b"")
         batch = PageBatch(
             data_pages=pages[data], frame=frame, codec=kind, raw_len=len(data) * PAGE_SIZE,
