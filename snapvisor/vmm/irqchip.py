@@ -7,6 +7,7 @@ from __future__ import annotations
 from snapvisor.vmm.errors import VmStateError
 from snapvisor.vmm.kvm import VmFd, ffi
 from snapvisor.vmm.kvm import bindings as b
+from snapvisor.vmm.kvm.bindings import CData
 
 STATE_VERSION = 1
 _CHIPS = {
@@ -55,7 +56,7 @@ class Irqchip:
             self._vm_fd.set_irqchip(chip)
 
 
-def _load(ctype: str, data: bytes):
+def _load(ctype: str, data: bytes) -> CData:
     size = ffi.sizeof(ctype)
     if len(data) != size:
         raise VmStateError(f"saved {ctype} is {len(data)} bytes, expected {size}")

@@ -9,10 +9,11 @@ import struct
 import threading
 from typing import TYPE_CHECKING
 
-from snapvisor.vmm.bus import MmioBus, PioBus
+from snapvisor.vmm.bus import BusDevice, MmioBus, PioBus
 from snapvisor.vmm.errors import KvmError, VmRuntimeError, VmStateError
 from snapvisor.vmm.exit_status import ERROR_EXIT_CODE, ExitStatus
 from snapvisor.vmm.kvm import VcpuFd, ffi
+from snapvisor.vmm.kvm.bindings import CData
 from snapvisor.vmm.kvm import bindings as b
 from snapvisor.vmm.loader import x86
 
@@ -92,7 +93,7 @@ def block_kicks_in_this_thread() -> set[int]:
     return signal.pthread_sigmask(signal.SIG_BLOCK, {KICK_SIGNAL})
 
 
-def vcpu_cpuid(supported, apic_id: int):
+def vcpu_cpuid(supported: CData, apic_id: int) -> CData:
     """A copy of KVM_GET_SUPPORTED_CPUID's table with this vCPU's APIC id filled in."""
     table = ffi.new("struct kvm_cpuid2 *", {"nent": supported.nent, "entries": supported.nent})
     ffi.memmove(table.entries, supported.entries, supported.nent * ffi.sizeof("struct kvm_cpuid_entry2"))
@@ -118,11 +119,11 @@ def _timer_armed(lapic: bytes, tsc_deadline: int) -> bool:
     return False
 
 
-def _struct_bytes(cdata) -> bytes:
+def _struct_bytes(cdata: CData) -> bytes:
     return bytes(ffi.buffer(cdata))
 
 
-def _struct_from(ctype: str, data: bytes, what: str):
+def _struct_from(ctype: str, data: bytes, what: str) -> CData:
     expected = ffi.sizeof(ctype)
     if len(data) != expected:
         raise VmStateError(f"saved {what} is {len(data)} bytes, this host's {ctype} is {expected}")
@@ -154,11 +155,11 @@ class Vcpu:
         fd.set_signal_mask(_sigset_bytes(set(current) - {KICK_SIGNAL}))
 
     # --- configuration -------------------------------------------------------
-    def set_cpuid(self, cpuid) -> None:
+    def set_cpuid(self, cpuid: CData) -> None:
         self.fd.set_cpuid2(cpuid)
         self._cpuid_bytes = bytes(ffi.buffer(cpuid.entries, cpuid.nent * ffi.sizeof("struct kvm_cpuid_entry2")))
 
-    def configure_for_boot(self, supported_cpuid, entry: int | None) -> None:
+    def configure_for_boot(self, supported_cpuid: CData, entry: int | None) -> None:
         """CPUID, MSRs and LAPIC for a fresh CPU; with `entry`, 64-bit mode at
         that address and RUNNABLE (otherwise an AP waits for INIT/SIPI)."""
         self.set_cpuid(vcpu_cpuid(supported_cpuid, self.index))
@@ -376,7 +377,7 @@ class Vcpu:
                     return ExitStatus(ERROR_EXIT_CODE, "error", f"vCPU {self.index}: unexpected KVM exit reason {other}")
 
     @staticmethod
-    def _string_io(target, direction: int, size: int, count: int, data_offset: int, buffer: memoryview) -> None:
+    def _string_io(target: tuple[BusDevice, int] | None, direction: int, size: int, count: int, data_offset: int, buffer: memoryview) -> None:
         """`rep ins/outs` exits carry `count` items, one after another in the data area."""
         mask = _SIZE_MASK[size]
         for _ in range(count):
@@ -394,7 +395,7 @@ class Vcpu:
             control.park_if_paused(self)
         return control.stopping
 
-    def _handle_mmio(self, mmio) -> None:
+    def _handle_mmio(self, mmio: CData) -> None:
         size = mmio.len
         target = self._mmio_bus.lookup(mmio.phys_addr, size)
         if mmio.is_write:
@@ -405,7 +406,7 @@ class Vcpu:
             value = target[0].read(target[1], size) if target is not None else (1 << (8 * size)) - 1
             ffi.memmove(mmio.data, value.to_bytes(size, "little"), size)
 
-    def _describe_internal_error(self, internal) -> str:
+    def _describe_internal_error(self, internal: CData) -> str:
         try:
             rip = self.fd.get_regs().rip
             where = f" at RIP {rip:#x}"

@@ -6,9 +6,13 @@ This module and its siblings are the only code that knows the KVM ABI.
 
 from __future__ import annotations
 
+from typing import Any
+
 from cffi import FFI
 
 ffi = FFI()
+# cffi's cdata objects have no static type; this alias marks where one is passed.
+CData = Any
 ffi.cdef(
     """
     int ioctl(int fd, unsigned long request, ...);

@@ -6,7 +6,7 @@ import os
 
 from snapvisor.vmm.errors import KvmError, KvmUnavailableError
 from snapvisor.vmm.kvm import bindings as b
-from snapvisor.vmm.kvm.bindings import ffi
+from snapvisor.vmm.kvm.bindings import CData, ffi
 from snapvisor.vmm.kvm.fd import KvmFd
 from snapvisor.vmm.kvm.vm import VmFd
 
@@ -61,7 +61,7 @@ class Kvm(KvmFd):
     def create_vm(self) -> VmFd:
         return VmFd(self._ioctl("KVM_CREATE_VM", b.KVM_CREATE_VM, 0))
 
-    def get_supported_cpuid(self, max_entries: int = MAX_CPUID_ENTRIES):
+    def get_supported_cpuid(self, max_entries: int = MAX_CPUID_ENTRIES) -> CData:
         """Returns an owning `struct kvm_cpuid2 *` with `nent` filled in."""
         cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": max_entries, "entries": max_entries})
         self._ioctl("KVM_GET_SUPPORTED_CPUID", b.KVM_GET_SUPPORTED_CPUID, cpuid)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from snapvisor.vmm.kvm import bindings as b
-from snapvisor.vmm.kvm.bindings import ffi
+from snapvisor.vmm.kvm.bindings import CData, ffi
 from snapvisor.vmm.kvm.fd import KvmFd
 from snapvisor.vmm.kvm.vcpu import VcpuFd
 
@@ -50,40 +50,40 @@ class VmFd(KvmFd):
             "KVM_IRQ_LINE", b.KVM_IRQ_LINE, ffi.new("struct kvm_irq_level *", {"irq": irq, "level": level})
         )
 
-    def get_irqchip(self, chip_id: int):
+    def get_irqchip(self, chip_id: int) -> CData:
         chip = ffi.new("struct kvm_irqchip *", {"chip_id": chip_id})
         self._ioctl("KVM_GET_IRQCHIP", b.KVM_GET_IRQCHIP, chip)
         return chip
 
-    def set_irqchip(self, chip) -> None:
+    def set_irqchip(self, chip: CData) -> None:
         self._ioctl("KVM_SET_IRQCHIP", b.KVM_SET_IRQCHIP, chip)
 
-    def get_pit2(self):
+    def get_pit2(self) -> CData:
         pit = ffi.new("struct kvm_pit_state2 *")
         self._ioctl("KVM_GET_PIT2", b.KVM_GET_PIT2, pit)
         return pit
 
-    def set_pit2(self, pit) -> None:
+    def set_pit2(self, pit: CData) -> None:
         self._ioctl("KVM_SET_PIT2", b.KVM_SET_PIT2, pit)
 
-    def get_clock(self):
+    def get_clock(self) -> CData:
         clock = ffi.new("struct kvm_clock_data *")
         self._ioctl("KVM_GET_CLOCK", b.KVM_GET_CLOCK, clock)
         return clock
 
-    def set_clock(self, clock) -> None:
+    def set_clock(self, clock: CData) -> None:
         self._ioctl("KVM_SET_CLOCK", b.KVM_SET_CLOCK, clock)
 
     def enable_cap(self, cap: int, *args: int) -> None:
         enable = ffi.new("struct kvm_enable_cap *", {"cap": cap, "args": list(args)})
         self._ioctl("KVM_ENABLE_CAP", b.KVM_ENABLE_CAP, enable)
 
-    def get_dirty_log(self, slot: int, bitmap) -> None:
+    def get_dirty_log(self, slot: int, bitmap: CData) -> None:
         """Fills `bitmap` (a cdata pointer to at least ceil(pages/64) u64) for `slot`."""
         log = ffi.new("struct kvm_dirty_log *", {"slot": slot, "dirty_bitmap": bitmap})
         self._ioctl("KVM_GET_DIRTY_LOG", b.KVM_GET_DIRTY_LOG, log)
 
-    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap) -> None:
+    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap: CData) -> None:
         log = ffi.new(
             "struct kvm_clear_dirty_log *",
             {"slot": slot, "first_page": first_page, "num_pages": num_pages, "dirty_bitmap": bitmap},

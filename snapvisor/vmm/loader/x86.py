@@ -15,6 +15,7 @@ from __future__ import annotations
 import struct
 from array import array
 
+from snapvisor.vmm.kvm.bindings import CData
 from snapvisor.vmm.memory import MMIO_HOLE_START, GuestMemory
 
 GDT_ADDR = 0x500
@@ -197,7 +198,7 @@ def write_boot_structures(memory: GuestMemory) -> None:
     write_identity_page_tables(memory)
 
 
-def set_long_mode_sregs(sregs) -> None:
+def set_long_mode_sregs(sregs: CData) -> None:
     """Fill a `struct kvm_sregs` for 64-bit mode with the GDT, TSS and page tables above."""
     code = sregs.cs
     code.base, code.limit, code.selector = 0, 0xFFFFFFFF, CODE64_SELECTOR
@@ -220,7 +221,7 @@ def set_long_mode_sregs(sregs) -> None:
 RFLAGS_RESERVED = 0x2  # bit 1 is always set; interrupts start disabled
 
 
-def set_entry_regs(regs, entry: int) -> None:
+def set_entry_regs(regs: CData, entry: int) -> None:
     """RIP at the kernel entry, RSI at the zero page, everything else zero."""
     regs.rip = entry
     regs.rsi = ZERO_PAGE_ADDR
