@@ -8,7 +8,8 @@ block is in, the registration is dropped and the guest runs at full speed.
 Invariant: while a lazy fill is in flight, VMM Python code must not read or write
 guest RAM that may not be resident: the fault would block a thread that holds the
 GIL, and the handler needs the GIL to answer. vCPUs fault inside KVM_RUN, which
-releases the GIL, so guest execution is always safe. `wait()` before touching RAM.
+releases the GIL, so guest execution is always safe. `wait()` before touching RAM,
+or (devices, through GuestMemory's accessors) let `make_resident` fill it first.
 """
 
 from __future__ import annotations
@@ -82,6 +83,17 @@ class LazyMemory:
     def wait(self, timeout: float | None = None) -> bool:
         """True once all of guest RAM is resident (or the fill failed: see `error`)."""
         return self._done.wait(timeout)
+
+    def make_resident(self, region: MemoryRegion, offset: int, length: int) -> None:
+        """Fill the blocks of [offset, offset+length) of `region` now, in the calling
+        thread: for VMM code (a device) that must touch guest RAM during the fill
+        (GuestMemory.before_access), which would otherwise fault holding the GIL."""
+        if self._done.is_set() or length <= 0:
+            return
+        lazy = next(lazy for lazy in self._regions if lazy.region is region)
+        first, last = offset // PAGE_SIZE // BLOCK_PAGES, (offset + length - 1) // PAGE_SIZE // BLOCK_PAGES
+        for block in range(first, last + 1):
+            self._fill_block(lazy, block)
 
     def close(self) -> None:
         self._stop.set()

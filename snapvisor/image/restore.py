@@ -127,6 +127,8 @@ def restore_vm(
         if lazy:
             # Serve faults from here on: restoring vCPU state may already touch RAM.
             lazy_memory.append(LazyMemory(readers, on_error=stop_on_fetch_failure))
+            # Devices (virtio rings and buffers) touch guest RAM from Python: fill it first.
+            memory.before_access = lazy_memory[0].make_resident
             lazy_memory[0].start()
         else:
             for region, reader in readers:

@@ -13,7 +13,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 from snapvisor.vmm.errors import GuestMemoryError
 from snapvisor.vmm.kvm import VmFd, ffi
@@ -85,6 +85,9 @@ class GuestMemory:
         # fetch_dirty() merges them. One byte per page per region.
         self._vmm_dirty = {region.name: bytearray(region.pages) for region in regions}
         self._vmm_dirty_lock = threading.Lock()
+        # Set while RAM is being filled lazily (image/lazy.py): called with (region,
+        # offset, length) before the VMM touches guest RAM, to bring it in first.
+        self.before_access: Callable[[MemoryRegion, int, int], None] | None = None
 
     # --- construction ----------------------------------------------------
     @classmethod
@@ -146,6 +149,8 @@ class GuestMemory:
         """A writable memoryview of guest RAM [gpa, gpa+length); no copy. A caller
         that writes guest RAM through it calls mark_dirty() afterwards."""
         region, offset = self._locate(gpa, length)
+        if self.before_access is not None:
+            self.before_access(region, offset, length)
         return region.view[offset : offset + length]
 
     def read(self, gpa: int, length: int) -> bytes:

@@ -7,6 +7,8 @@ same pause); incremental snapshots store only the blocks written."""
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -232,3 +234,31 @@ def test_disks_cloned_from_one_base_image_are_stored_once(testguest: Path, tmp_p
     # much of the second snapshot is new depends on how far its memory workload got).
     assert roots[0] == roots[1]
     assert new_pages[0] >= len(base) // PAGE_SIZE  # the first clone stored the blocks
+
+
+def test_device_access_to_guest_ram_during_a_lazy_restore_does_not_hang(testguest: Path, tmp_path: Path) -> None:
+    # Devices read rings and write buffers from Python. During a lazy restore, a
+    # page not yet in would fault while that thread holds the GIL, which the fault
+    # handler needs: a hang, unless GuestMemory brings the range in first.
+    image = blank_image(tmp_path / "disk.img", MiB)
+    repo_path = tmp_path / "repo"
+    repo = Repository.open_url(str(repo_path), create=True)
+    out = io.BytesIO()
+    vm = snapvisor.VM.boot(testguest, mem="256M", cmdline=CMDLINE.replace("tg.mem=4", "tg.mem=200"),
+                           serial_out=out, disks=[image])
+    try:
+        wait_for_disk_rounds(out, 1, timeout=60)
+        info = vm.snapshot(repo)
+    finally:
+        vm.stop()
+        vm.close()
+    disk_dir = tmp_path / "restored"
+    disk_dir.mkdir()
+    deep_in_the_working_set = 200 * MiB
+    child = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("lazy_touch_child.py")), str(repo_path), info.id,
+         str(disk_dir), hex(deep_in_the_working_set)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert int(child.stdout, 16) != 0  # the page's data, fetched for the read
