@@ -325,7 +325,7 @@ def receive(
         if isinstance(exc, SnapvisorError):
             raise MigrationError(f"incoming migration from {channel.peer} refused: {exc}") from None
         raise
-    staging.close(keep_disks=True)  # the VM maps the memfd and opened the disks itself
+    staging.close(keep_disks=True)  # the VM opened its disk images itself
     try:
         # The guest runs here now; the sender stops its copy on this message (or
         # keeps it paused if the message is lost).
