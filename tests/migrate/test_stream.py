@@ -6,6 +6,7 @@ the sender, intact."""
 from __future__ import annotations
 
 import io
+import re
 import socket
 import threading
 import time
@@ -18,7 +19,7 @@ import snapvisor
 from migrate_lab import assert_healthy, rounds
 from snapvisor.migrate import MigrationError, StreamError, listen, migrate, receive
 from snapvisor.migrate.pages import PageBatch
-from snapvisor.migrate.stream import HELLO, MAGIC, Channel, Msg
+from snapvisor.migrate.stream import HEADER, HELLO, MAGIC, Channel, Msg
 
 
 def channel_pair() -> tuple[Channel, socket.socket]:
@@ -108,13 +109,43 @@ class CorruptingProxy:
         threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
 
 
-@pytest.mark.kvm
-def test_corrupted_migration_is_refused_and_the_guest_runs_on(testguest: Path) -> None:
+class StateCorruptingProxy(CorruptingProxy):
+    """Forwards a migration and flips one bit in the payload of its STATE message:
+    the corruption arrives while the guest is paused on the sender."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        super().__init__(target, after=-1)
+
+    def _pump(self, src: socket.socket, dst: socket.socket, corrupt: bool) -> None:
+        if not corrupt:
+            return super()._pump(src, dst, False)
+        reader = src.makefile("rb")
+        try:
+            dst.sendall(reader.read(HELLO.size))
+            while header := reader.read(HEADER.size):
+                kind, length, _ = HEADER.unpack(header)
+                payload = bytearray(reader.read(length))
+                if kind == Msg.STATE:
+                    payload[-1] ^= 0x01
+                dst.sendall(header + payload)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+def run_corrupted_migration(testguest: Path, make_proxy, refusal: str) -> None:
+    """Migrate through a proxy that damages the stream: the receiver must refuse,
+    run nothing, and the guest must go on at the sender, intact."""
     out_a, out_b = io.BytesIO(), io.BytesIO()
     vm = snapvisor.VM.boot(testguest, mem="64M", cmdline="console=ttyS0 tg.mem=16 tg.rate=20 tg.pages=512 tg.rounds=0",
                            serial_out=out_a, name="victim")
     listener = listen("127.0.0.1:0")
-    proxy = CorruptingProxy(listener.getsockname(), after=3 << 20)  # inside the first round's pages
+    proxy = make_proxy(listener.getsockname())
     refused: list[BaseException] = []
 
     def accept() -> None:
@@ -132,7 +163,7 @@ def test_corrupted_migration_is_refused_and_the_guest_runs_on(testguest: Path) -
             migrate(vm, proxy.address, io_timeout_s=5)
         receiver.join(30)
         assert len(refused) == 1 and isinstance(refused[0], StreamError), refused
-        assert "the stream is corrupt" in str(refused[0]) or "checksum" in str(refused[0])
+        assert re.search(refusal, str(refused[0])), refused[0]
         assert out_b.getvalue() == b"", "nothing may run on the receiver"
         last = max(number for _, number, _ in rounds(out_a.getvalue()))
         deadline = time.monotonic() + 30
@@ -144,3 +175,16 @@ def test_corrupted_migration_is_refused_and_the_guest_runs_on(testguest: Path) -
     finally:
         vm.close()
         listener.close()
+
+
+@pytest.mark.kvm
+def test_corrupted_pages_are_refused_and_the_guest_runs_on(testguest: Path) -> None:
+    # One bit flipped inside the first round's pages.
+    run_corrupted_migration(testguest, lambda target: CorruptingProxy(target, after=3 << 20),
+                            r"PAGES message from .* fails its checksum|the stream from .* is corrupt")
+
+
+@pytest.mark.kvm
+def test_corrupted_state_is_refused_and_the_paused_guest_resumes(testguest: Path) -> None:
+    # One bit flipped in the VM state, sent while the guest is paused for the handover.
+    run_corrupted_migration(testguest, StateCorruptingProxy, r"a STATE message from .* fails its checksum")
