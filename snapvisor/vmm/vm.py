@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from typing import Any, Callable
 
 from snapvisor.vmm.bus import MmioBus, PioBus
@@ -19,6 +20,9 @@ from snapvisor.vmm.vcpu import Vcpu, block_kicks_in_this_thread, install_kick_ha
 
 STATE_VERSION = 1
 PAUSE_TIMEOUT_S = 5.0
+# Seen on the PVM host, rarely: a vCPU blocked in KVM_RUN (waiting for SIPI) stayed
+# there although its kick was sent. Kicking again until it leaves costs nothing.
+KICK_RETRY_S = 0.1
 STOPPED = ExitStatus(0, "stopped", "stopped by the VMM")
 
 
@@ -147,10 +151,15 @@ class Vm:
         if not self._started:
             raise VmRuntimeError("the VM has not been started")
         self._control.request_pause()
-        for vcpu in self.vcpus:
-            vcpu.kick()
-        if not self._control.wait_all_parked(timeout):
-            raise VmRuntimeError(f"the vCPUs did not pause within {timeout} s")
+        deadline = time.monotonic() + timeout
+        while True:
+            for vcpu in self.vcpus:
+                vcpu.kick()
+            remaining = deadline - time.monotonic()
+            if self._control.wait_all_parked(min(KICK_RETRY_S, max(remaining, 0))):
+                return
+            if remaining <= 0:
+                raise VmRuntimeError(f"the vCPUs did not pause within {timeout} s")
 
     def resume(self) -> None:
         if not self._control.paused:
@@ -171,7 +180,10 @@ class Vm:
             return None
         for vcpu in self.vcpus:
             if vcpu.thread is not None and vcpu.thread is not threading.current_thread():
-                vcpu.thread.join()
+                vcpu.thread.join(KICK_RETRY_S)
+                while vcpu.thread.is_alive():
+                    vcpu.kick()
+                    vcpu.thread.join(KICK_RETRY_S)
         if self._serial_input is not None:
             self._serial_input.stop()
         return self._control.status
