@@ -1,71 +1,22 @@
 """Fixtures for the store tests: one conformance suite over every backend.
 
-S3 runs against a real server: the one named by SNAPVISOR_TEST_S3_ENDPOINT (with
-AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY), or, with SNAPVISOR_TEST_S3_AUTOSTART=1,
-a `weed mini` this session starts through .ci/s3-server. moto adds a fast S3
-fixture that runs everywhere; it never replaces the real server.
+S3 runs against the real server of tests/conftest.py's `s3_server` fixture. moto
+adds a fast S3 fixture that runs everywhere; it never replaces the real server.
 """
 
 from __future__ import annotations
 
-import os
 import secrets
-import shlex
-import subprocess
-from pathlib import Path
 
 import moto  # noqa: F401  (first: moto hooks only boto3 sessions created after its import)
 import pytest
 
 from snapvisor.store import Repository, open_backend
 from snapvisor.store.memory import MemoryStore
-from store_helpers import SMALL_REPO, s3_options
+from store_helpers import SMALL_REPO
+from testsupport import s3_options
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 BACKENDS = ["memory", "local", pytest.param("s3", marks=pytest.mark.s3)]
-
-
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
-    """(endpoint, access key, secret key) of a real S3 server, or skip."""
-    endpoint = os.environ.get("SNAPVISOR_TEST_S3_ENDPOINT")
-    if endpoint:
-        yield endpoint, os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
-        return
-    if os.environ.get("SNAPVISOR_TEST_S3_AUTOSTART") != "1":
-        pytest.skip("real S3 tests need SNAPVISOR_TEST_S3_ENDPOINT (run `.ci/s3-server start` and "
-                    "source the env file it prints) or SNAPVISOR_TEST_S3_AUTOSTART=1")
-    state = tmp_path_factory.mktemp("s3-server")
-    env = dict(os.environ, SNAPVISOR_S3_DIR=str(state))
-    script = str(REPO_ROOT / ".ci" / "s3-server")
-    started = subprocess.run([script, "start"], env=env, capture_output=True, text=True,
-                             timeout=120)
-    if started.returncode:
-        pytest.fail(f".ci/s3-server start failed:\n{started.stdout}\n{started.stderr}")
-    values = {}
-    for line in Path(started.stdout.strip().splitlines()[-1]).read_text().splitlines():
-        name, _, value = line.removeprefix("export ").partition("=")
-        values[name] = shlex.split(value)[0]
-    try:
-        yield (values["SNAPVISOR_TEST_S3_ENDPOINT"], values["AWS_ACCESS_KEY_ID"],
-               values["AWS_SECRET_ACCESS_KEY"])
-    finally:
-        subprocess.run([script, "stop"], env=env, timeout=60)
-
-
-@pytest.fixture(scope="session")
-def s3_bucket(s3_server):
-    """A fresh bucket on the real server for this session."""
-    import boto3
-    import botocore.config
-
-    endpoint, key, secret = s3_server
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                          aws_access_key_id=key, aws_secret_access_key=secret,
-                          config=botocore.config.Config(s3={"addressing_style": "path"}))
-    bucket = "snapvisor-test-" + secrets.token_hex(4)
-    client.create_bucket(Bucket=bucket)
-    return bucket
 
 
 @pytest.fixture

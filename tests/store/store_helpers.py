@@ -32,7 +32,3 @@ def read_all(snapshot, region: str) -> bytes:
 def object_listing(store) -> dict[str, int]:
     return {o.key: o.size for o in store.list("") if not o.key.startswith("locks/")}
 
-
-def s3_options(s3_server) -> dict:
-    endpoint, key, secret = s3_server
-    return {"endpoint_url": endpoint, "access_key": key, "secret_key": secret}

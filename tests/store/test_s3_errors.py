@@ -7,7 +7,7 @@ import pytest
 
 from snapvisor.store import Repository, StoreError, open_backend
 
-from store_helpers import s3_options
+from testsupport import s3_options
 
 
 @pytest.mark.s3

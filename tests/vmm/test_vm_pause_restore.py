@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import wait_for_output
+from testsupport import wait_for_output
 from snapvisor.vmm.builder import VmConfig, build_microvm_for_boot, build_microvm_from_state
 from snapvisor.vmm.errors import GuestMemoryError, VmRuntimeError, VmStateError
 from snapvisor.vmm.memory import FileBacking, GuestMemory
