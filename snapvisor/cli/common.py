@@ -1,0 +1,255 @@
+"""What every verb shares: the `@subcommand` registry, argument types, the
+repository and operation flags, help formatting and exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import termios
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+from snapvisor.errors import SnapvisorError
+
+_SUBCOMMANDS: list[Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]] = []
+
+
+def subcommand(add: Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]):
+    """Register a function that adds one subparser and sets `handler` on it."""
+    _SUBCOMMANDS.append(add)
+    return add
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 20, "K": 10, "M": 20, "G": 30, "T": 40}
+
+
+def parse_size(text: str) -> int:
+    """'256M', '1G', '512MiB', '4096K'; a bare number means MiB."""
+    match = _SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a size (examples: 256M, 1G, 512MiB)")
+    return int(match.group(1)) << _UNITS[match.group(2).upper()]
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' must be at least 1")
+    return value
+
+
+@contextmanager
+def terminal_input(fd: int) -> Iterator[int | None]:
+    """Serial input from an interactive terminal: characters go to the guest as
+    typed (no line editing, no local echo; the guest echoes). Ctrl-C still stops
+    the VMM. Yields None when stdin is not a terminal."""
+    if fd < 0 or not os.isatty(fd):
+        yield None
+        return
+    saved = termios.tcgetattr(fd)
+    raw = termios.tcgetattr(fd)
+    raw[3] &= ~(termios.ICANON | termios.ECHO)  # lflags
+    raw[6][termios.VMIN] = 1
+    raw[6][termios.VTIME] = 0
+    termios.tcsetattr(fd, termios.TCSANOW, raw)
+    try:
+        yield fd
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+EXIT_CODES_HELP = """exit status:
+  0    success
+  1    the operation failed (the message says what and how to fix it)
+  2    bad arguments
+  3    verify found damage in the repository
+  4    no VM answers on the API socket
+  130  interrupted (Ctrl-C)
+  run and restore exit with the guest's power-off status (70: the VMM failed)
+
+environment:
+  SNAPVISOR_REPO      repository URL when --repo is not given (a path, file:///path, s3://bucket/prefix)
+  AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ...
+                      S3 endpoint and credentials, read the boto3 way
+"""
+
+EXIT_DAMAGED = 3
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Wraps descriptions to the terminal; keeps the exit status table as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text is EXIT_CODES_HELP:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+class UsageError(SnapvisorError):
+    """Arguments that argparse cannot check alone (they depend on each other or
+    on the environment)."""
+
+    exit_code = 2
+
+
+_KEEP_RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
+
+
+def keep_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < -1:
+        raise argparse.ArgumentTypeError(f"'{text}' must be -1 (no limit) or more")
+    return value
+
+
+def duration(text: str) -> float:
+    from snapvisor.humanize import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_json_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON document for scripts instead of text")
+
+
+def add_repo_flag(parser: argparse.ArgumentParser, action: str = "store", text: str = "the repository") -> None:
+    parser.add_argument(
+        "--repo", action=action, metavar="URL",
+        help=f"{text}: a directory, file:///path or s3://bucket/prefix (default: $SNAPVISOR_REPO)",
+    )
+
+
+def add_keep_flags(parser: argparse.ArgumentParser, when: str) -> None:
+    group = parser.add_argument_group(
+        "retention", f"which snapshots of each VM to keep {when}; the others are forgotten "
+        "(their data goes with `snapvisor gc`). Bucket rules keep the newest snapshot of each of "
+        "the N most recent hours/days/...; -1 means no limit; rules add up.")
+    for rule in _KEEP_RULES:
+        group.add_argument(f"--keep-{rule}", type=keep_count, default=0, metavar="N",
+                           help=f"keep the {'N newest snapshots' if rule == 'last' else 'newest snapshot of the last N ' + rule[:-2].replace('dai', 'day') + 's'}")
+    group.add_argument("--keep-within", type=duration, metavar="DURATION",
+                       help="keep every snapshot younger than DURATION before the newest (e.g. 2d)")
+
+
+def keep_policy(args: argparse.Namespace):
+    from datetime import timedelta
+
+    from snapvisor.store import KeepPolicy
+
+    within = timedelta(seconds=args.keep_within) if args.keep_within else None
+    policy = KeepPolicy(**{rule: getattr(args, f"keep_{rule}") for rule in _KEEP_RULES}, within=within)
+    return None if policy.is_empty() else policy
+
+
+def repo_url(args: argparse.Namespace) -> str:
+    url = args.repo or os.environ.get("SNAPVISOR_REPO")
+    if not url:
+        raise UsageError("no repository: give --repo URL or set SNAPVISOR_REPO")
+    return absolute_repo(url)
+
+
+def absolute_repo(url: str) -> str:
+    # The VMM may run in another directory: send it paths it resolves the same way.
+    return url if "://" in url else os.path.abspath(url)
+
+
+def open_repo(args: argparse.Namespace):
+    from snapvisor.store import Repository
+
+    return Repository.open_url(repo_url(args))
+
+
+def print_json(value: object) -> None:
+    import json
+
+    print(json.dumps(value, indent=2, default=str))
+
+
+def add_operation_flags(parser: argparse.ArgumentParser, restoring: bool) -> None:
+    """The flags that make a VM operable: API socket, name, schedule, retention."""
+    group = parser.add_argument_group("operation")
+    group.add_argument("--api-sock", type=Path, metavar="PATH",
+                       help="serve the control API (HTTP/JSON) on this Unix socket, owner-only; "
+                            "`snapvisor snapshot --api-sock PATH` and curl --unix-socket talk to it")
+    group.add_argument("--name", metavar="NAME",
+                       help="the VM's name in snapshots; retention applies per name "
+                            + ("(default: the snapshot's)" if restoring else "(default: vm-<random>)"))
+    group.add_argument("--snapshot-every", type=duration, metavar="DURATION",
+                       help="snapshot the running guest every DURATION (30s, 15m, 1h) into "
+                            + ("the repository it was restored from" if restoring else "each --repo")
+                            + "; failed attempts retry with back-off and lose no dirty page")
+    if not restoring:
+        add_repo_flag(parser, action="append", text="repository for scheduled snapshots (repeat for several)")
+    add_keep_flags(parser, "after each scheduled snapshot")
+
+
+def schedule_from_args(args: argparse.Namespace, repos: list[str]):
+    from snapvisor.control import Schedule
+
+    policy = keep_policy(args)
+    if args.snapshot_every is None:
+        if policy is not None:
+            raise UsageError("--keep-* applies after scheduled snapshots: add --snapshot-every")
+        return None
+    if not repos:
+        raise UsageError("--snapshot-every needs a repository: give --repo URL or set SNAPVISOR_REPO")
+    return Schedule(args.snapshot_every, tuple(absolute_repo(r) for r in repos), keep=policy)
+
+
+def env_repos() -> list[str]:
+    return [os.environ["SNAPVISOR_REPO"]] if os.environ.get("SNAPVISOR_REPO") else []
+
+
+def log_to_stderr(line: str) -> None:
+    print(f"snapvisor: {line}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def operated(vm, args: argparse.Namespace, repos: list[str]) -> Iterator[None]:
+    """The control API and schedule around a VM, when asked for; `vm` is a
+    vmm Vm (from `run`) or an already wrapped machine.VM (from `restore`)."""
+    from snapvisor.machine import VM
+
+    schedule = schedule_from_args(args, repos)
+    if isinstance(vm, VM):
+        machine = vm
+    elif args.api_sock is None and schedule is None:
+        yield  # no snapshots possible: no dirty log to keep
+        return
+    else:
+        machine = VM(vm, args.name or f"vm-{os.urandom(3).hex()}")
+    from snapvisor.control import serve
+
+    with serve(machine, api_sock=args.api_sock, schedule=schedule, log=log_to_stderr):
+        yield
+
+
+def finish(status) -> int:
+    if status.reason == "error":
+        print(f"error: {status.message}", file=sys.stderr)
+    elif status.reason == "reset":
+        print(f"snapvisor: {status.message}", file=sys.stderr)
+    return status.code
+
+def disk_option(value: str):
+    from snapvisor.vmm.devices.blockfile import DiskConfig
+
+    path, _, option = value.rpartition(",")
+    if option == "readonly" and path:
+        return DiskConfig(Path(path), readonly=True)
+    if path and not Path(value).exists():
+        raise argparse.ArgumentTypeError(f"unknown disk option {option!r} in {value!r}: use PATH or PATH,readonly")
+    return DiskConfig(Path(value))

@@ -1,0 +1,173 @@
+"""Verbs that move a running VM to another host: `receive`, `migrate`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from snapvisor.cli.common import (
+    EXIT_CODES_HELP,
+    UsageError,
+    absolute_repo,
+    add_json_flag,
+    add_operation_flags,
+    disk_option,
+    duration,
+    env_repos,
+    finish,
+    log_to_stderr,
+    operated,
+    parse_size,
+    positive_int,
+    subcommand,
+)
+
+
+def _add_migration_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("migration")
+    group.add_argument("--timeout", type=duration, default=20.0, metavar="DURATION",
+                       help="treat the connection as cut after this long without progress (default: 20s)")
+    add_json_flag(parser)
+
+
+@subcommand
+def _add_receive(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    parser = subparsers.add_parser(
+        "receive", help="wait for a VM migrating in, then run it here",
+        description="Listen for one live migration (`snapvisor migrate --to` on the source host), "
+                    "then run the arrived VM in the foreground like `run`, its console on this "
+                    "terminal. Pages the source's newest snapshot shares are read from --repo when "
+                    "both hosts can read it. Nothing runs here unless the migration completes.",
+        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--listen", required=True, metavar="ADDR:PORT",
+                        help="address to accept the migration on, e.g. 192.0.2.2:7000 or [2001:db8::2]:7000")
+    parser.add_argument("--wait", type=duration, metavar="DURATION",
+                        help="give up when no migration arrives within DURATION (default: wait forever)")
+    parser.add_argument("--disk-dir", type=Path, metavar="DIR",
+                        help="write the VM's disks here as new sparse images (vda.img, ...) and attach them; "
+                             "needed when the VM has disks")
+    _add_migration_flags(parser)
+    add_operation_flags(parser, restoring=False)
+    parser.set_defaults(handler=_receive)
+
+
+def _receive(args: argparse.Namespace) -> int:
+    import json
+
+    from snapvisor.migrate import listen, receive
+
+    listener = listen(args.listen)
+    log_to_stderr(f"waiting for a migration on {args.listen}")
+    repos = [absolute_repo(r) for r in args.repo or env_repos()]
+    received = receive(listener, repos=repos, serial_out=sys.stdout.fileno(), accept_timeout_s=args.wait,
+                       io_timeout_s=args.timeout,
+                       on_connect=lambda peer: log_to_stderr(f"migration from {peer} started"),
+                       disk_dir=args.disk_dir, name=args.name)
+    machine = received.machine
+    report = {"vm": machine.name, "downtime_s": received.downtime_s, "build_s": received.build_s,
+              "pages": received.pages, "bytes_received": received.bytes_received}
+    log_to_stderr(json.dumps(report) if args.json else
+                   f"VM {machine.name} migrated in and resumed; downtime {received.downtime_s * 1000:.1f} ms")
+    with machine, operated(machine, args, repos):
+        try:
+            status = machine.wait()
+        except KeyboardInterrupt:
+            machine.stop()
+            print("\nsnapvisor: interrupted, VM stopped", file=sys.stderr)
+            return 130
+    assert status is not None
+    return finish(status)
+
+
+@subcommand
+def _add_migrate(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    parser = subparsers.add_parser(
+        "migrate", help="boot a VM here and live-migrate it to another host",
+        description="Boot a kernel as `run` does, run it for --after, then move it while it runs "
+                    "to `snapvisor receive` on another host (pre-copy: memory is sent while the "
+                    "guest runs, then the guest pauses for the last pages and its state). On success "
+                    "the VM runs there and this command exits 0; on failure the VM keeps running "
+                    "here, the error says why, and this command serves it until it powers off.",
+        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--to", required=True, metavar="ADDR:PORT", help="the receiving host's --listen address")
+    when = parser.add_mutually_exclusive_group()
+    when.add_argument("--after", type=duration, metavar="DURATION",
+                      help="let the guest run this long before migrating (default: at once)")
+    when.add_argument("--on-signal", action="store_true",
+                      help="migrate when this process receives SIGUSR1 (kill -USR1 PID)")
+    parser.add_argument("--kernel", required=True, type=Path, metavar="PATH", help="kernel to boot (as for run)")
+    parser.add_argument("--initrd", type=Path, metavar="PATH", help="initial ramdisk to load for the kernel")
+    parser.add_argument("--cmdline", default="console=ttyS0", metavar="STR", help="kernel command line")
+    parser.add_argument("--mem", type=parse_size, default=256 << 20, metavar="SIZE", help="guest RAM (default: 256M)")
+    parser.add_argument("--vcpus", type=positive_int, default=1, metavar="N", help="virtual CPUs (default: 1)")
+    parser.add_argument("--disk", type=disk_option, action="append", default=[], metavar="PATH[,readonly]",
+                        help="attach a raw disk image as virtio-blk (as for run); its blocks move with the VM")
+    parser.add_argument("--downtime-ms", type=float, default=50.0, metavar="MS",
+                        help="pause the guest for the last round once it fits in this many ms (default: 50)")
+    parser.add_argument("--max-time", type=duration, default=120.0, metavar="DURATION",
+                        help="give up (the VM runs on here) when pre-copy has not converged by then (default: 2m)")
+    parser.add_argument("--no-auto-converge", action="store_true",
+                        help="never throttle a guest that dirties memory faster than the link carries it")
+    _add_migration_flags(parser)
+    add_operation_flags(parser, restoring=False)
+    parser.set_defaults(handler=_migrate)
+
+
+def _wait_for_migration_start(machine, args: argparse.Namespace):
+    """None when it is time to migrate; the exit status if the guest ended first."""
+    if not args.on_signal:
+        return machine.wait(args.after or 0)
+    import signal
+    import threading
+
+    go = threading.Event()
+    previous = signal.signal(signal.SIGUSR1, lambda *_: go.set())
+    try:
+        while not go.is_set():
+            status = machine.wait(0.05)
+            if status is not None:
+                return status
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    return None
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    import json
+
+    from snapvisor.machine import VM
+    from snapvisor.migrate import MigrationError, migrate
+
+    if args.downtime_ms <= 0:
+        raise UsageError("--downtime-ms must be more than 0")
+    repos = [absolute_repo(r) for r in args.repo or env_repos()]
+    machine = VM.boot(args.kernel, mem=args.mem, vcpus=args.vcpus, cmdline=args.cmdline, initrd=args.initrd,
+                      name=args.name, serial_out=sys.stdout.fileno(), disks=args.disk)
+    with machine:
+        try:
+            # The API and schedule serve the VM until it leaves; none of them may
+            # pause or snapshot it while it migrates.
+            with operated(machine, args, repos):
+                status = _wait_for_migration_start(machine, args)
+            if status is not None:
+                return finish(status)
+            try:
+                stats = migrate(machine, args.to, repo=repos[0] if repos else None, downtime_ms=args.downtime_ms,
+                                max_time_s=args.max_time, auto_converge=not args.no_auto_converge,
+                                io_timeout_s=args.timeout)
+            except MigrationError as exc:
+                print(f"error: {exc}", file=sys.stderr, flush=True)
+                with operated(machine, args, repos):
+                    status = machine.wait()
+                assert status is not None
+                code = finish(status)
+                return code if code else exc.exit_code
+        except KeyboardInterrupt:
+            machine.stop()
+            print("\nsnapvisor: interrupted, VM stopped", file=sys.stderr)
+            return 130
+    log_to_stderr(json.dumps(stats.as_dict()) if args.json else
+                   f"VM {machine.name} migrated to {args.to}: downtime {stats.downtime_s * 1000:.1f} ms, "
+                   f"{stats.rounds} rounds, {stats.bytes_sent / 1e6:.1f} MB sent in {stats.total_s:.2f} s")
+    return 0

@@ -1,0 +1,193 @@
+"""Verbs that work on a repository: `ls`, `show`, `verify`, `prune`, `gc`."""
+
+from __future__ import annotations
+
+import argparse
+
+from snapvisor.cli.common import (
+    EXIT_CODES_HELP,
+    EXIT_DAMAGED,
+    HelpFormatter,
+    UsageError,
+    add_json_flag,
+    add_keep_flags,
+    add_repo_flag,
+    keep_policy,
+    open_repo,
+    print_json,
+    subcommand,
+)
+
+
+@subcommand
+def _add_ls(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    parser = subparsers.add_parser(
+        "ls", help="list the snapshots in a repository",
+        description="List a repository's snapshots, oldest first: id, time (UTC), age, VM, kind, "
+                    "memory size and tags.",
+        epilog=EXIT_CODES_HELP, formatter_class=HelpFormatter)
+    add_repo_flag(parser)
+    parser.add_argument("--vm", metavar="NAME", help="only this VM's snapshots")
+    parser.add_argument("--tag", metavar="TAG", help="only snapshots with this tag")
+    add_json_flag(parser)
+    parser.set_defaults(handler=_ls)
+
+
+def _ls(args: argparse.Namespace) -> int:
+    from snapvisor import humanize
+    from snapvisor.control.controller import snapshot_json
+
+    with open_repo(args) as repo:
+        snapshots = [s for s in repo.list_snapshots()
+                     if (args.vm is None or s.vm == args.vm) and (args.tag is None or args.tag in s.tags)]
+    if args.json:
+        print_json([snapshot_json(s) for s in snapshots])
+        return 0
+    rows = [("ID", "TIME", "AGE", "VM", "KIND", "MEMORY", "TAGS")]
+    rows += [(s.short_id, humanize.timestamp(s.time), humanize.age(s.time), s.vm, str(s.meta.get("kind", "-")),
+              humanize.size(sum(s.regions.values())), ",".join(s.tags)) for s in snapshots]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    print(f"{len(snapshots)} snapshot{'s' if len(snapshots) != 1 else ''}")
+    return 0
+
+
+@subcommand
+def _add_show(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    parser = subparsers.add_parser(
+        "show", help="details of one snapshot",
+        description="Show one snapshot: time, VM, kind, parent, tags, memory regions, stored "
+                    "blobs and the compatibility record (what a host needs to restore it).",
+        epilog=EXIT_CODES_HELP, formatter_class=HelpFormatter)
+    add_repo_flag(parser)
+    parser.add_argument("snapshot_id", metavar="ID", help="snapshot id or a unique prefix")
+    add_json_flag(parser)
+    parser.set_defaults(handler=_show)
+
+
+def _show(args: argparse.Namespace) -> int:
+    from snapvisor import humanize
+
+    with open_repo(args) as repo:
+        info = repo.get_snapshot(args.snapshot_id).info
+    if args.json:
+        print_json({"id": info.id, "time": info.time.isoformat(), "vm": info.vm, "tags": info.tags,
+                     "parent": info.parent, "regions": info.regions, "blobs": info.blobs, "meta": info.meta})
+        return 0
+    compat = info.meta.get("compat") if isinstance(info.meta.get("compat"), dict) else {}
+    lines = [
+        ("snapshot", info.id),
+        ("time", f"{humanize.timestamp(info.time)} ({humanize.age(info.time)})"),
+        ("vm", info.vm),
+        ("kind", str(info.meta.get("kind", "-"))),
+        ("parent", info.parent or "-"),
+        ("tags", ", ".join(info.tags) or "-"),
+        ("memory", ", ".join(f"{name} {humanize.size(size)}" for name, size in sorted(info.regions.items()))),
+        ("blobs", ", ".join(info.blobs) or "-"),
+    ]
+    lines += [(f"compat.{key}", str(value)) for key, value in sorted(compat.items())
+              if isinstance(value, (str, int, float))]
+    width = max(len(key) for key, _ in lines)
+    for key, value in lines:
+        print(f"{key.ljust(width)}  {value}")
+    return 0
+
+
+@subcommand
+def _add_verify(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    parser = subparsers.add_parser(
+        "verify", help="check a repository's integrity",
+        description="Check that every snapshot's manifest, page maps and index entries are there "
+                    "and consistent. With --read-data also read, decompress and hash every stored "
+                    "page (slow: reads the whole repository). Exits 3 when anything is damaged.",
+        epilog=EXIT_CODES_HELP, formatter_class=HelpFormatter)
+    add_repo_flag(parser)
+    parser.add_argument("--read-data", action="store_true", help="also read and check every stored byte")
+    add_json_flag(parser)
+    parser.set_defaults(handler=_verify)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from snapvisor import humanize
+
+    with open_repo(args) as repo, humanize.Activity(f"verifying {repo.store.url}"):
+        report = repo.verify(read_data=args.read_data)
+    if args.json:
+        print_json({"ok": report.ok, "errors": report.errors, "counts": report.counts})
+    else:
+        counts = report.counts
+        print(f"{counts.get('snapshots', 0)} snapshots, {counts.get('packs', 0)} packs, "
+              f"{counts.get('objects_referenced', 0)} referenced objects"
+              + (f", {humanize.size(counts.get('bytes_read', 0))} read and checked" if args.read_data else ""))
+        for error in report.errors:
+            print(f"damaged: {error}")
+        print("repository OK" if report.ok else f"{len(report.errors)} problem(s) found")
+    return 0 if report.ok else EXIT_DAMAGED
+
+
+@subcommand
+def _add_prune(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    parser = subparsers.add_parser(
+        "prune", help="forget snapshots that the keep rules do not retain",
+        description="Apply keep rules to each VM's snapshots (each VM on its own) and forget the "
+                    "rest. Any remaining snapshot stays restorable: none depends on another. The "
+                    "space is reclaimed by `snapvisor gc`.",
+        epilog=EXIT_CODES_HELP, formatter_class=HelpFormatter)
+    add_repo_flag(parser)
+    add_keep_flags(parser, "")
+    parser.add_argument("--vm", metavar="NAME", help="only judge this VM's snapshots")
+    parser.add_argument("--dry-run", action="store_true", help="show what would be forgotten, forget nothing")
+    add_json_flag(parser)
+    parser.set_defaults(handler=_prune)
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from snapvisor import humanize
+
+    policy = keep_policy(args)
+    if policy is None:
+        raise UsageError("prune needs at least one --keep-* rule (e.g. --keep-last 3); without one "
+                         "it would forget every snapshot")
+    with open_repo(args) as repo:
+        result = repo.prune(policy, dry_run=args.dry_run, vm=args.vm)
+    if args.json:
+        print_json({"dry_run": result.dry_run, "keep": [s.id for s in result.keep],
+                     "remove": [s.id for s in result.remove], "reasons": result.reasons})
+        return 0
+    for snap in sorted(result.keep + result.remove, key=lambda s: (s.vm, s.time)):
+        reasons = result.reasons.get(snap.id)
+        verdict = f"keep    ({', '.join(reasons)})" if reasons else ("would forget" if args.dry_run else "forgot")
+        print(f"{snap.short_id}  {humanize.timestamp(snap.time)}  {snap.vm}  {verdict}")
+    print(f"{len(result.keep)} kept, {len(result.remove)} {'to forget (dry run)' if args.dry_run else 'forgotten'}"
+          + ("; run `snapvisor gc` to reclaim their space" if result.remove and not args.dry_run else ""))
+    return 0
+
+
+@subcommand
+def _add_gc(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    parser = subparsers.add_parser(
+        "gc", help="delete data no snapshot uses",
+        description="Delete the packs and index entries that no remaining snapshot references "
+                    "(after prune). Takes the repository's exclusive lock: snapshots into it wait.",
+        epilog=EXIT_CODES_HELP, formatter_class=HelpFormatter)
+    add_repo_flag(parser)
+    parser.add_argument("--dry-run", action="store_true", help="show what would be deleted, delete nothing")
+    add_json_flag(parser)
+    parser.set_defaults(handler=_gc)
+
+
+def _gc(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from snapvisor import humanize
+
+    with open_repo(args) as repo, humanize.Activity(f"collecting garbage in {repo.store.url}"):
+        result = repo.gc(dry_run=args.dry_run)
+    if args.json:
+        print_json(asdict(result))
+        return 0
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"{result.snapshots} snapshots use {result.packs_kept} packs; {verb} {result.packs_deleted} packs "
+          f"({humanize.size(result.bytes_deleted)}); {humanize.size(result.unused_bytes_kept)} unused inside kept packs")
+    return 0
