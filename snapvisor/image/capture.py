@@ -98,7 +98,7 @@ class Snapshotter:
         vm.memory.enable_dirty_log()
         memory = vm.memory
         self._sources = [
-            _Source(r.name, r.size, r.view, lambda r=r: memory.fetch_dirty(r), lambda r=r: np.ones(r.pages, dtype=bool))
+            _Source(r.name, r.size, r.view, lambda r=r: memory.fetch_dirty(r), r.populated_pages)
             for r in memory.regions
         ]
         # Disks: their dirty-block record runs from the moment they were attached.

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping
 
 from snapvisor.vmm.errors import GuestMemoryError
+from snapvisor.vmm.extents import populated_pages
 from snapvisor.vmm.kvm import VmFd, ffi
 from snapvisor.vmm.kvm import bindings as b
 
@@ -46,6 +47,7 @@ class MemoryRegion:
     view: memoryview  # writable view of the whole host mapping
     fd: int  # the memfd (or the backing file, opened read-only)
     flags: int = 0  # current memslot flags
+    private_file: bool = False  # mapped copy-on-write from a file: the file does not show guest writes
     _mapping: mmap.mmap | None = field(default=None, repr=False)
 
     @property
@@ -55,6 +57,13 @@ class MemoryRegion:
     @property
     def pages(self) -> int:
         return self.size // PAGE_SIZE
+
+    def populated_pages(self) -> np.ndarray:
+        """Bool array of the pages that may hold data: a memfd's holes were never
+        written and read as zeros (and reading them would allocate them)."""
+        if self.private_file:
+            return np.ones(self.pages, dtype=bool)
+        return populated_pages(self.fd, self.size, PAGE_SIZE)
 
     @property
     def host_address(self) -> int:
@@ -254,5 +263,5 @@ def _map_file(name: str, slot: int, gpa: int, size: int, source: FileBacking) ->
     except BaseException:
         os.close(fd)
         raise
-    return MemoryRegion(name, slot, gpa, size, memoryview(mapping), fd, _mapping=mapping)
+    return MemoryRegion(name, slot, gpa, size, memoryview(mapping), fd, private_file=True, _mapping=mapping)
 

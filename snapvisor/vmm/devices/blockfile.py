@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from snapvisor.errors import SnapvisorError
+from snapvisor.vmm.extents import populated_pages
 
 if TYPE_CHECKING:
     import numpy as np
@@ -121,22 +122,7 @@ class BlockFile:
     def data_blocks(self) -> "np.ndarray":
         """Bool array of the blocks the file has data for (holes of a sparse file
         read as zeros and need not be read): what a full snapshot must look at."""
-        import numpy as np
-
-        mask = np.zeros(self.blocks, dtype=bool)
-        offset = 0
-        while offset < self.size:
-            try:
-                start = os.lseek(self.fd, offset, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:  # no data after offset
-                    break
-                mask[offset // BLOCK_SIZE :] = True  # no SEEK_DATA here: look at everything
-                break
-            end = os.lseek(self.fd, start, os.SEEK_HOLE)
-            mask[start // BLOCK_SIZE : -(-end // BLOCK_SIZE)] = True
-            offset = end
-        return mask
+        return populated_pages(self.fd, self.size, BLOCK_SIZE)
 
     def snapshot_view(self) -> memoryview:
         """The whole image mapped read-only (shared: it shows every completed
