@@ -135,7 +135,9 @@ class LazyMemory:
     def _prefetch(self) -> None:
         try:
             for lazy in self._regions:
-                for block in range(len(lazy.resident)):
+                # All-zero blocks stay holes: once the range is unregistered, a touch
+                # of one is an ordinary fault that maps a fresh zero page.
+                for block in np.flatnonzero(lazy.has_data).tolist():
                     if self._stop.is_set():
                         return
                     self._fill_block(lazy, block)
