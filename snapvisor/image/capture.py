@@ -24,6 +24,7 @@ import numpy as np
 from snapvisor.errors import SnapvisorError
 from snapvisor.image.compat import compat_record
 from snapvisor.image.disks import attached_disks, region_name
+from snapvisor.image.gather import gather_pages
 from snapvisor.image.state_codec import encode_state
 from snapvisor.store import PAGE_SIZE, Repository, SnapshotInfo
 from snapvisor.vmm.vm import Vm
@@ -193,7 +194,7 @@ class Snapshotter:
             for start in range(0, len(wanted), batch_pages):
                 pages = wanted[start : start + batch_pages]
                 chunk = buffer[: len(pages)]
-                np.take(live, pages, axis=0, out=chunk)
+                gather_pages(live, pages, chunk)
                 writer.put_region(region.name, region.size, chunk, pages=pages)
                 written += len(pages)
                 counts[region.name] = counts.get(region.name, 0) + len(pages)
@@ -220,5 +221,5 @@ def _copy_pages(region: _Source, mask: np.ndarray, buffer: np.ndarray) -> tuple[
     if len(pages) > len(buffer):
         return pages, live[pages]
     copy = buffer[: len(pages)]
-    np.take(live, pages, axis=0, out=copy)
+    gather_pages(live, pages, copy)
     return pages, copy

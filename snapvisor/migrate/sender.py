@@ -30,6 +30,7 @@ from queue import Queue
 import numpy as np
 
 from snapvisor.errors import SnapvisorError
+from snapvisor.image.gather import gather_pages
 from snapvisor.image.state_codec import encode_state
 from snapvisor.machine import VM, Repo
 from snapvisor.migrate.errors import MigrationError, StreamError
@@ -138,7 +139,7 @@ class _Sender:
         """Copy, plan, compress and frame one batch (on a worker thread)."""
         buffer = self.buffers.get()
         chunk = buffer[:len(local)]
-        np.take(self.live[region], local, axis=0, out=chunk)
+        gather_pages(self.live[region], local, chunk)
         pages = local + int(self.layout.first_page[region])
         assert self.image is not None
         batch, counts = (self.image.plan_final(pages, chunk) if in_round is None
