@@ -244,6 +244,26 @@ def finish(status) -> int:
         print(f"snapvisor: {status.message}", file=sys.stderr)
     return status.code
 
+
+INTERRUPTED = 130
+
+
+def interrupted(vm) -> int:
+    """Ctrl-C in the foreground: stop the VM, say so, exit 130."""
+    vm.stop()
+    print("\nsnapvisor: interrupted, VM stopped", file=sys.stderr)
+    return INTERRUPTED
+
+
+def run_to_exit(vm) -> int:
+    """Wait in the foreground until the guest stops; its power-off status is ours."""
+    try:
+        status = vm.wait()
+    except KeyboardInterrupt:
+        return interrupted(vm)
+    assert status is not None
+    return finish(status)
+
 def disk_option(value: str):
     from snapvisor.vmm.devices.blockfile import DiskConfig
 

@@ -16,10 +16,12 @@ from snapvisor.cli.common import (
     duration,
     env_repos,
     finish,
+    interrupted,
     log_to_stderr,
     operated,
     parse_size,
     positive_int,
+    run_to_exit,
     subcommand,
 )
 
@@ -70,14 +72,7 @@ def _receive(args: argparse.Namespace) -> int:
     log_to_stderr(json.dumps(report) if args.json else
                    f"VM {machine.name} migrated in and resumed; downtime {received.downtime_s * 1000:.1f} ms")
     with machine, operated(machine, args, repos):
-        try:
-            status = machine.wait()
-        except KeyboardInterrupt:
-            machine.stop()
-            print("\nsnapvisor: interrupted, VM stopped", file=sys.stderr)
-            return 130
-    assert status is not None
-    return finish(status)
+        return run_to_exit(machine)
 
 
 @subcommand
@@ -164,9 +159,7 @@ def _migrate(args: argparse.Namespace) -> int:
                 code = finish(status)
                 return code if code else exc.exit_code
         except KeyboardInterrupt:
-            machine.stop()
-            print("\nsnapvisor: interrupted, VM stopped", file=sys.stderr)
-            return 130
+            return interrupted(machine)
     log_to_stderr(json.dumps(stats.as_dict()) if args.json else
                    f"VM {machine.name} migrated to {args.to}: downtime {stats.downtime_s * 1000:.1f} ms, "
                    f"{stats.rounds} rounds, {stats.bytes_sent / 1e6:.1f} MB sent in {stats.total_s:.2f} s")

@@ -14,12 +14,12 @@ from snapvisor.cli.common import (
     add_repo_flag,
     disk_option,
     env_repos,
-    finish,
     operated,
     parse_size,
     positive_int,
     print_json,
     repo_url,
+    run_to_exit,
     subcommand,
     terminal_input,
 )
@@ -95,18 +95,7 @@ def _run(args: argparse.Namespace) -> int:
         )
         with build_microvm_for_boot(config) as vm, operated(vm, args, args.repo or env_repos()):
             vm.start()
-            try:
-                status = vm.wait()
-            except KeyboardInterrupt:
-                vm.stop()
-                print("\nsnapvisor: interrupted, VM stopped", file=sys.stderr)
-                return 130
-    assert status is not None
-    if status.reason == "error":
-        print(f"error: {status.message}", file=sys.stderr)
-    elif status.reason == "reset":
-        print(f"snapvisor: {status.message}", file=sys.stderr)
-    return status.code
+            return run_to_exit(vm)
 
 
 
@@ -177,11 +166,4 @@ def _restore(args: argparse.Namespace) -> int:
                               disk_dir=args.disk_dir)
         with machine, operated(machine, args, [url]):
             machine.vm.start()
-            try:
-                status = machine.wait()
-            except KeyboardInterrupt:
-                machine.stop()
-                print("\nsnapvisor: interrupted, VM stopped", file=sys.stderr)
-                return 130
-    assert status is not None
-    return finish(status)
+            return run_to_exit(machine)
