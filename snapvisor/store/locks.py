@@ -25,6 +25,9 @@ from snapvisor.store.format import LOCK_PREFIX
 
 SHARED = "shared"
 EXCLUSIVE = "exclusive"
+# Listings of locks/ while holders refresh; each refresh can hide a holder from
+# one pass only, and refreshes are minutes apart.
+HOLDER_PASSES = 5
 
 
 @dataclass
@@ -93,21 +96,33 @@ class LockManager:
         return fresh
 
     def holders(self) -> list[LockRecord]:
-        """Live locks; stale and malformed lock objects are skipped."""
-        found = []
+        """Live locks; stale and malformed lock objects are skipped.
+
+        A holder refreshes by writing a new object and then deleting the old one, so
+        a lock listed here may be gone when read. Its replacement then already
+        exists, and listing again finds it: a refresh never hides a holder.
+        """
+        for _ in range(HOLDER_PASSES):
+            found, vanished = self._read_holders()
+            if not vanished:
+                break
+        return found
+
+    def _read_holders(self) -> tuple[list[LockRecord], bool]:
+        found, vanished = [], False
         for info in self.store.list(LOCK_PREFIX):
             try:
                 obj = json.loads(self.store.get(info.key))
                 rec = LockRecord(info.key, str(obj["kind"]), str(obj["purpose"]), str(obj["host"]),
                                  int(obj["pid"]), float(obj["time"]))
             except ObjectNotFound:
+                vanished = True
                 continue
             except (ValueError, KeyError, TypeError):
                 continue
-            if self._is_stale(rec):
-                continue
-            found.append(rec)
-        return found
+            if not self._is_stale(rec):
+                found.append(rec)
+        return found, vanished
 
     def _is_stale(self, rec: LockRecord) -> bool:
         if time.time() - rec.time > self.stale_after:

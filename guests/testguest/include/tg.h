@@ -58,6 +58,7 @@ struct tg_params {
 	u64 disk_writes;   /* blocks written per round */
 	u64 disk_seq;      /* 1: write blocks in order, round after round; 0: pseudo-random */
 	u64 disk_verify;   /* read back and check the disk every n rounds */
+	u64 work;          /* integer mixing steps before each page write, 0 = none */
 };
 
 /* Ring 3 only (the kernel has its own extern in kernel.h). */

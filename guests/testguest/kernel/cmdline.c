@@ -13,6 +13,7 @@ static const struct key keys[] = {
 	KEY("tg.verify", verify),    KEY("tg.pages", pages),   KEY("tg.ticks", ticks),
 	KEY("tg.corrupt", corrupt),  KEY("tg.disk", disk),     KEY("tg.diskblocks", disk_blocks),
 	KEY("tg.diskwrites", disk_writes), KEY("tg.diskseq", disk_seq), KEY("tg.diskverify", disk_verify),
+	KEY("tg.work", work),
 };
 
 /* Decimal, or hex with 0x. Stops at the end of the word. */

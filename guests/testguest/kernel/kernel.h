@@ -59,7 +59,7 @@ void bootinfo_read(struct boot_info *bi, enum boot_kind kind, u64 info);
 /* cmdline.c */
 struct kparams {
 	u64 mem_mib, seed, rate, rounds, exit_status, cpus, verify, pages, ticks, corrupt;
-	u64 disk, disk_blocks, disk_writes, disk_seq, disk_verify;
+	u64 disk, disk_blocks, disk_writes, disk_seq, disk_verify, work;
 };
 void cmdline_parse(const char *cmdline, struct kparams *kp);
 u64 parse_u64(const char *s);

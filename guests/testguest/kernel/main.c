@@ -113,6 +113,7 @@ static void bsp_init(enum boot_kind kind, u64 info)
 	tg_params.pages = kp.pages;
 	tg_params.verify_every = kp.verify;
 	tg_params.corrupt_round = kp.corrupt;
+	tg_params.work = kp.work;
 	tg_params.cpus = (u32)kp.cpus;
 	if (!working_set_init(&kp))
 		power_off(EXIT_CONFIG);

@@ -63,6 +63,18 @@ static u64 verify(u64 cpu, u64 first, u64 end)
 	return end - first;
 }
 
+/* CPU time spent before each page write: with tg.work the dirty rate follows the
+ * CPU time the guest gets, like a compute-bound workload (what throttling slows),
+ * rather than the wall clock (what tg.rate paces). */
+static void busy_work(u64 steps)
+{
+	u64 x = steps;
+
+	for (u64 i = 0; i < steps; i++)
+		x = mix64(x);
+	__asm__ volatile("" : : "r"(x));
+}
+
 /* Hold the re-dirty rate to tg.rate MiB/s: `done` pages since tick `t0` may be
  * written once (ticks - t0 + 1) ticks' budget covers them (one tick up front). */
 static void rate_limit(u64 done, u64 t0)
@@ -114,6 +126,7 @@ __attribute__((noreturn)) void user_main(u64 cpu)
 			u64 page = p->pages ? first + mix64(mix64(mix64(p->seed + cpu) + round) + i) % owned
 					    : first + i;
 
+			busy_work(p->work);
 			write_page(page, ++p->seq[page]);
 			rate_limit(i + 1, t0);
 		}
