@@ -58,8 +58,7 @@ class LazyMemory:
         self._regions: list[_LazyRegion] = []
         for region, reader in regions:
             blocks = -(-region.pages // BLOCK_PAGES)
-            has_data = np.zeros(blocks, dtype=bool)
-            has_data[np.unique(reader.nonzero_pages() // BLOCK_PAGES)] = True
+            has_data = reader.data_blocks(BLOCK_PAGES)
             base = address_of(region.view)
             self._uffd.register_missing(base, region.size)
             self._regions.append(_LazyRegion(region, reader, base, np.zeros(blocks, dtype=bool), has_data))
@@ -72,6 +71,7 @@ class LazyMemory:
         self._stop = threading.Event()
         self.error: BaseException | None = None
         self.faults_served = 0
+        self.first_fault_served_at: float | None = None  # perf_counter(): the guest's first instruction ran
         self.started = time.perf_counter()
         self.completed_s: float | None = None
         self._handler = threading.Thread(target=self._serve_faults, name="lazy-faults", daemon=True)
@@ -134,6 +134,8 @@ class LazyMemory:
                     self._fill_block(lazy, block)
                     self._uffd.wake(fault.address & ~(PAGE_SIZE - 1), PAGE_SIZE)
                     self.faults_served += 1
+                    if self.first_fault_served_at is None:
+                        self.first_fault_served_at = time.perf_counter()
         except BaseException as exc:  # the guest would hang on its next fault: stop it, say why
             self._fail(exc)
 

@@ -130,6 +130,13 @@ def encode_index(index: IndexFile) -> bytes:
     return _INDEX_HEADER.pack(INDEX_MAGIC, FORMAT_VERSION, 0) + body
 
 
+def id_prefixes(entries: np.ndarray) -> np.ndarray:
+    """The first 8 bytes of each entry's id as a little-endian uint64 (the sort key
+    of index entries)."""
+    raw = np.ascontiguousarray(entries).view(np.uint8).reshape(len(entries), entries.itemsize)
+    return np.ascontiguousarray(raw[:, :8]).view("<u8").ravel()
+
+
 def index_key(data: bytes) -> str:
     return INDEX_PREFIX + sha256(data).hex()
 

@@ -38,7 +38,8 @@ class Index:
         self.files: set[str] = set()
         self._ids: list[np.ndarray] = []   # per index file: ids as (n, 4) uint64 words
         self._locs: list[np.ndarray] = []  # per index file: (n, 3) int64 (pack, frame, slot)
-        self._sorted: tuple[np.ndarray, np.ndarray] | None = None
+        self._sorted: tuple[np.ndarray, np.ndarray] | None = None  # (ids, locs) sorted on ids[:, 0]
+        self._prefix = np.empty(0, dtype=np.uint64)  # ids[:, 0] of _sorted, contiguous
         self._entries: dict[bytes, Location] | None = None
 
     @property
@@ -66,18 +67,13 @@ class Index:
     def locate_many(self, ids: np.ndarray) -> np.ndarray:
         """(n, 3) int64 locations of the (n, 32) uint8 `ids`; rows of -1 where unknown."""
         if self._sorted is None:
-            all_ids = np.concatenate(self._ids) if self._ids else np.empty((0, 4), dtype=np.uint64)
-            all_locs = np.concatenate(self._locs) if self._locs else np.empty((0, 3), dtype=np.int64)
-            # Ids are compared as four 64-bit words, sorted on the first: integer
-            # sorts and compares run several times faster than on 32-byte strings.
-            order = np.argsort(all_ids[:, 0], kind="stable")
-            self._sorted = all_ids[order], all_locs[order]
+            self._sorted = self._search_table()
         sorted_ids, sorted_locs = self._sorted
         wanted = _words(ids)
         out = np.full((len(wanted), 3), -1, dtype=np.int64)
         if not len(sorted_ids) or not len(wanted):
             return out
-        prefix = sorted_ids[:, 0]
+        prefix = self._prefix
         first = np.searchsorted(prefix, wanted[:, 0], side="left")
         last = np.searchsorted(prefix, wanted[:, 0], side="right")
         at = np.minimum(first, len(sorted_ids) - 1)
@@ -91,6 +87,21 @@ class Index:
                 out[row] = sorted_locs[first[row] + run[0]]
         return out
 
+    def _search_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """All entries sorted on the ids' first word. Every file is sorted already, so
+        one file is used as it is, and several are merged (a stable sort of sorted
+        runs: timsort merges them)."""
+        if len(self._ids) == 1:
+            table = self._ids[0], self._locs[0]
+        elif not self._ids:
+            table = np.empty((0, 4), dtype=np.uint64), np.empty((0, 3), dtype=np.int64)
+        else:
+            all_ids, all_locs = np.concatenate(self._ids), np.concatenate(self._locs)
+            order = np.argsort(all_ids[:, 0], kind="stable")
+            table = all_ids[order], all_locs[order]
+        self._prefix = np.ascontiguousarray(table[0][:, 0])
+        return table
+
     def add_file(self, key: str, index_file: fmt.IndexFile) -> None:
         numbers = []
         for rec, frames in zip(index_file.packs, index_file.frames):
@@ -102,7 +113,10 @@ class Index:
             numbers.append(number)
         entries = index_file.entries
         if len(entries):
-            ids = _words(np.frombuffer(entries["id"].tobytes(), dtype=np.uint8))
+            ids = _words(np.ascontiguousarray(_entry_bytes(entries)[:, :fmt.ID_SIZE]))
+            if (ids[1:, 0] < ids[:-1, 0]).any():  # written unsorted: sort it here
+                order = np.argsort(ids[:, 0], kind="stable")
+                entries, ids = entries[order], ids[order]
             locs = np.stack([np.asarray(numbers, dtype=np.int64)[entries["pack"]],
                              entries["frame"].astype(np.int64), entries["slot"].astype(np.int64)], axis=1)
             self._ids.append(ids)
@@ -115,6 +129,11 @@ class Index:
     def frame(self, loc: Location) -> tuple[PackInfo, np.void]:
         pack = self.packs[loc[0]]
         return pack, pack.frames[loc[1]]
+
+
+def _entry_bytes(entries: np.ndarray) -> np.ndarray:
+    """Index entries as an (n, itemsize) uint8 array (a view where possible)."""
+    return np.ascontiguousarray(entries).view(np.uint8).reshape(len(entries), entries.dtype.itemsize)
 
 
 def _words(ids: np.ndarray) -> np.ndarray:

@@ -7,7 +7,6 @@ damaged or forged pack cannot put wrong bytes into a restored guest.
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -116,33 +115,48 @@ def read_objects(repo: "Repository", object_ids: list[bytes], what: str) -> dict
     return out
 
 
+def load_region_root(repo: "Repository", block_pages: int, ref: RegionRef, what: str) -> np.ndarray:
+    """The (nblocks, 32) map block ids of a region; zero rows for all-zero blocks."""
+    nblocks = -(-(ref.size // PAGE_SIZE) // block_pages)
+    if ref.root == fmt.ZERO_ID:
+        return np.zeros((nblocks, ID_SIZE), dtype=np.uint8)
+    root = read_object(repo, ref.root, f"{what} region root")
+    return fmt.decode_region_root(f"{what} region root {ref.root.hex()}", root, nblocks).copy()
+
+
+def load_map_blocks(repo: "Repository", block_pages: int, block_ids: np.ndarray, blocks: np.ndarray,
+                    page_ids: np.ndarray, what: str) -> None:
+    """Decode map blocks `blocks` (numbers into `block_ids`) into their rows of `page_ids`."""
+    keys = [block_ids[b].tobytes() for b in blocks.tolist()]
+    objects = read_objects(repo, [k for k in keys if k != fmt.ZERO_ID], f"{what} page map")
+    npages = len(page_ids)
+    for b, key in zip(blocks.tolist(), keys):
+        start = b * block_pages
+        count = min(block_pages, npages - start)
+        if key == fmt.ZERO_ID:
+            page_ids[start:start + count] = 0
+            continue
+        page_ids[start:start + count] = fmt.decode_map_block(
+            f"{what} map block {key.hex()}", objects[key], count)
+
+
 def load_page_map(repo: "Repository", block_pages: int, ref: RegionRef, what: str
                   ) -> tuple[np.ndarray, np.ndarray]:
     """(block ids (nblocks, 32), page ids (npages, 32)) of a region; zero rows are zero."""
-    npages = ref.size // PAGE_SIZE
-    nblocks = -(-npages // block_pages)
-    page_ids = np.zeros((npages, ID_SIZE), dtype=np.uint8)
-    if ref.root == fmt.ZERO_ID:
-        return np.zeros((nblocks, ID_SIZE), dtype=np.uint8), page_ids
-    root = read_object(repo, ref.root, f"{what} region root")
-    block_ids = fmt.decode_region_root(f"{what} region root {ref.root.hex()}", root, nblocks)
-    ids_bytes = block_ids.tobytes()
-    keys = [ids_bytes[i:i + ID_SIZE] for i in range(0, len(ids_bytes), ID_SIZE)]
-    blocks = read_objects(repo, [k for k in keys if k != fmt.ZERO_ID], f"{what} page map")
-    for b, key in enumerate(keys):
-        if key == fmt.ZERO_ID:
-            continue
-        start = b * block_pages
-        count = min(block_pages, npages - start)
-        page_ids[start:start + count] = fmt.decode_map_block(
-            f"{what} map block {key.hex()}", blocks[key], count)
-    return block_ids.copy(), page_ids
+    block_ids = load_region_root(repo, block_pages, ref, what)
+    page_ids = np.zeros((ref.size // PAGE_SIZE, ID_SIZE), dtype=np.uint8)
+    data_blocks = np.flatnonzero(block_ids.any(axis=1))
+    load_map_blocks(repo, block_pages, block_ids, data_blocks, page_ids, what)
+    return block_ids, page_ids
 
 
 class RegionReader:
-    """Random and bulk access to one region of one snapshot."""
+    """Random and bulk access to one region of one snapshot.
 
-    CACHE_FRAMES = 32
+    Opening one reads only the region root. A map block is read, and its pages
+    looked up in the index, when a read first needs one of its pages: a lazy
+    restore starts without waiting for the page map of all of memory.
+    """
 
     def __init__(self, repo: "Repository", manifest: Manifest, name: str):
         ref = manifest.region_refs[name]
@@ -151,28 +165,58 @@ class RegionReader:
         self.name = name
         self.size = ref.size
         self.npages = ref.size // PAGE_SIZE
-        _, self._ids = load_page_map(repo, manifest.map_block_pages, ref, self._what)
-        self._nonzero = np.flatnonzero(self._ids.any(axis=1))
-        self._locs = self._locate(repo.index)
-        # Dense page -> row in _nonzero/_locs, -1 for zero pages.
-        self._row = np.full(self.npages, -1, dtype=np.int64)
-        self._row[self._nonzero] = np.arange(len(self._nonzero))
-        self._cache: OrderedDict[tuple[int, int], bytes] = OrderedDict()
-        self._cache_lock = threading.Lock()
+        self._block_pages = manifest.map_block_pages
+        self._block_ids = load_region_root(repo, self._block_pages, ref, self._what)
+        self._ids = np.zeros((self.npages, ID_SIZE), dtype=np.uint8)
+        # Both start as untouched zero memory (calloc): a 1 GiB region costs nothing
+        # until its blocks are resolved.
+        self._locs = np.zeros((self.npages, 3), dtype=np.int64)  # (pack, frame, slot)
+        self._has_data = np.zeros(self.npages, dtype=bool)  # located non-zero page
+        self._resolved = ~self._block_ids.any(axis=1)  # all-zero blocks need no map block
+        self._resolve_lock = threading.Lock()
 
-    def _locate(self, index: Index) -> np.ndarray:
-        locs = index.locate_many(self._ids[self._nonzero])
-        missing = np.flatnonzero(locs[:, 0] < 0)
-        if len(missing):
-            bad = int(missing[0])
-            raise RepositoryError(
-                f"{self._what}: page {int(self._nonzero[bad])} (id {self._ids[self._nonzero[bad]].tobytes().hex()}) "
-                f"is not in the repository index (missing index file or pack); run "
-                f"`snapvisor verify`")
-        return locs
+    def _resolve(self, blocks: np.ndarray) -> None:
+        """Read the map blocks `blocks` and locate their pages, once."""
+        if self._resolved[blocks].all():
+            return
+        with self._resolve_lock:
+            todo = np.unique(blocks[~self._resolved[blocks]])
+            if not len(todo):
+                return
+            load_map_blocks(self._repo, self._block_pages, self._block_ids, todo, self._ids, self._what)
+            pages = (todo[:, None] * self._block_pages + np.arange(self._block_pages)).ravel()
+            pages = pages[pages < self.npages]
+            pages = pages[self._ids[pages].any(axis=1)]
+            locs = self._repo.index.locate_many(self._ids[pages])
+            missing = np.flatnonzero(locs[:, 0] < 0)
+            if len(missing):
+                page = int(pages[missing[0]])
+                raise RepositoryError(
+                    f"{self._what}: page {page} (id {self._ids[page].tobytes().hex()}) is not in the "
+                    f"repository index (missing index file or pack); run `snapvisor verify`")
+            self._locs[pages] = locs
+            self._has_data[pages] = True
+            self._resolved[todo] = True
+
+    def _resolve_pages(self, pages: np.ndarray) -> None:
+        if len(pages):
+            self._resolve(np.unique(pages // self._block_pages))
+
+    def data_blocks(self, block_pages: int) -> np.ndarray:
+        """One bool per `block_pages` pages: False where every page is known to be zero
+        (from the region root alone, without reading map blocks)."""
+        nblocks = -(-self.npages // block_pages)
+        with_data = np.flatnonzero(self._block_ids.any(axis=1))
+        first_page = with_data * self._block_pages
+        last_page = np.minimum(first_page + self._block_pages, self.npages) - 1
+        edges = np.zeros(nblocks + 1, dtype=np.int64)
+        np.add.at(edges, first_page // block_pages, 1)
+        np.add.at(edges, last_page // block_pages + 1, -1)
+        return np.cumsum(edges[:-1]) > 0
 
     def nonzero_pages(self) -> np.ndarray:
-        return self._nonzero.copy()
+        self._resolve(np.arange(len(self._block_ids)))
+        return np.flatnonzero(self._has_data)
 
     def _check_out(self, out, npages: int) -> memoryview:
         mv = memoryview(out).cast("B")
@@ -186,7 +230,8 @@ class RegionReader:
     def read_into(self, out, threads: int = 2) -> None:
         """Fill `out` (size bytes, already zero) with the region; zero pages are skipped."""
         mv = self._check_out(out, self.npages)
-        self._read_rows(np.arange(len(self._nonzero)), self._nonzero, mv, threads)
+        pages = self.nonzero_pages()
+        self._read_pages(pages, pages, mv, threads)
 
     def read_pages_into(self, page_indices, out) -> None:
         """out[i] = page page_indices[i], zero pages included."""
@@ -194,22 +239,23 @@ class RegionReader:
         if len(pages) and (pages.min() < 0 or pages.max() >= self.npages):
             raise RepositoryError(f"{self._what}: page index outside 0..{self.npages - 1}")
         mv = self._check_out(out, len(pages))
-        rows = self._row[pages]
-        zero = np.flatnonzero(rows < 0)
+        self._resolve_pages(pages)
+        has_data = self._has_data[pages]
+        zero = np.flatnonzero(~has_data)
         if len(zero):
             view = np.frombuffer(mv, dtype=np.uint8)[:len(pages) * PAGE_SIZE].reshape(-1, PAGE_SIZE)
             view[zero] = 0
-        data = np.flatnonzero(rows >= 0)
-        self._read_rows(rows[data], data, mv, threads=self._repo.io_threads)
+        data = np.flatnonzero(has_data)
+        self._read_pages(pages[data], data, mv, threads=self._repo.io_threads)
 
-    def _read_rows(self, rows: np.ndarray, dest: np.ndarray, out: memoryview, threads: int) -> None:
-        """Copy the pages of `rows` (rows of _locs) to page positions `dest` of `out`."""
-        if not len(rows):
+    def _read_pages(self, pages: np.ndarray, dest: np.ndarray, out: memoryview, threads: int) -> None:
+        """Copy the (resolved, non-zero) `pages` to page positions `dest` of `out`."""
+        if not len(pages):
             return
-        locs = self._locs[rows]
+        locs = self._locs[pages]
         order = np.lexsort((locs[:, 2], locs[:, 1], locs[:, 0]))
-        locs, dest, rows = locs[order], dest[order], rows[order]
-        ids = self._ids[self._nonzero[rows]]
+        locs, dest, pages = locs[order], dest[order], pages[order]
+        ids = self._ids[pages]
         # Work units: runs of frames of one pack that one ranged read fetches.
         bounds = np.flatnonzero(np.diff(locs[:, 0] * (1 << 32) + locs[:, 1])) + 1
         starts = np.concatenate(([0], bounds)).tolist()
@@ -245,38 +291,6 @@ class RegionReader:
             raise CorruptObject(pack.key, f"frame {fno} slot {int(slots[bad])} does not hash to "
                                           f"page id {ids[bad].tobytes().hex()} ({self._what})")
         pagehash.copy_pages(out, dest, raw, slots)
-
-    def _frame(self, pack_no: int, fno: int) -> bytes:
-        key = (pack_no, fno)
-        with self._cache_lock:
-            raw = self._cache.get(key)
-            if raw is not None:
-                self._cache.move_to_end(key)
-                return raw
-        pack = self._repo.index.packs[pack_no]
-        for _, raw in fetch_frames(self._repo, pack, [fno]):
-            with self._cache_lock:
-                self._cache[key] = raw
-                while len(self._cache) > self.CACHE_FRAMES:
-                    self._cache.popitem(last=False)
-            return raw
-        raise AssertionError("unreachable")
-
-    def read_page(self, index: int) -> bytes:
-        """One page, for serving a page fault; recently used frames stay cached."""
-        if not 0 <= index < self.npages:
-            raise RepositoryError(f"{self._what}: page {index} outside 0..{self.npages - 1}")
-        row = int(self._row[index])
-        if row < 0:
-            return bytes(PAGE_SIZE)
-        pack_no, fno, slot = (int(x) for x in self._locs[row])
-        raw = self._frame(pack_no, fno)
-        page = raw[slot * PAGE_SIZE:(slot + 1) * PAGE_SIZE]
-        if len(page) != PAGE_SIZE or fmt.sha256(page) != self._ids[index].tobytes():
-            raise CorruptObject(self._repo.index.packs[pack_no].key,
-                                f"frame {fno} slot {slot} does not match page {index} "
-                                f"of {self._what}")
-        return page
 
 
 class Snapshot:

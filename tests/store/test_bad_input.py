@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from snapvisor.store import CorruptObject, RepositoryError
+from snapvisor.store import PAGE_SIZE, CorruptObject, RepositoryError
 from snapvisor.store import format as fmt
 from snapvisor.store.manifest import snapshot_key
 
@@ -151,4 +151,4 @@ def test_forged_page_cannot_reach_restore(repo):
     with pytest.raises(CorruptObject, match=f"{key}.*does not hash"):
         read_all(repo.get_snapshot(info.id), "ram0")
     with pytest.raises(CorruptObject, match=key):
-        repo.get_snapshot(info.id).region_reader("ram0").read_page(0)
+        repo.get_snapshot(info.id).region_reader("ram0").read_pages_into([0], bytearray(PAGE_SIZE))
