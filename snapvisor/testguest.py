@@ -1,8 +1,7 @@
 """Builds the project's own test guest (guests/testguest) with the machine's gcc.
 
 The ELF is cached under a hash of its sources and of the compiler's version:
-``$SNAPVISOR_CACHE/testguest/<hash>/testguest.elf`` (``SNAPVISOR_CACHE`` defaults
-to ``~/.cache/snapvisor``). Each build runs in its own temporary directory and the
+``<cache root>/testguest/<hash>/testguest.elf`` (see snapvisor.cache). Each build runs in its own temporary directory and the
 result is renamed into place, so concurrent test processes never see a partial file.
 """
 
@@ -15,6 +14,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from snapvisor.cache import cache_root
 from snapvisor.errors import SnapvisorError
 
 SOURCE_DIR = Path(__file__).resolve().parents[1] / "guests" / "testguest"
@@ -43,9 +43,7 @@ class TestGuestBuildError(TestGuestError):
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("SNAPVISOR_CACHE")
-    base = Path(root) if root else Path.home() / ".cache" / "snapvisor"
-    return base / "testguest"
+    return cache_root() / "testguest"
 
 
 def _source_files(src: Path) -> list[Path]:

@@ -2,7 +2,8 @@
 
 - `kvm` marker: VM tests need a usable /dev/kvm; where it is missing or not
   accessible they skip, saying why. They never pass without running.
-- `testguest`: the project's own test guest, built once per session.
+- `testguest`: the project's own test guest, built once per session (into the
+  session's own cache directory, SNAPVISOR_CACHE).
 - `s3_server` / `s3_bucket`: a real S3 server (SeaweedFS). `.ci/run` starts one and
   exports SNAPVISOR_TEST_S3_ENDPOINT, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY;
   locally, SNAPVISOR_TEST_S3_AUTOSTART=1 makes the session start its own.
@@ -14,6 +15,7 @@ import os
 import secrets
 import shlex
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,22 @@ def _kvm_unavailable_reason() -> str | None:
 
 
 KVM_UNAVAILABLE = _kvm_unavailable_reason()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Local caches (the built test guest, decoded repository indexes) live in a
+    # directory of this session: no test reads what an earlier run left behind, and
+    # the thousands of throw-away repositories leave nothing in ~/.cache.
+    if "SNAPVISOR_CACHE" not in os.environ:
+        config._snapvisor_cache = tempfile.TemporaryDirectory(prefix="snapvisor-test-cache-")
+        os.environ["SNAPVISOR_CACHE"] = config._snapvisor_cache.name
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    cache = getattr(config, "_snapvisor_cache", None)
+    if cache is not None:
+        del os.environ["SNAPVISOR_CACHE"]
+        cache.cleanup()
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

@@ -14,6 +14,7 @@ or (devices, through GuestMemory's accessors) let `make_resident` fill it first.
 
 from __future__ import annotations
 
+import mmap
 import select
 import threading
 import time
@@ -63,9 +64,11 @@ class LazyMemory:
             self._uffd.register_missing(base, region.size)
             self._regions.append(_LazyRegion(region, reader, base, np.zeros(blocks, dtype=bool), has_data))
         self._fill_lock = threading.Lock()
-        self._scratch = bytearray(BLOCK_PAGES * PAGE_SIZE)
+        # Anonymous mappings, not bytearrays: those are zeroed (every page touched)
+        # when made, which costs milliseconds before the guest can start.
+        self._scratch = mmap.mmap(-1, BLOCK_PAGES * PAGE_SIZE)
         self._scratch_address = address_of(self._scratch)
-        self._prefetch_buffer = bytearray(PREFETCH_BLOCKS * BLOCK_PAGES * PAGE_SIZE)
+        self._prefetch_buffer = mmap.mmap(-1, PREFETCH_BLOCKS * BLOCK_PAGES * PAGE_SIZE)
         self._prefetch_address = address_of(self._prefetch_buffer)
         self._done = threading.Event()
         self._stop = threading.Event()
@@ -106,6 +109,8 @@ class LazyMemory:
             if thread.is_alive():
                 thread.join()
         self._uffd.close()
+        self._scratch.close()
+        self._prefetch_buffer.close()
 
     # --- filling --------------------------------------------------------------
     def _fill_block(self, lazy: _LazyRegion, block: int) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 from snapvisor.store import format as fmt
 from snapvisor.store.backend import ObjectStore
 from snapvisor.store.errors import ObjectNotFound, RepositoryError
+from snapvisor.store.index_cache import IndexCache
 
 
 @dataclass
@@ -142,17 +143,24 @@ def _words(ids: np.ndarray) -> np.ndarray:
 
 
 def load_index(store: ObjectStore, previous: Index | None = None, threads: int = 8,
-               attempts: int = 3) -> Index:
-    """Read every index file; reuse `previous` when files were only added since."""
+               attempts: int = 3, cache: IndexCache | None = None) -> Index:
+    """Read every index file; reuse `previous` when files were only added since, and
+    the copies in `cache` of files read before."""
     keys = {info.key for info in store.list(fmt.INDEX_PREFIX)}
     index = previous if previous is not None and previous.files <= keys else Index()
     todo = sorted(keys - index.files)
 
     def fetch(key: str) -> tuple[str, fmt.IndexFile | None]:
+        cached = cache.load(key) if cache is not None else None
+        if cached is not None:
+            return key, cached
         try:
-            return key, fmt.decode_index(key, store.get(key))
+            index_file = fmt.decode_index(key, store.get(key))
         except ObjectNotFound:
             return key, None  # replaced by gc between list and get
+        if cache is not None:
+            cache.save(key, index_file)
+        return key, index_file
 
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(todo)))) as pool:
         results = list(pool.map(fetch, todo))
@@ -161,9 +169,11 @@ def load_index(store: ObjectStore, previous: Index | None = None, threads: int =
         if attempts <= 1:
             raise RepositoryError(f"the index of {store.url} keeps changing while being read; "
                                   f"retry when gc has finished")
-        return load_index(store, None, threads, attempts - 1)
+        return load_index(store, None, threads, attempts - 1, cache)
     for key, index_file in results:
         index.add_file(key, index_file)
+    if cache is not None:
+        cache.prune(keys)
     return index
 
 

@@ -12,6 +12,7 @@ from snapvisor.store import format as fmt
 from snapvisor.store.backend import ObjectStore, open_backend
 from snapvisor.store.errors import ObjectNotFound, RepositoryError
 from snapvisor.store.index import Index, load_index
+from snapvisor.store.index_cache import IndexCache
 from snapvisor.store.locks import EXCLUSIVE, SHARED, LockManager
 from snapvisor.store.manifest import Manifest, SnapshotInfo, decode_manifest, snapshot_key
 from snapvisor.store.reader import Snapshot
@@ -36,6 +37,8 @@ class Repository:
         self._index: Index | None = None
         self._index_stale = False
         self._index_lock = threading.Lock()
+        # Decoded index files on local disk; an in-memory store has nothing to gain.
+        self.index_cache = None if store.url.startswith("memory:") else IndexCache.for_repository(config["id"])
         self._manifests: dict[str, Manifest] = {}
 
     # -- creation and opening -------------------------------------------------------
@@ -126,17 +129,20 @@ class Repository:
     def index(self) -> Index:
         with self._index_lock:
             if self._index is None or self._index_stale:
-                self._index = load_index(self.store, self._index, self.io_threads)
+                self._index = load_index(self.store, self._index, self.io_threads, cache=self.index_cache)
                 self._index_stale = False
             return self._index
 
     def refresh_index(self, full: bool = False) -> Index:
+        """Re-list the index. `full` reads every index file from the repository again,
+        trusting neither memory nor the local cache (gc does, before deleting)."""
         with self._index_lock:
-            self._index = load_index(self.store, None if full else self._index, self.io_threads)
+            self._index = load_index(self.store, None if full else self._index, self.io_threads,
+                                     cache=None if full else self.index_cache)
             self._index_stale = False
             return self._index
 
-    def _forget_index_cache(self) -> None:
+    def _mark_index_stale(self) -> None:
         self._index_stale = True
 
     # -- snapshots ---------------------------------------------------------------------

@@ -132,9 +132,13 @@ class SnapshotWriter:
             self._packer.finish()
             store = self._repo.store
             if self._packer.packs:
-                index_data = fmt.encode_index(self._packer.index_file())
-                store.put(fmt.index_key(index_data), index_data)
+                index_file = self._packer.index_file()
+                index_data = fmt.encode_index(index_file)
+                index_key = fmt.index_key(index_data)
+                store.put(index_key, index_data)
                 self._count_write(len(index_data))
+                if self._repo.index_cache is not None:  # a restore on this host then skips decoding it
+                    self._repo.index_cache.save(index_key, index_file)
             time = datetime.now(timezone.utc)
             manifest = encode_manifest(
                 vm=vm, time=time, tags=tags,
@@ -149,7 +153,7 @@ class SnapshotWriter:
         self.stats["objects_written"] += self._packer.objects_written
         self.stats["bytes_written"] += self._packer.bytes_written
         self._finish()
-        self._repo._forget_index_cache()
+        self._repo._mark_index_stale()
         return SnapshotInfo(snapshot_id, time, vm, tags, self._parent.id if self._parent else None,
                             meta, {n: r.size for n, r in refs.items()},
                             sorted(self._blobs))
