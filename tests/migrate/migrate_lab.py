@@ -124,7 +124,9 @@ class Host:
         return self.spawn(label, [sys.executable, "-m", "snapvisor", *args], env)
 
     def spawn(self, label: str, argv: list[str], env: dict[str, str] | None = None) -> Process:
-        full_env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), **self.lab.s3_env, **(env or {}))
+        # Each host has its own local caches (index copies): hosts share no files.
+        full_env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), SNAPVISOR_CACHE=str(self.workdir / f"{self.ns}-cache"),
+                        **self.lab.s3_env, **(env or {}))
         process = Process(["ip", "netns", "exec", self.ns, *argv], full_env, self.workdir, label)
         self.processes.append(process)
         return process
