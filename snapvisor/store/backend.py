@@ -1,7 +1,7 @@
 """The object store interface every backend implements, and URL dispatch.
 
 Five verbs, borgstore-sized: put-if-absent, ranged get, head, list by prefix,
-delete. Keys are '/'-separated relative names ("data/ab/ab12...", "config").
+delete; plus `sweep` for the leftovers of interrupted puts. Keys are '/'-separated relative names ("data/ab/ab12...", "config").
 Objects are immutable: put never replaces an existing object, so two writers can
 never destroy each other's data.
 """
@@ -50,6 +50,13 @@ class ObjectStore(abc.ABC):
     @abc.abstractmethod
     def delete(self, key: str) -> None:
         """Remove the object; removing a missing object is not an error."""
+
+    def sweep(self, older_than: float) -> int:
+        """Remove what interrupted puts left behind (a killed writer's temporary
+        files, unfinished multipart uploads) that is older than `older_than`
+        seconds, so still-running puts are left alone; returns how many. Such
+        leftovers are never visible as objects, only as space. gc calls this."""
+        return 0
 
     def close(self) -> None:
         """Release connections and threads."""

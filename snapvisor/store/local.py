@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import time
 from collections.abc import Iterator
 
 from snapvisor.store.backend import ObjectInfo, ObjectStore, check_key, check_range
@@ -109,6 +110,24 @@ class LocalStore(ObjectStore):
                 except FileNotFoundError:  # deleted while listing
                     continue
                 yield ObjectInfo(key, size)
+
+    def sweep(self, older_than: float) -> int:
+        removed = 0
+        cutoff = time.time() - older_than
+        for dirpath, _dirnames, filenames in os.walk(self.root):
+            for name in filenames:
+                if TMP_MARK not in name:
+                    continue
+                path = os.path.join(dirpath, name)
+                try:
+                    if os.stat(path).st_mtime < cutoff:
+                        os.unlink(path)
+                        removed += 1
+                except FileNotFoundError:  # its put finished meanwhile
+                    continue
+                except OSError as e:
+                    raise StoreError(f"cannot remove leftover {path}: {e.strerror}") from e
+        return removed
 
     def delete(self, key: str) -> None:
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 
 import boto3
 import botocore.config
@@ -246,6 +247,24 @@ class S3Store(ObjectStore):
             raise self._error(e, "delete", key) from None
         except bexc.BotoCoreError as e:
             raise self._error(e, "delete", key) from None
+
+    def sweep(self, older_than: float) -> int:
+        # Unfinished multipart uploads hold (billed) space but no object; a writer
+        # killed in the middle of a large put leaves one.
+        cutoff = datetime.now(timezone.utc) - timedelta(seconds=older_than)
+        aborted = 0
+        try:
+            pages = self._client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=self.prefix)
+            for page in pages:
+                for upload in page.get("Uploads", ()):
+                    if upload["Initiated"] < cutoff:
+                        self._client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"],
+                                                            UploadId=upload["UploadId"])
+                        aborted += 1
+        except (bexc.ClientError, bexc.BotoCoreError) as e:
+            raise self._error(e, "sweep", "unfinished uploads") from None
+        return aborted
 
     def close(self) -> None:
         self._client.close()
