@@ -122,10 +122,18 @@ class IndexFile:
     entries: np.ndarray    # ENTRY_DTYPE; entry.pack indexes `packs`
 
 
+def sorted_entries(index: IndexFile) -> IndexFile:
+    """`index` with its entries sorted by id, the order index files are written in."""
+    order = np.argsort(id_prefixes(index.entries), kind="stable")
+    return IndexFile(index.packs, index.frames, index.entries[order])
+
+
 def encode_index(index: IndexFile) -> bytes:
+    # Entries sorted by id, so that readers use the file as a search table as it is.
+    entries = sorted_entries(index).entries
     parts = [COUNT.pack(len(index.packs)), index.packs.tobytes()]
     parts += [f.tobytes() for f in index.frames]
-    parts += [COUNT.pack(len(index.entries)), index.entries.tobytes()]
+    parts += [COUNT.pack(len(entries)), entries.tobytes()]
     body = zstandard.ZstdCompressor(level=3).compress(b"".join(parts))
     return _INDEX_HEADER.pack(INDEX_MAGIC, FORMAT_VERSION, 0) + body
 

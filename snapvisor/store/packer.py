@@ -107,8 +107,6 @@ class Packer:
         entries["frame"] = np.repeat(frame_no, counts)
         starts = np.repeat(np.cumsum(counts) - counts, counts)
         entries["slot"] = np.arange(total) - starts
-        # Sorted by id, so that readers use the file as a search table as it is.
-        entries = entries[np.argsort(fmt.id_prefixes(entries), kind="stable")]
         return fmt.IndexFile(packs, [frames for _, _, frames, _ in self.packs], entries)
 
     def close(self) -> None:

@@ -228,6 +228,14 @@ class Repository:
             return collect_garbage(self, dry_run,
                                    REPACK_BELOW if repack_below is None else repack_below)
 
+    def repair_index(self, dry_run: bool = False):
+        """Index again the packs no readable index file lists (after index files were
+        lost or damaged), then drop the damaged index files."""
+        from snapvisor.store.repair import repair_index
+
+        with self.locks.acquire(EXCLUSIVE, "repair-index", wait=self.lock_wait):
+            return repair_index(self, dry_run)
+
     def verify(self, read_data: bool = False):
         from snapvisor.store.verify import verify_repository
 

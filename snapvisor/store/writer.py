@@ -132,7 +132,7 @@ class SnapshotWriter:
             self._packer.finish()
             store = self._repo.store
             if self._packer.packs:
-                index_file = self._packer.index_file()
+                index_file = fmt.sorted_entries(self._packer.index_file())
                 index_data = fmt.encode_index(index_file)
                 index_key = fmt.index_key(index_data)
                 store.put(index_key, index_data)
