@@ -181,6 +181,7 @@ def require(index: Index, object_id: bytes, what: str) -> Location:
     loc = index.get(object_id)
     if loc is None:
         raise RepositoryError(f"{what}: object {object_id.hex()} is not in the repository index "
-                              f"(missing index file or pack); run `snapvisor verify`")
+                              f"(missing index file or pack); run `snapvisor verify`, and `snapvisor repair-index` "
+                              f"if index files were lost")
     return loc
 
