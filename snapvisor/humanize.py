@@ -3,6 +3,7 @@ appears only when stderr is a terminal (scripts and logs stay clean)."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -85,10 +86,34 @@ def interactive(stream: TextIO | None = None) -> bool:
         return False
 
 
+_BAR = 10  # characters
+
+
+def _eta(seconds: float) -> str:
+    return f"{math.ceil(seconds)}s" if seconds < 60 else duration(seconds)
+
+
+def progress_line(label: str, done: int, total: int, rate: float | None) -> str:
+    """'label [####------] 42% 1.2 GiB/2.9 GiB 310 MiB/s ETA 6s': `done` of `total`
+    bytes at `rate` bytes/s (None: not known yet, so neither rate nor ETA)."""
+    # No work at all is finished work; more than the total (an estimate) is full.
+    fraction = min(done / total, 1.0) if total > 0 else 1.0
+    filled = int(fraction * _BAR)
+    line = f"{label} [{'#' * filled}{'-' * (_BAR - filled)}] {int(fraction * 100)}% {size(done)}/{size(total)}"
+    if rate:
+        line += f" {size(rate)}/s"
+        if done < total:
+            line += f" ETA {_eta((total - done) / rate)}"
+    return line
+
+
 class Activity:
-    """`with Activity("verifying s3://b/r"):` shows '<label> ... 12.3 s' on stderr,
-    updated a few times a second, and erases it at the end; does nothing unless
-    stderr is a terminal. For work whose total is not known up front."""
+    """`with Activity("verifying s3://b/r") as activity:` shows '<label> ... 12.3 s'
+    on stderr, updated a few times a second, and erases it at the end; does nothing
+    unless stderr is a terminal.
+
+    Once `start(total)` says how many bytes the work has, the line is a progress
+    bar (progress_line) that `advance(n)`, callable from any thread, moves on."""
 
     def __init__(self, label: str, stream: TextIO | None = None, interval: float = 0.2) -> None:
         self.label = label
@@ -99,6 +124,18 @@ class Activity:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._started = 0.0
+        self._lock = threading.Lock()  # `+=` from worker threads is not atomic
+        self._total: int | None = None
+        self._done = 0
+
+    def start(self, total: int) -> None:
+        """The work from here on is `total` bytes; rate and ETA count from now."""
+        with self._lock:
+            self._total, self._done, self._started = total, 0, time.monotonic()
+
+    def advance(self, n: int) -> None:
+        with self._lock:
+            self._done += n
 
     def __enter__(self) -> "Activity":
         self._started = time.monotonic()
@@ -107,11 +144,22 @@ class Activity:
             self._thread.start()
         return self
 
+    def _line(self, width: int) -> str:
+        """The line to draw, its label cut short to fit in `width` columns: a terminal
+        wraps a longer line, and \\r would then redraw only its last part."""
+        with self._lock:
+            total, done, elapsed = self._total, self._done, time.monotonic() - self._started
+        if total is None:
+            rest = f" ...{' ' + self.detail if self.detail else ''} {duration(elapsed)}"
+        else:
+            rest = progress_line("", done, total, done / elapsed if done and elapsed > 0 else None)
+        room = width - 1 - len(rest)
+        label = self.label if len(self.label) <= room else self.label[:max(room - 3, 0)] + "..."
+        return (label + rest)[:width - 1]
+
     def _draw_loop(self) -> None:
         while not self._stop.wait(self.interval):
-            elapsed = duration(time.monotonic() - self._started)
-            detail = f" {self.detail}" if self.detail else ""
-            self.stream.write(f"\r\x1b[K{self.label} ...{detail} {elapsed}")
+            self.stream.write(f"\r\x1b[K{self._line(_columns(self.stream))}")
             self.stream.flush()
 
     def __exit__(self, *exc: object) -> None:
@@ -120,3 +168,11 @@ class Activity:
             self._thread.join()
             self.stream.write("\r\x1b[K")
             self.stream.flush()
+
+
+def _columns(stream: TextIO) -> int:
+    try:
+        columns = os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        columns = 0
+    return columns or 80  # 0: a terminal that does not know its size

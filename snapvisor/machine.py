@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 from snapvisor.image.capture import CaptureStats, Snapshotter
+from snapvisor.image.disks import REGION_PREFIX as DISK_REGION_PREFIX
 from snapvisor.image.lazy import LazyMemory
 from snapvisor.image.restore import restore_vm
 from snapvisor.store import Repository, SnapshotInfo
+from snapvisor.store.reader import Progress, reporting_progress
 from snapvisor.vmm.builder import VmConfig, build_microvm_for_boot
 from snapvisor.vmm.devices.blockfile import DiskConfig
 from snapvisor.vmm.exit_status import ExitStatus
@@ -133,16 +135,25 @@ def restore(
     start: bool = True,
     disk_dir: str | Path | None = None,
     disk_paths: dict[str, str | Path] | None = None,
+    progress: Progress | None = None,
 ) -> VM:
     """A new VM from `snapshot_id` (an id or a unique prefix); with `lazy`, the
     guest starts before its memory is read and pages stream in behind it. Its
     disks are written as new sparse images into `disk_dir` (vda.img, ...) or to
-    `disk_paths[name]`, and attached."""
+    `disk_paths[name]`, and attached. `progress` (a humanize.Activity, say) hears
+    of the bytes read before the VM is returned."""
     repository = _repository(repo, create=False)
-    restored = restore_vm(
-        repository, snapshot_id, lazy=lazy, serial_out=serial_out, serial_in=serial_in,
-        disk_dir=disk_dir, disk_paths=disk_paths,
-    )
+    if progress is not None:
+        regions = repository.get_snapshot(snapshot_id).regions
+        # All of memory and disks, or with `lazy` the disks alone.
+        total = sum(size for name, size in regions.items() if not lazy or name.startswith(DISK_REGION_PREFIX))
+        if total:  # else nothing to count: the caller's activity line says enough
+            progress.start(total)
+    with reporting_progress(progress):
+        restored = restore_vm(
+            repository, snapshot_id, lazy=lazy, serial_out=serial_out, serial_in=serial_in,
+            disk_dir=disk_dir, disk_paths=disk_paths,
+        )
     machine = VM(restored.vm, name or restored.snapshot.info.vm, restored.lazy)
     machine._snapshotter.adopt_parent(repository, restored.snapshot.id)
     if start:

@@ -110,8 +110,10 @@ def _add_verify(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]
 
 def _verify(args: argparse.Namespace) -> int:
     from snapvisor import humanize
+    from snapvisor.store.reader import reporting_progress
 
-    with open_repo(args) as repo, humanize.Activity(f"verifying {repo.store.url}"):
+    with open_repo(args) as repo, humanize.Activity(f"verifying {repo.store.url}") as activity, \
+            reporting_progress(activity):
         report = repo.verify(read_data=args.read_data)
     if args.json:
         print_json({"ok": report.ok, "errors": report.errors, "counts": report.counts})
@@ -181,8 +183,10 @@ def _gc(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from snapvisor import humanize
+    from snapvisor.store.reader import reporting_progress
 
-    with open_repo(args) as repo, humanize.Activity(f"collecting garbage in {repo.store.url}"):
+    with open_repo(args) as repo, humanize.Activity(f"collecting garbage in {repo.store.url}") as activity, \
+            reporting_progress(activity):
         result = repo.gc(dry_run=args.dry_run)
     if args.json:
         print_json(asdict(result))

@@ -160,10 +160,10 @@ def _restore(args: argparse.Namespace) -> int:
     url = repo_url(args)
     stdin_fd = sys.stdin.fileno() if sys.stdin is not None else -1
     with terminal_input(stdin_fd) as serial_in:
-        with humanize.Activity(f"restoring {args.snapshot_id} from {url}"):
+        with humanize.Activity(f"restoring {args.snapshot_id} from {url}") as activity:
             machine = restore(url, args.snapshot_id, lazy=args.lazy, name=args.name,
                               serial_out=sys.stdout.fileno(), serial_in=serial_in, start=False,
-                              disk_dir=args.disk_dir)
+                              disk_dir=args.disk_dir, progress=activity)
         with machine, operated(machine, args, [url]):
             machine.vm.start()
             return run_to_exit(machine)

@@ -28,7 +28,7 @@ from snapvisor.store.errors import CorruptObject, RepositoryError, SnapvisorErro
 from snapvisor.store.packer import Packer
 from snapvisor.store.pagehash import ID_SIZE, PAGE_SIZE
 from snapvisor.store.reachability import referenced_ids
-from snapvisor.store.reader import fetch_frames
+from snapvisor.store.reader import current_progress, fetch_frames
 
 if TYPE_CHECKING:
     from snapvisor.store.repository import Repository
@@ -96,8 +96,15 @@ def collect_garbage(repo: "Repository", dry_run: bool, repack_below: float = REP
         for key in old:
             store.delete(key)
         result.index_files_replaced = len(old)
+    progress = current_progress()
+    progress.start(result.bytes_deleted)
+
+    def delete(key: str) -> None:
+        store.delete(key)
+        progress.advance(on_disk.get(key, 0))
+
     with ThreadPoolExecutor(max_workers=repo.io_threads) as pool:
-        list(pool.map(store.delete, doomed))
+        list(pool.map(delete, doomed))
     if moved is not None:
         result.bytes_repacked = moved.bytes_written
     repo.refresh_index(full=True)

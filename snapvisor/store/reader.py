@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Iterator, Protocol
 
 import numpy as np
 
@@ -25,6 +27,44 @@ if TYPE_CHECKING:
 RANGE_GAP = 1 << 20      # merge frame reads whose gap is smaller than this
 RANGE_MAX = 32 << 20     # but never fetch more than this in one request
 TASK_BYTES = 4 << 20     # restore work unit: small enough to spread over threads
+
+
+class Progress(Protocol):
+    """Where long work (a restore's reads, verify --read-data, gc's deletes) says
+    how far it is; humanize.Activity draws it."""
+
+    def start(self, total: int) -> None:
+        """The work from here on is `total` bytes."""
+
+    def advance(self, n: int) -> None:
+        """`n` more bytes done; called from worker threads."""
+
+
+class _Quiet:
+    def start(self, total: int) -> None:
+        pass
+
+    def advance(self, n: int) -> None:
+        pass
+
+
+# A context variable, not a parameter: the work is reached through layers that
+# have no use for one (image.restore, Repository.verify and gc).
+_progress: ContextVar[Progress] = ContextVar("progress", default=_Quiet())
+
+
+@contextmanager
+def reporting_progress(progress: Progress | None) -> Iterator[None]:
+    """Long work in this context (this thread) reports to `progress` in the block."""
+    token = _progress.set(progress or _Quiet())
+    try:
+        yield
+    finally:
+        _progress.reset(token)
+
+
+def current_progress() -> Progress:
+    return _progress.get()
 
 
 def plan_ranges(pack: PackInfo, frame_nos, max_bytes: int = RANGE_MAX) -> list[list[int]]:
@@ -228,10 +268,13 @@ class RegionReader:
         return mv
 
     def read_into(self, out, threads: int = 2) -> None:
-        """Fill `out` (size bytes, already zero) with the region; zero pages are skipped."""
+        """Fill `out` (size bytes, already zero) with the region; zero pages are skipped.
+        The bytes done go to current_progress(), zero pages at once."""
         mv = self._check_out(out, self.npages)
         pages = self.nonzero_pages()
-        self._read_pages(pages, pages, mv, threads)
+        progress = current_progress()
+        progress.advance(self.size - len(pages) * PAGE_SIZE)
+        self._read_pages(pages, pages, mv, threads, progress)
 
     def read_pages_into(self, page_indices, out) -> None:
         """out[i] = page page_indices[i], zero pages included."""
@@ -248,7 +291,8 @@ class RegionReader:
         data = np.flatnonzero(has_data)
         self._read_pages(pages[data], data, mv, threads=self._repo.io_threads)
 
-    def _read_pages(self, pages: np.ndarray, dest: np.ndarray, out: memoryview, threads: int) -> None:
+    def _read_pages(self, pages: np.ndarray, dest: np.ndarray, out: memoryview, threads: int,
+                    progress: Progress = _Quiet()) -> None:
         """Copy the (resolved, non-zero) `pages` to page positions `dest` of `out`."""
         if not len(pages):
             return
@@ -271,9 +315,12 @@ class RegionReader:
         def run(task: tuple[int, list[int]]) -> None:
             pack_no, group = task
             pack = self._repo.index.packs[pack_no]
+            copied = 0
             for fno, raw in fetch_frames(self._repo, pack, group, TASK_BYTES):
                 a, b = rows_of[(pack_no, fno)]
                 self._check_and_copy(pack, fno, raw, locs[a:b, 2], ids[a:b], dest[a:b], out)
+                copied += b - a
+            progress.advance(copied * PAGE_SIZE)
 
         if threads <= 1 or len(tasks) == 1:
             for task in tasks:

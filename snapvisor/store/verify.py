@@ -15,6 +15,7 @@ from snapvisor.store.index import Index
 from snapvisor.store.manifest import decode_manifest
 from snapvisor.store.pagehash import ID_SIZE
 from snapvisor.store.reachability import referenced_ids
+from snapvisor.store.reader import current_progress
 
 if TYPE_CHECKING:
     from snapvisor.store.repository import Repository
@@ -88,8 +89,13 @@ def verify_repository(repo: "Repository", read_data: bool) -> VerifyReport:
         for oid, (p, fr, slot) in index.entries.items():
             expected.setdefault(p, []).append((fr, slot, oid))
 
+        progress = current_progress()
+        progress.start(sum(index.packs[number].size for number in usable))
+
         def check_pack(number: int) -> tuple[list[str], int, int]:
-            return _check_pack(repo, index, number, expected.get(number, []))
+            checked = _check_pack(repo, index, number, expected.get(number, []))
+            progress.advance(index.packs[number].size)
+            return checked
 
         with ThreadPoolExecutor(max_workers=repo.threads) as pool:
             for errs, frames, nbytes in pool.map(check_pack, sorted(usable)):
