@@ -11,7 +11,8 @@ import os
 import sys
 
 from snapvisor import __version__
-from snapvisor.cli.common import _SUBCOMMANDS, EXIT_CODES_HELP, HelpFormatter, parse_size
+from snapvisor.cli.common import (_SUBCOMMANDS, EXIT_CODES_HELP, HelpFormatter, interrupt_status, parse_size,
+                                  sigterm_handled)
 from snapvisor.errors import SnapvisorError
 
 # isort: off
@@ -39,12 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.handler(args)
+        with sigterm_handled():
+            return args.handler(args)
     except SnapvisorError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as exc:
+        return interrupt_status(exc)
     except BrokenPipeError:
         # Whoever read our output stopped (`snapvisor ls | head`): not a failure.
         # Point stdout at /dev/null so the flush at exit does not fail again.

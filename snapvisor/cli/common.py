@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import sys
 import termios
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -72,6 +74,7 @@ EXIT_CODES_HELP = """exit status:
   3    verify found damage in the repository
   4    no VM answers on the API socket
   130  interrupted (Ctrl-C)
+  143  terminated (SIGTERM): handled as Ctrl-C is, the VM stopped in order
   run and restore exit with the guest's power-off status (70: the VMM failed)
 
 environment:
@@ -246,21 +249,78 @@ def finish(status) -> int:
 
 
 INTERRUPTED = 130
+TERMINATED = 128 + signal.SIGTERM
 
 
-def interrupted(vm) -> int:
-    """Ctrl-C in the foreground: stop the VM, say so, exit 130."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (systemd, docker stop, kill), raised in the main thread as Ctrl-C
+    raises KeyboardInterrupt, so that it unwinds the same way: the VM stopped in
+    order, the API socket removed, the scheduler stopped, locks released."""
+
+
+def interrupt_status(exc: KeyboardInterrupt) -> int:
+    return TERMINATED if isinstance(exc, Terminated) else INTERRUPTED
+
+
+class _Sigterm:
+    """The SIGTERM handler: raises Terminated, unless held."""
+
+    def __init__(self) -> None:
+        self.held = False
+        self.pending = False  # one came while held
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if self.held:
+            self.pending = True
+        else:
+            raise Terminated()
+
+    def hold(self) -> None:
+        """From now on only note a SIGTERM, for a step that a stop in the middle
+        would leave worse off than either of its ends (a migration's handover)."""
+        self.held = True
+
+    def release(self) -> None:
+        """Raise Terminated now for a SIGTERM noted while held."""
+        self.held = False
+        if self.pending:
+            self.pending = False
+            raise Terminated()
+
+
+sigterm = _Sigterm()
+
+
+@contextmanager
+def sigterm_handled() -> Iterator[None]:
+    """SIGTERM raises Terminated in the block (only the main thread may set a handler)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        sigterm.held = sigterm.pending = False  # a migration that went through leaves them set
+
+
+def interrupted(vm, exc: KeyboardInterrupt) -> int:
+    """Ctrl-C or SIGTERM in the foreground: stop the VM, say so, exit 130 or 143."""
     vm.stop()
-    print("\nsnapvisor: interrupted, VM stopped", file=sys.stderr)
-    return INTERRUPTED
+    print(f"\nsnapvisor: {'terminated' if isinstance(exc, Terminated) else 'interrupted'}, VM stopped",
+          file=sys.stderr)
+    return interrupt_status(exc)
 
 
 def run_to_exit(vm) -> int:
-    """Wait in the foreground until the guest stops; its power-off status is ours."""
+    """Wait in the foreground until the guest stops; its power-off status is ours.
+    A SIGTERM held while the VM arrived stops it now."""
     try:
+        sigterm.release()
         status = vm.wait()
-    except KeyboardInterrupt:
-        return interrupted(vm)
+    except KeyboardInterrupt as exc:
+        return interrupted(vm, exc)
     assert status is not None
     return finish(status)
 

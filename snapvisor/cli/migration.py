@@ -22,6 +22,7 @@ from snapvisor.cli.common import (
     parse_size,
     positive_int,
     run_to_exit,
+    sigterm,
     subcommand,
 )
 
@@ -40,7 +41,8 @@ def _add_receive(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser
         description="Listen for one live migration (`snapvisor migrate --to` on the source host), "
                     "then run the arrived VM in the foreground like `run`, its console on this "
                     "terminal. Pages the source's newest snapshot shares are read from --repo when "
-                    "both hosts can read it. Nothing runs here unless the migration completes.",
+                    "both hosts can read it. Nothing runs here unless the migration completes. "
+                    "A SIGTERM once the migration has begun takes effect when it has ended.",
         epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--listen", required=True, metavar="ADDR:PORT",
                         help="address to accept the migration on, e.g. 192.0.2.2:7000 or [2001:db8::2]:7000")
@@ -62,10 +64,15 @@ def _receive(args: argparse.Namespace) -> int:
     listener = listen(args.listen)
     log_to_stderr(f"waiting for a migration on {args.listen}")
     repos = [absolute_repo(r) for r in args.repo or env_repos()]
+
+    def connected(peer: str) -> None:
+        # Once the sender says go it never resumes its copy: a stop here in the
+        # middle would leave the guest running nowhere. run_to_exit acts on it.
+        sigterm.hold()
+        log_to_stderr(f"migration from {peer} started")
+
     received = receive(listener, repos=repos, serial_out=sys.stdout.fileno(), accept_timeout_s=args.wait,
-                       io_timeout_s=args.timeout,
-                       on_connect=lambda peer: log_to_stderr(f"migration from {peer} started"),
-                       disk_dir=args.disk_dir, name=args.name)
+                       io_timeout_s=args.timeout, on_connect=connected, disk_dir=args.disk_dir, name=args.name)
     machine = received.machine
     report = {"vm": machine.name, "downtime_s": received.downtime_s, "build_s": received.build_s,
               "pages": received.pages, "bytes_received": received.bytes_received}
@@ -83,7 +90,8 @@ def _add_migrate(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser
                     "to `snapvisor receive` on another host (pre-copy: memory is sent while the "
                     "guest runs, then the guest pauses for the last pages and its state). On success "
                     "the VM runs there and this command exits 0; on failure the VM keeps running "
-                    "here, the error says why, and this command serves it until it powers off.",
+                    "here, the error says why, and this command serves it until it powers off. A SIGTERM "
+                    "during the migration takes effect when it has ended (--max-time bounds it).",
         epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--to", required=True, metavar="ADDR:PORT", help="the receiving host's --listen address")
     when = parser.add_mutually_exclusive_group()
@@ -147,6 +155,11 @@ def _migrate(args: argparse.Namespace) -> int:
                 status = _wait_for_migration_start(machine, args)
             if status is not None:
                 return finish(status)
+            # A SIGTERM waits for the migration's end (--max-time bounds it): cut in
+            # the middle of the handover, the guest could run on both hosts or on
+            # neither. After a failure it stops the VM here (run_to_exit); after
+            # success there is nothing left here to stop.
+            sigterm.hold()
             try:
                 stats = migrate(machine, args.to, repo=repos[0] if repos else None, downtime_ms=args.downtime_ms,
                                 max_time_s=args.max_time, auto_converge=not args.no_auto_converge,
@@ -154,12 +167,10 @@ def _migrate(args: argparse.Namespace) -> int:
             except MigrationError as exc:
                 print(f"error: {exc}", file=sys.stderr, flush=True)
                 with operated(machine, args, repos):
-                    status = machine.wait()
-                assert status is not None
-                code = finish(status)
+                    code = run_to_exit(machine)
                 return code if code else exc.exit_code
-        except KeyboardInterrupt:
-            return interrupted(machine)
+        except KeyboardInterrupt as exc:
+            return interrupted(machine, exc)
     log_to_stderr(json.dumps(stats.as_dict()) if args.json else
                    f"VM {machine.name} migrated to {args.to}: downtime {stats.downtime_s * 1000:.1f} ms, "
                    f"{stats.rounds} rounds, {stats.bytes_sent / 1e6:.1f} MB sent in {stats.total_s:.2f} s")
