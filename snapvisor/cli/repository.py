@@ -1,4 +1,4 @@
-"""Verbs that work on a repository: `ls`, `show`, `verify`, `prune`, `gc`."""
+"""Verbs that work on a repository: `ls`, `show`, `verify`, `prune`, `gc`, `repair-index`."""
 
 from __future__ import annotations
 
@@ -125,6 +125,9 @@ def _verify(args: argparse.Namespace) -> int:
         for error in report.errors:
             print(f"damaged: {error}")
         print("repository OK" if report.ok else f"{len(report.errors)} problem(s) found")
+        if counts.get("unindexed_packs"):
+            print(f"{counts['unindexed_packs']} pack(s) are in no index file: if index files were lost, "
+                  f"`snapvisor repair-index` indexes them again (before any gc, which deletes them)")
     return 0 if report.ok else EXIT_DAMAGED
 
 
@@ -194,4 +197,43 @@ def _gc(args: argparse.Namespace) -> int:
     verb = "would delete" if args.dry_run else "deleted"
     print(f"{result.snapshots} snapshots use {result.packs_kept} packs; {verb} {result.packs_deleted} packs "
           f"({humanize.size(result.bytes_deleted)}); {humanize.size(result.unused_bytes_kept)} unused inside kept packs")
+    if result.leftovers_removed:
+        print(f"removed {result.leftovers_removed} leftover(s) of interrupted uploads")
     return 0
+
+
+@subcommand
+def _add_repair_index(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    parser = subparsers.add_parser(
+        "repair-index", help="rebuild lost or damaged index files from the packs",
+        description="Read every pack that no intact index file lists, hash its objects and write "
+                    "a new index file for them; then delete the damaged index files. Snapshots that "
+                    "failed with 'not in the repository index' read again afterwards. Run it before "
+                    "gc when verify reports packs in no index file: gc deletes such packs. Takes the "
+                    "exclusive lock. Exits 3 when some pack cannot be indexed (its own frame table is "
+                    "damaged); such packs are listed and left in place.",
+        epilog=EXIT_CODES_HELP, formatter_class=HelpFormatter)
+    add_repo_flag(parser)
+    parser.add_argument("--dry-run", action="store_true", help="show what would be indexed, write nothing")
+    add_json_flag(parser)
+    parser.set_defaults(handler=_repair_index)
+
+
+def _repair_index(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from snapvisor import humanize
+
+    with open_repo(args) as repo, humanize.Activity(f"repairing the index of {repo.store.url}"):
+        result = repo.repair_index(dry_run=args.dry_run)
+    if args.json:
+        print_json(asdict(result))
+    else:
+        verb = "would index" if args.dry_run else "indexed"
+        print(f"{result.index_files_read} intact index file(s); {verb} {result.packs_reindexed} pack(s) "
+              f"({result.objects_reindexed} objects) that none listed")
+        for key in result.damaged_index_files:
+            print(f"damaged index file {'to delete' if args.dry_run else 'deleted'}: {key}")
+        for line in result.unreadable_packs:
+            print(f"cannot index: {line}")
+    return EXIT_DAMAGED if result.unreadable_packs else 0

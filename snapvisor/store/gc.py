@@ -45,9 +45,11 @@ class GcResult:
     packs_repacked: int
     bytes_repacked: int     # written to new packs by repacking
     unused_bytes_kept: int  # estimated garbage left inside packs that are still in use
+    leftovers_removed: int = 0  # of interrupted puts: temporary files, unfinished uploads
 
 
 REPACK_BELOW = 0.5  # repack a pack once more than half of its bytes are garbage
+LEFTOVER_AGE_S = 24 * 3600
 
 
 def collect_garbage(repo: "Repository", dry_run: bool, repack_below: float = REPACK_BELOW
@@ -107,6 +109,9 @@ def collect_garbage(repo: "Repository", dry_run: bool, repack_below: float = REP
         list(pool.map(delete, doomed))
     if moved is not None:
         result.bytes_repacked = moved.bytes_written
+    # Space that interrupted puts hold (no object lists it); a day old, so that no
+    # put still running elsewhere is cut.
+    result.leftovers_removed = store.sweep(LEFTOVER_AGE_S)
     repo.refresh_index(full=True)
     return result
 

@@ -32,7 +32,7 @@ def repo(tmp_path_factory) -> tuple[str, list[str]]:
 def test_every_verb_has_help_and_the_exit_codes() -> None:
     top = snapvisor("--help")
     assert top.returncode == 0 and "exit status:" in top.stdout and "SNAPVISOR_REPO" in top.stdout
-    for verb in ("snapshot", "restore", "ls", "show", "verify", "prune", "gc"):
+    for verb in ("snapshot", "restore", "ls", "show", "verify", "prune", "gc", "repair-index"):
         result = snapvisor(verb, "--help")
         assert result.returncode == 0 and "--repo" in result.stdout and "exit status:" in result.stdout, verb
         assert verb in top.stdout
@@ -135,3 +135,28 @@ def test_bad_run_operation_flags(testguest: Path, monkeypatch, args, message) ->
     result = snapvisor("run", "--kernel", str(testguest), "--mem", "16M", "--cmdline", "tg.mem=1 tg.rounds=1", *args)
     assert result.returncode in (1, 2) and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_repair_index_after_the_index_was_lost(tmp_path) -> None:
+    path = str(tmp_path / "repo")
+    memory = np.random.default_rng(3).integers(0, 255, size=64 * PAGE_SIZE, dtype=np.uint8)
+    with Repository.open_url(path, create=True) as repository:
+        with repository.start_snapshot() as writer:
+            writer.put_region("ram0", memory.size, memory)
+            writer.put_blob("vm-state", b"state")
+            snapshot_id = writer.commit(vm="web1", meta={"kind": "full"}).id
+    for index_file in (Path(path) / "index").iterdir():
+        index_file.unlink()
+
+    damaged = snapvisor("verify", "--repo", path)
+    assert damaged.returncode == 3 and "snapvisor repair-index" in damaged.stdout, damaged.stdout
+    dry = snapvisor("repair-index", "--repo", path, "--dry-run", "--json")
+    assert dry.returncode == 0 and json.loads(dry.stdout)["packs_reindexed"] >= 1
+    assert not any((Path(path) / "index").iterdir())
+    repaired = snapvisor("repair-index", "--repo", path)
+    assert repaired.returncode == 0 and "indexed" in repaired.stdout, repaired.stderr
+    assert snapvisor("verify", "--repo", path, "--read-data").returncode == 0
+    with Repository.open_url(path) as repository:
+        out = bytearray(memory.size)
+        repository.get_snapshot(snapshot_id).region_reader("ram0").read_into(out)
+        assert bytes(out) == memory.tobytes()

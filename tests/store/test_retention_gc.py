@@ -1,11 +1,13 @@
 """prune with restic's keep-* semantics, and gc reclaiming what nothing references."""
 
+import os
+import time
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pytest
 
-from snapvisor.store import KeepPolicy, RepositoryError
+from snapvisor.store import KeepPolicy, Repository, RepositoryError, open_backend
 from snapvisor.store.manifest import SnapshotInfo
 from snapvisor.store.retention import apply_policy
 
@@ -173,3 +175,18 @@ def test_gc_repack_refuses_damaged_data(repo):
     assert {k for k in object_listing(repo.store) if not k.startswith("data/")} == \
         {k for k in before if not k.startswith("data/")}
     assert all(k in object_listing(repo.store) for k in before)  # nothing deleted
+
+
+def test_gc_removes_what_interrupted_puts_left(tmp_path):
+    repo = Repository.init(open_backend(str(tmp_path / "repo")))
+    mem = make_memory(64, seed=11)
+    info = snapshot(repo, mem, "vm1")
+    pack_dir = next((tmp_path / "repo" / "data").iterdir())
+    stale = pack_dir / "0123.tmp-0123456789abcdef"  # a writer killed two days ago
+    stale.write_bytes(b"partial pack")
+    os.utime(stale, (time.time() - 2 * 86400,) * 2)
+    fresh = pack_dir / "4567.tmp-fedcba9876543210"  # a put running right now
+    fresh.write_bytes(b"partial pack")
+    assert repo.gc().leftovers_removed == 1
+    assert not stale.exists() and fresh.exists()
+    assert read_all(repo.get_snapshot(info.id), "ram0") == mem.tobytes()
