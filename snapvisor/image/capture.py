@@ -130,7 +130,11 @@ class Snapshotter:
         return self._drain_dirty()
 
     def page_sources(self) -> list[tuple[str, int, memoryview]]:
-        """(name, size, live bytes) of what is stored page by page: RAM regions, then disks."""
+        """(name, size, live bytes) of what is stored page by page: RAM regions, then
+        disks. For callers that read them whole (live migration): disks a lazy
+        restore is still filling are waited for (FillError if that failed)."""
+        for disk in attached_disks(self.vm).values():
+            disk.wait_filled()
         return [(source.name, source.size, source.view) for source in self._sources]
 
     def snapshot(self, repo: Repository, tags: tuple[str, ...] | list[str] = (), full: bool = False) -> SnapshotInfo:

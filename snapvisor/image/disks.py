@@ -4,7 +4,8 @@ data dedups with memory and with other VMs' disks in the same repository.
 
 Capture copies a disk's blocks like guest pages (the first snapshot its data
 blocks, later ones the blocks written since); restore writes them into a sparse
-image file, leaving zero blocks as holes.
+image file, leaving zero blocks as holes (a lazy restore: lazydisk.py, behind the
+guest).
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ def attached_disks(vm: Vm) -> dict[str, BlockFile]:
     return disks
 
 
-def write_sparse_image(reader: RegionReader, path: Path) -> None:
-    """Write the region as a new image file at `path`; only non-zero blocks are
-    written, so the file is as sparse as the disk was. Refuses to overwrite."""
+def create_image(path: Path, size: int) -> int:
+    """A new, all-hole image file of `size` bytes at `path`, open for writing.
+    Refuses to overwrite."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except FileExistsError:
@@ -52,7 +53,19 @@ def write_sparse_image(reader: RegionReader, path: Path) -> None:
     except OSError as exc:
         raise DiskRestoreError(f"cannot create disk image {path}: {exc.strerror}") from None
     try:
-        os.ftruncate(fd, reader.size)
+        os.ftruncate(fd, size)
+    except OSError as exc:
+        os.close(fd)
+        os.unlink(path)
+        raise DiskRestoreError(f"cannot make disk image {path} {size} bytes long: {exc.strerror}") from None
+    return fd
+
+
+def write_sparse_image(reader: RegionReader, path: Path) -> None:
+    """Write the region as a new image file at `path`; only non-zero blocks are
+    written, so the file is as sparse as the disk was. Refuses to overwrite."""
+    fd = create_image(path, reader.size)
+    try:
         with mmap.mmap(fd, reader.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as image:
             reader.read_into(image)
             image.flush()

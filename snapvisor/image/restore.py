@@ -2,8 +2,9 @@
 
 Before anything is built, the snapshot's compatibility record is checked against
 this host. Guest RAM is then either read in full (eager) or registered for lazy
-filling, and every vCPU, irqchip and device part is restored; the VM is returned
-not yet started.
+filling, each disk image is written in full (eager) or created empty and filled
+behind the guest (lazy), and every vCPU, irqchip and device part is restored; the
+VM is returned not yet started.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Mapping
+from typing import BinaryIO, Callable, Mapping
 
 from snapvisor.errors import SnapvisorError
 from snapvisor.image.capture import STATE_BLOB
 from snapvisor.image.compat import IncompatibleSnapshot, check_compat
-from snapvisor.image.disks import region_name, write_sparse_image
+from snapvisor.image.disks import attached_disks, create_image, region_name, write_sparse_image
 from snapvisor.image.lazy import LazyMemory
+from snapvisor.image.lazydisk import LazyDisks
 from snapvisor.image.state_codec import decode_state
 from snapvisor.store import Repository, Snapshot
 from snapvisor.vmm.builder import build_microvm_from_state
@@ -38,6 +40,7 @@ class RestoredVm:
     vm: Vm
     snapshot: Snapshot
     lazy: LazyMemory | None
+    lazy_disks: LazyDisks | None  # None also when the snapshot has no disks
 
 
 def host_cpuid() -> bytes:
@@ -109,24 +112,29 @@ def restore_vm(
     disk_paths: Mapping[str, Path | str] | None = None,
 ) -> RestoredVm:
     """Each disk of the snapshot is written as a new sparse image, to
-    `disk_paths[name]` or else `disk_dir/<name>.img` (vda.img, ...), and attached."""
+    `disk_paths[name]` or else `disk_dir/<name>.img` (vda.img, ...), and attached;
+    with `lazy`, the images are created empty and fill in behind the guest."""
     snapshot = repo.get_snapshot(snapshot_id)
     state = check_restorable(snapshot)
     images = _disk_image_paths(snapshot, state, disk_dir, disk_paths)
     lazy_memory: list[LazyMemory] = []
     built: list[Vm] = []
 
-    def stop_on_fetch_failure(exc: BaseException) -> None:
-        # The guest cannot go on without its memory: stop it and say why.
-        message = f"lazy restore of snapshot {snapshot.info.short_id} could not fetch guest memory: {exc}"
-        if built:
-            built[0].request_exit(ExitStatus(LAZY_FAILURE_EXIT, "error", message))
+    def stop_on_fetch_failure(what: str) -> Callable[[BaseException], None]:
+        def stop(exc: BaseException) -> None:
+            # The guest cannot go on without its memory or disks: stop it and say why.
+            message = (f"lazy restore of snapshot {snapshot.info.short_id} could not fetch {what}: {exc}; "
+                       f"the VM was stopped")
+            if built:
+                built[0].request_exit(ExitStatus(LAZY_FAILURE_EXIT, "error", message))
+
+        return stop
 
     def fill(memory: GuestMemory) -> None:
         readers = [(region, snapshot.region_reader(region.name)) for region in memory.regions]
         if lazy:
             # Serve faults from here on: restoring vCPU state may already touch RAM.
-            lazy_memory.append(LazyMemory(readers, on_error=stop_on_fetch_failure))
+            lazy_memory.append(LazyMemory(readers, on_error=stop_on_fetch_failure("guest memory")))
             # Devices (virtio rings and buffers) touch guest RAM from Python: fill it first.
             memory.before_access = lazy_memory[0].make_resident
             lazy_memory[0].start()
@@ -135,18 +143,31 @@ def restore_vm(
                 reader.read_into(region.view, threads=repo.threads)
 
     written: list[Path] = []
+    lazy_disks: LazyDisks | None = None
     try:
         for name, path in images.items():
-            write_sparse_image(snapshot.region_reader(region_name(name)), path)
+            reader = snapshot.region_reader(region_name(name))
+            if lazy:
+                os.close(create_image(path, reader.size))
+            else:
+                write_sparse_image(reader, path)
             written.append(path)
-        vm = build_microvm_from_state(
+        built.append(build_microvm_from_state(
             state, serial_out=serial_out, serial_in=serial_in, memory_fill=fill, disk_paths=images
-        )
+        ))
+        if lazy and images:
+            attached = attached_disks(built[0])
+            lazy_disks = LazyDisks(
+                {name: (attached[name], snapshot.region_reader(region_name(name))) for name in images},
+                on_error=stop_on_fetch_failure("disk blocks"),
+            )
+            lazy_disks.start(after=lazy_memory[0].wait)
     except BaseException:
+        for vm in built:
+            vm.close()
         for memory in lazy_memory:
             memory.close()
         for path in written:
             os.unlink(path)
         raise
-    built.append(vm)
-    return RestoredVm(vm, snapshot, lazy_memory[0] if lazy_memory else None)
+    return RestoredVm(built[0], snapshot, lazy_memory[0] if lazy_memory else None, lazy_disks)

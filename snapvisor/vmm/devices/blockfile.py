@@ -4,6 +4,11 @@ since the last snapshot took them (the disk's dirty log).
 
 The image is locked (flock: exclusive when writable, shared when read-only) so
 that two VMs never write one image, and is never resized while attached.
+
+An image may still be filling in when the guest starts (a lazy restore): its
+`filler` then brings blocks in before they are read or partly written. That hook
+is all the device layer knows of it; the repository side lives in
+snapvisor/image/lazydisk.py, so devices never import the store.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 from snapvisor.errors import SnapvisorError
 from snapvisor.vmm.extents import populated_pages
@@ -29,6 +34,25 @@ SECTOR_SIZE = 512
 
 class DiskError(SnapvisorError):
     """A disk image cannot be attached, or a disk option is malformed."""
+
+
+class FillError(DiskError):
+    """Blocks of an image that a lazy restore is still filling could not be brought in."""
+
+
+class Filler(Protocol):
+    """Brings in the blocks of an image that is not complete yet (a lazy restore).
+    Every method raises FillError when the blocks cannot be had."""
+
+    def before_read(self, offset: int, length: int) -> None:
+        """Put every block of [offset, offset+length) into the file."""
+
+    def before_write(self, offset: int, length: int) -> None:
+        """Put the blocks the write covers only in part into the file, and leave
+        every block it covers to the guest from now on (never filled over)."""
+
+    def wait(self) -> None:
+        """Return once every block of the image is in the file."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +86,9 @@ class BlockFile:
         self._dirty_lock = threading.Lock()
         self.bytes_written = 0  # by the guest since attach: for statistics and benchmarks
         self._snapshot_map: mmap.mmap | None = None
+        # Set while a lazy restore fills the image, None once it is complete: the
+        # I/O path of a complete image costs one attribute check.
+        self.filler: Filler | None = None
 
     def _lock_image(self) -> None:
         try:
@@ -79,8 +106,10 @@ class BlockFile:
         """Fill `buffers` from the image at `offset`; False on a short read or an error."""
         want = sum(len(b) for b in buffers)
         try:
+            if self.filler is not None:
+                self.filler.before_read(offset, want)
             return os.preadv(self.fd, buffers, offset) == want
-        except OSError:
+        except (OSError, FillError):
             return False
 
     def write_from(self, offset: int, buffers: Sequence[memoryview]) -> bool:
@@ -88,8 +117,10 @@ class BlockFile:
         (after the write: a snapshot that fetches in between sees them next time)."""
         length = sum(len(b) for b in buffers)
         try:
+            if self.filler is not None:
+                self.filler.before_write(offset, length)
             done = os.pwritev(self.fd, buffers, offset)
-        except OSError:
+        except (OSError, FillError):
             return False
         if length:
             self.mark_dirty(offset, length)
@@ -119,14 +150,26 @@ class BlockFile:
             self._dirty[:] = bytes(self.blocks)
         return np.frombuffer(taken, dtype=np.uint8).astype(bool)
 
+    def wait_filled(self) -> None:
+        """Return once every block is in the file (at once unless a lazy restore is
+        still filling it); FillError if that fill failed. Anything that reads the
+        image whole (a full snapshot, a migration) calls this first."""
+        filler = self.filler
+        if filler is not None:
+            filler.wait()
+
     def data_blocks(self) -> "np.ndarray":
         """Bool array of the blocks the file has data for (holes of a sparse file
-        read as zeros and need not be read): what a full snapshot must look at."""
+        read as zeros and need not be read): what a full snapshot must look at.
+        Waits for a lazy restore's fill: until then holes are not zeros."""
+        self.wait_filled()
         return populated_pages(self.fd, self.size, BLOCK_SIZE)
 
     def snapshot_view(self) -> memoryview:
         """The whole image mapped read-only (shared: it shows every completed
-        write), for a snapshot to copy blocks from without a system call per block."""
+        write), for a snapshot to copy blocks from without a system call per block.
+        Blocks a lazy restore has not filled yet read as zeros here: read only
+        blocks the guest wrote, or the whole after wait_filled()."""
         if self._snapshot_map is None:
             # Through a file description of its own: a mapping that outlives close()
             # (a caller still holding a view) must not keep the image's lock.
