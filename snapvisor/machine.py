@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from snapvisor.image.capture import CaptureStats, Snapshotter
-from snapvisor.image.disks import REGION_PREFIX as DISK_REGION_PREFIX
 from snapvisor.image.lazy import LazyMemory
+from snapvisor.image.lazydisk import LazyDisks
 from snapvisor.image.restore import restore_vm
 from snapvisor.store import Repository, SnapshotInfo
 from snapvisor.store.reader import Progress, reporting_progress
@@ -47,10 +47,11 @@ def _size(value: int | str) -> int:
 class VM:
     """A running micro-VM that can be snapshotted while it runs."""
 
-    def __init__(self, vm: Vm, name: str, lazy: LazyMemory | None = None) -> None:
+    def __init__(self, vm: Vm, name: str, lazy: LazyMemory | None = None, lazy_disks: LazyDisks | None = None) -> None:
         self.vm = vm
         self.name = name
         self._lazy = lazy
+        self._lazy_disks = lazy_disks
         self._snapshotter = Snapshotter(vm, name)
 
     @classmethod
@@ -100,6 +101,12 @@ class VM:
     def lazy_memory(self) -> LazyMemory | None:
         return self._lazy
 
+    @property
+    def lazy_disks(self) -> LazyDisks | None:
+        """The disks' fill after a lazy restore (`wait()`, `done`, `error`): full
+        snapshots and migrations wait for it themselves, incremental snapshots need not."""
+        return self._lazy_disks
+
     def pause(self) -> None:
         self.vm.pause()
 
@@ -116,6 +123,8 @@ class VM:
         self.vm.close()
         if self._lazy is not None:
             self._lazy.close()
+        if self._lazy_disks is not None:
+            self._lazy_disks.close()
 
     def __enter__(self) -> "VM":
         return self
@@ -138,15 +147,13 @@ def restore(
     progress: Progress | None = None,
 ) -> VM:
     """A new VM from `snapshot_id` (an id or a unique prefix); with `lazy`, the
-    guest starts before its memory is read and pages stream in behind it. Its
-    disks are written as new sparse images into `disk_dir` (vda.img, ...) or to
-    `disk_paths[name]`, and attached. `progress` (a humanize.Activity, say) hears
-    of the bytes read before the VM is returned."""
+    guest starts before its memory and disks are read, and they stream in behind
+    it (`lazy_memory`, `lazy_disks`). Its disks are new sparse images in
+    `disk_dir` (vda.img, ...) or at `disk_paths[name]`, attached. `progress` (a
+    humanize.Activity, say) hears of the bytes read before the VM is returned."""
     repository = _repository(repo, create=False)
-    if progress is not None:
-        regions = repository.get_snapshot(snapshot_id).regions
-        # All of memory and disks, or with `lazy` the disks alone.
-        total = sum(size for name, size in regions.items() if not lazy or name.startswith(DISK_REGION_PREFIX))
+    if progress is not None and not lazy:  # lazy reads nothing before the VM is returned
+        total = sum(repository.get_snapshot(snapshot_id).regions.values())
         if total:  # else nothing to count: the caller's activity line says enough
             progress.start(total)
     with reporting_progress(progress):
@@ -154,7 +161,7 @@ def restore(
             repository, snapshot_id, lazy=lazy, serial_out=serial_out, serial_in=serial_in,
             disk_dir=disk_dir, disk_paths=disk_paths,
         )
-    machine = VM(restored.vm, name or restored.snapshot.info.vm, restored.lazy)
+    machine = VM(restored.vm, name or restored.snapshot.info.vm, restored.lazy, restored.lazy_disks)
     machine._snapshotter.adopt_parent(repository, restored.snapshot.id)
     if start:
         restored.vm.start()
