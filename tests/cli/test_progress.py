@@ -77,11 +77,12 @@ def test_restore_reports_the_memory_and_disks_it_reads(testguest: Path, tmp_path
         info = vm.snapshot(str(tmp_path / "repo"))
     finally:
         vm.close()
-    for lazy, total in ((False, (32 << 20) + (4 << 20)), (True, 4 << 20)):  # lazy: the disks only, up front
+    # lazy reads nothing before the VM is returned: memory and disks come in behind the guest
+    for lazy, total in ((False, (32 << 20) + (4 << 20)), (True, None)):
         recorder = Recorder()
         disk_dir = tmp_path / f"disks-{lazy}"
         disk_dir.mkdir()
         restored = snapvisor.restore(str(tmp_path / "repo"), info.id, lazy=lazy, start=False, serial_out=io.BytesIO(),
                                      disk_dir=disk_dir, progress=recorder)
         restored.close()
-        assert recorder.total == recorder.done == total
+        assert recorder.total == total and recorder.done == (total or 0)
