@@ -145,7 +145,7 @@ def _add_restore(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser
     add_repo_flag(parser)
     parser.add_argument("snapshot_id", metavar="ID", help="snapshot id or a unique prefix (see `snapvisor ls`)")
     parser.add_argument("--lazy", action="store_true",
-                        help="start the guest at once and stream its memory in behind it (userfaultfd)")
+                        help="start the guest at once and stream its memory and disks in behind it")
     parser.add_argument("--disk-dir", type=Path, metavar="DIR",
                         help="write the snapshot's disks here as sparse images (vda.img, ...) and attach them; "
                              "needed when the snapshot has disks")
