@@ -3,13 +3,14 @@ disk, which holds data, still comes in from the repository (read here through a
 slow link, so that the fill takes seconds); the guest reads and writes it
 meanwhile and checks every block of its workload each round against its seq
 table (guest memory of the same instant). Snapshots taken during the fill, and
-a repository that loses its packs during it, are covered too. Bookkeeping
+a migration, and a repository that loses its packs during it, are covered too. Bookkeeping
 details: test_lazy_disk.py."""
 
 from __future__ import annotations
 
 import io
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ import snapvisor
 from disk_console import CMDLINE, DISK_BLOCKS, blank_image, wait_for_disk_rounds
 from snapvisor.image.disks import attached_disks
 from snapvisor.image.restore import LAZY_FAILURE_EXIT
+from snapvisor.migrate import Received, listen, migrate, receive
 from snapvisor.store import PAGE_SIZE, Repository
 from snapvisor.store.format import DATA_PREFIX
 from snapvisor.store.local import LocalStore
@@ -161,6 +163,35 @@ def test_a_full_snapshot_during_the_fill_waits_for_it(snapshot: _Snapshot, tmp_p
         vm.stop()
         vm.close()
     _restore_eagerly_and_verify(snapshot.repo, full.id, tmp_path / "again", snapshot.eager)
+
+
+def test_a_migration_during_the_fill_waits_for_it(snapshot: _Snapshot, tmp_path: Path) -> None:
+    out_a, out_b = io.BytesIO(), io.BytesIO()
+    vm = snapvisor.restore(_slow(snapshot.repo), snapshot.id, lazy=True, serial_out=out_a, disk_dir=tmp_path)
+    listener = listen("127.0.0.1:0")
+    (tmp_path / "b").mkdir()
+    arrived: list[Received] = []
+    fill_done_at_connect: list[bool] = []
+    receiver = threading.Thread(target=lambda: arrived.append(receive(
+        listener, serial_out=out_b, disk_dir=tmp_path / "b",
+        on_connect=lambda peer: fill_done_at_connect.append(vm.lazy_disks.done))))
+    receiver.start()
+    try:
+        wait_for_disk_rounds(out_a, 1)
+        assert not vm.lazy_disks.done
+        host, port = listener.getsockname()
+        migrate(vm, f"{host}:{port}")  # sends the disk whole: only once it is in
+        receiver.join(60)
+    finally:
+        vm.close()
+    assert fill_done_at_connect == [True] and vm.lazy_disks.error is None
+    moved = arrived[0].machine
+    try:
+        wait_for_disk_rounds(out_b, 2)  # the guest goes on on B and verifies its blocks there
+        assert (_blocks(tmp_path / "b" / "vda.img")[DISK_BLOCKS:] == _blocks(snapshot.eager)[DISK_BLOCKS:]).all()
+    finally:
+        moved.stop()
+        moved.close()
 
 
 def test_packs_lost_during_the_fill_stop_the_vm_and_serve_no_wrong_data(snapshot: _Snapshot, tmp_path: Path) -> None:
