@@ -118,11 +118,10 @@ class _LazyImage:
     def finish(self) -> None:
         """Every block is in: make the image as durable as an eager restore's, and
         take the filler off the disk's I/O path."""
-        with self.lock:
-            os.fdatasync(self._fd)
-            self.disk.filler = None
-            self.ok = True
-            self.complete.set()
+        os.fdatasync(self._fd)
+        self.disk.filler = None
+        self.ok = True
+        self.complete.set()
 
     def _write(self, blocks: np.ndarray, data: np.ndarray) -> None:
         """Write `data` (one row per block) into the image, one call per run of
@@ -141,8 +140,8 @@ class _LazyImage:
 
 
 def _buffer(blocks: int) -> np.ndarray:
-    # np.empty of this size is a fresh mapping, not touched until used: nothing
-    # proportional to it happens before the guest starts.
+    # np.empty does not touch its memory: nothing proportional to the buffer
+    # happens before the guest starts.
     return np.empty((blocks, BLOCK_SIZE), dtype=np.uint8)
 
 

@@ -163,6 +163,8 @@ def restore_vm(
             )
             lazy_disks.start(after=lazy_memory[0].wait)
     except BaseException:
+        if lazy_disks is not None:
+            lazy_disks.close()
         for vm in built:
             vm.close()
         for memory in lazy_memory:

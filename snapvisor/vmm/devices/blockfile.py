@@ -106,7 +106,7 @@ class BlockFile:
         """Fill `buffers` from the image at `offset`; False on a short read or an error."""
         want = sum(len(b) for b in buffers)
         try:
-            if self.filler is not None:
+            if self.filler is not None and want:
                 self.filler.before_read(offset, want)
             return os.preadv(self.fd, buffers, offset) == want
         except (OSError, FillError):
@@ -117,7 +117,7 @@ class BlockFile:
         (after the write: a snapshot that fetches in between sees them next time)."""
         length = sum(len(b) for b in buffers)
         try:
-            if self.filler is not None:
+            if self.filler is not None and length:
                 self.filler.before_write(offset, length)
             done = os.pwritev(self.fd, buffers, offset)
         except (OSError, FillError):
