@@ -119,6 +119,13 @@ class VM:
     def stop(self) -> ExitStatus:
         return self.vm.stop()
 
+    def moved_away(self, to: str) -> ExitStatus:
+        """End the VM here once it runs at `to` (a migration's last step), with a
+        status of its own (0, 'migrated') so that whoever waits on it tells a move
+        from a power-off or a crash."""
+        self.vm.request_exit(ExitStatus(0, "migrated", f"VM {self.name} moved to {to}, it runs there now"))
+        return self.vm.stop()
+
     def close(self) -> None:
         self.vm.close()
         if self._lazy is not None:

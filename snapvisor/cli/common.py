@@ -12,9 +12,12 @@ import termios
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from snapvisor.errors import SnapvisorError
+
+if TYPE_CHECKING:
+    from snapvisor.control import VmController
 
 _SUBCOMMANDS: list[Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]] = []
 
@@ -75,7 +78,8 @@ EXIT_CODES_HELP = """exit status:
   4    no VM answers on the API socket
   130  interrupted (Ctrl-C)
   143  terminated (SIGTERM): handled as Ctrl-C is, the VM stopped in order
-  run and restore exit with the guest's power-off status (70: the VMM failed)
+  run, restore and receive exit with the guest's power-off status (70: the VMM failed),
+  0 when the VM moved to another host
 
 environment:
   SNAPVISOR_REPO      repository URL when --repo is not given (a path, file:///path, s3://bucket/prefix)
@@ -181,12 +185,15 @@ def print_json(value: object) -> None:
     print(json.dumps(value, indent=2, default=str))
 
 
-def add_operation_flags(parser: argparse.ArgumentParser, restoring: bool) -> None:
-    """The flags that make a VM operable: API socket, name, schedule, retention."""
+def add_operation_flags(parser: argparse.ArgumentParser, restoring: bool, serve_api: bool = True,
+                        repo_text: str = "repository for scheduled snapshots (repeat for several)") -> None:
+    """The flags that make a VM operable: API socket (unless `serve_api` is False),
+    name, schedule, retention, and (unless `restoring`) --repo, described by `repo_text`."""
     group = parser.add_argument_group("operation")
-    group.add_argument("--api-sock", type=Path, metavar="PATH",
-                       help="serve the control API (HTTP/JSON) on this Unix socket, owner-only; "
-                            "`snapvisor snapshot --api-sock PATH` and curl --unix-socket talk to it")
+    if serve_api:
+        group.add_argument("--api-sock", type=Path, metavar="PATH",
+                           help="serve the control API (HTTP/JSON) on this Unix socket, owner-only; "
+                                "`snapvisor snapshot --api-sock PATH` and curl --unix-socket talk to it")
     group.add_argument("--name", metavar="NAME",
                        help="the VM's name in snapshots; retention applies per name "
                             + ("(default: the snapshot's)" if restoring else "(default: vm-<random>)"))
@@ -195,7 +202,7 @@ def add_operation_flags(parser: argparse.ArgumentParser, restoring: bool) -> Non
                             + ("the repository it was restored from" if restoring else "each --repo")
                             + "; failed attempts retry with back-off and lose no dirty page")
     if not restoring:
-        add_repo_flag(parser, action="append", text="repository for scheduled snapshots (repeat for several)")
+        add_repo_flag(parser, action="append", text=repo_text)
     add_keep_flags(parser, "after each scheduled snapshot")
 
 
@@ -221,29 +228,30 @@ def log_to_stderr(line: str) -> None:
 
 
 @contextmanager
-def operated(vm, args: argparse.Namespace, repos: list[str]) -> Iterator[None]:
+def operated(vm, args: argparse.Namespace, repos: list[str]) -> Iterator["VmController | None"]:
     """The control API and schedule around a VM, when asked for; `vm` is a
-    vmm Vm (from `run`) or an already wrapped machine.VM (from `restore`)."""
+    vmm Vm (from `run`) or an already wrapped machine.VM (from `restore`).
+    Yields the controller (for run_to_exit), or None when nothing controls the VM."""
     from snapvisor.machine import VM
 
     schedule = schedule_from_args(args, repos)
     if isinstance(vm, VM):
         machine = vm
     elif args.api_sock is None and schedule is None:
-        yield  # no snapshots possible: no dirty log to keep
+        yield None  # no snapshots possible: no dirty log to keep
         return
     else:
         machine = VM(vm, args.name or f"vm-{os.urandom(3).hex()}")
     from snapvisor.control import serve
 
-    with serve(machine, api_sock=args.api_sock, schedule=schedule, log=log_to_stderr):
-        yield
+    with serve(machine, api_sock=args.api_sock, schedule=schedule, log=log_to_stderr) as controller:
+        yield controller
 
 
 def finish(status) -> int:
     if status.reason == "error":
         print(f"error: {status.message}", file=sys.stderr)
-    elif status.reason == "reset":
+    elif status.reason in ("reset", "migrated"):
         print(f"snapvisor: {status.message}", file=sys.stderr)
     return status.code
 
@@ -305,22 +313,31 @@ def sigterm_handled() -> Iterator[None]:
         sigterm.held = sigterm.pending = False  # a migration that went through leaves them set
 
 
-def interrupted(vm, exc: KeyboardInterrupt) -> int:
-    """Ctrl-C or SIGTERM in the foreground: stop the VM, say so, exit 130 or 143."""
-    vm.stop()
+def interrupted(vm, exc: KeyboardInterrupt, controller: "VmController | None" = None) -> int:
+    """Ctrl-C or SIGTERM in the foreground: stop the VM, say so, exit 130 or 143.
+    With a controller, a migration asked through the API ends first (further
+    SIGTERMs wait for it; Ctrl-C does not), and a VM that moved away exits 0."""
+    if controller is None:
+        vm.stop()
+    else:
+        sigterm.hold()
+        status = controller.stop()
+        if status.reason == "migrated":
+            return finish(status)
     print(f"\nsnapvisor: {'terminated' if isinstance(exc, Terminated) else 'interrupted'}, VM stopped",
           file=sys.stderr)
     return interrupt_status(exc)
 
 
-def run_to_exit(vm) -> int:
-    """Wait in the foreground until the guest stops; its power-off status is ours.
-    A SIGTERM held while the VM arrived stops it now."""
+def run_to_exit(vm, controller: "VmController | None" = None) -> int:
+    """Wait in the foreground until the guest stops (or moves away through the
+    API of `controller`); its power-off status is ours. A SIGTERM held while the VM
+    arrived stops it now."""
     try:
         sigterm.release()
         status = vm.wait()
     except KeyboardInterrupt as exc:
-        return interrupted(vm, exc)
+        return interrupted(vm, exc, controller)
     assert status is not None
     return finish(status)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from snapvisor.cli.common import (
     operated,
     parse_size,
     positive_int,
+    print_json,
     run_to_exit,
     sigterm,
     subcommand,
@@ -78,43 +80,98 @@ def _receive(args: argparse.Namespace) -> int:
               "pages": received.pages, "bytes_received": received.bytes_received}
     log_to_stderr(json.dumps(report) if args.json else
                    f"VM {machine.name} migrated in and resumed; downtime {received.downtime_s * 1000:.1f} ms")
-    with machine, operated(machine, args, repos):
-        return run_to_exit(machine)
+    with machine, operated(machine, args, repos) as controller:
+        return run_to_exit(machine, controller)
+
+
+MIGRATE_DESCRIPTION = """\
+Move a VM to `snapvisor receive --listen ADDR:PORT` on another host while its guest
+runs (pre-copy: memory and disk blocks are sent while the guest runs, then it pauses
+for the last pages and its state). Two forms:
+
+  snapvisor migrate --api-sock PATH --to ADDR:PORT
+      Move the VM that `run`, `restore` or `receive` serves on the API socket PATH.
+      Exits 0 once the VM runs on the other host (the VM's own process then exits 0,
+      saying where it moved); 1 when it did not move (it keeps running where it was,
+      and the message says why); 4 when no VM answers on PATH.
+
+  snapvisor migrate --kernel PATH --to ADDR:PORT [--after DURATION | --on-signal]
+      Boot a kernel as `run` does, let it run for --after (or until SIGUSR1), then
+      move it. On success this command exits 0; on failure the VM keeps running
+      here, the error says why, and this command serves it until it powers off.
+      A SIGTERM during the migration takes effect when it has ended (--max-time
+      bounds it).
+"""
 
 
 @subcommand
 def _add_migrate(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     parser = subparsers.add_parser(
-        "migrate", help="boot a VM here and live-migrate it to another host",
-        description="Boot a kernel as `run` does, run it for --after, then move it while it runs "
-                    "to `snapvisor receive` on another host (pre-copy: memory is sent while the "
-                    "guest runs, then the guest pauses for the last pages and its state). On success "
-                    "the VM runs there and this command exits 0; on failure the VM keeps running "
-                    "here, the error says why, and this command serves it until it powers off. A SIGTERM "
-                    "during the migration takes effect when it has ended (--max-time bounds it).",
-        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "migrate", help="live-migrate a running VM (or one booted here) to another host",
+        description=MIGRATE_DESCRIPTION, epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--to", required=True, metavar="ADDR:PORT", help="the receiving host's --listen address")
-    when = parser.add_mutually_exclusive_group()
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--api-sock", type=Path, metavar="PATH",
+                       help="the running VM's API socket (its `run`/`restore`/`receive --api-sock`)")
+    which.add_argument("--kernel", type=Path, metavar="PATH", help="boot this kernel here (as for run), then move it")
+    parser.add_argument("--downtime-ms", type=float, default=50.0, metavar="MS",
+                        help="pause the guest for the last round once it fits in this many ms (default: 50)")
+    parser.add_argument("--max-time", type=duration, default=120.0, metavar="DURATION",
+                        help="give up (the VM runs on where it was) when pre-copy has not converged by then "
+                             "(default: 2m)")
+    parser.add_argument("--no-auto-converge", action="store_true",
+                        help="never throttle a guest that dirties memory faster than the link carries it")
+    add_json_flag(parser)
+    boot = parser.add_argument_group("boot form (with --kernel)")
+    when = boot.add_mutually_exclusive_group()
     when.add_argument("--after", type=duration, metavar="DURATION",
                       help="let the guest run this long before migrating (default: at once)")
     when.add_argument("--on-signal", action="store_true",
                       help="migrate when this process receives SIGUSR1 (kill -USR1 PID)")
-    parser.add_argument("--kernel", required=True, type=Path, metavar="PATH", help="kernel to boot (as for run)")
-    parser.add_argument("--initrd", type=Path, metavar="PATH", help="initial ramdisk to load for the kernel")
-    parser.add_argument("--cmdline", default="console=ttyS0", metavar="STR", help="kernel command line")
-    parser.add_argument("--mem", type=parse_size, default=256 << 20, metavar="SIZE", help="guest RAM (default: 256M)")
-    parser.add_argument("--vcpus", type=positive_int, default=1, metavar="N", help="virtual CPUs (default: 1)")
-    parser.add_argument("--disk", type=disk_option, action="append", default=[], metavar="PATH[,readonly]",
-                        help="attach a raw disk image as virtio-blk (as for run); its blocks move with the VM")
-    parser.add_argument("--downtime-ms", type=float, default=50.0, metavar="MS",
-                        help="pause the guest for the last round once it fits in this many ms (default: 50)")
-    parser.add_argument("--max-time", type=duration, default=120.0, metavar="DURATION",
-                        help="give up (the VM runs on here) when pre-copy has not converged by then (default: 2m)")
-    parser.add_argument("--no-auto-converge", action="store_true",
-                        help="never throttle a guest that dirties memory faster than the link carries it")
-    _add_migration_flags(parser)
-    add_operation_flags(parser, restoring=False)
-    parser.set_defaults(handler=_migrate)
+    boot.add_argument("--initrd", type=Path, metavar="PATH", help="initial ramdisk to load for the kernel")
+    boot.add_argument("--cmdline", default="console=ttyS0", metavar="STR", help="kernel command line")
+    boot.add_argument("--mem", type=parse_size, default=256 << 20, metavar="SIZE", help="guest RAM (default: 256M)")
+    boot.add_argument("--vcpus", type=positive_int, default=1, metavar="N", help="virtual CPUs (default: 1)")
+    boot.add_argument("--disk", type=disk_option, action="append", default=[], metavar="PATH[,readonly]",
+                      help="attach a raw disk image as virtio-blk (as for run); its blocks move with the VM")
+    boot.add_argument("--timeout", type=duration, default=20.0, metavar="DURATION",
+                      help="treat the connection as cut after this long without progress (default: 20s)")
+    add_operation_flags(parser, restoring=False, serve_api=False,
+                        repo_text="a repository both hosts read (with `receive --repo`): B reads from it the "
+                                  "pages of the VM's newest snapshot there instead of receiving them; with "
+                                  "--kernel it may be repeated, scheduled snapshots go to each and the first "
+                                  "serves the migration")
+    parser.set_defaults(handler=functools.partial(_migrate, parser))
+
+
+# What `migrate --api-sock` takes; every other flag belongs to the boot form.
+_RUNNING_VM_FLAGS = {"to", "api_sock", "kernel", "downtime_ms", "max_time", "no_auto_converge", "repo", "json",
+                     "handler"}
+
+
+def _ask_to_migrate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """The running-VM form: PUT /migrate on its API socket."""
+    from snapvisor import humanize
+    from snapvisor.control import ApiClient
+
+    stray = sorted(f"--{dest.replace('_', '-')}" for dest, value in vars(args).items()
+                   if dest not in _RUNNING_VM_FLAGS and value != parser.get_default(dest))
+    if stray:
+        raise UsageError(f"{', '.join(stray)}: only for a VM booted here (--kernel); a running VM keeps its own")
+    repos = [absolute_repo(r) for r in args.repo or env_repos()]
+    if len(repos) > 1:
+        raise UsageError("give one --repo: the repository both hosts read")
+    with humanize.Activity(f"migrating to {args.to}"):
+        stats = ApiClient(args.api_sock).migrate(args.to, downtime_ms=args.downtime_ms, max_time=args.max_time,
+                                                 auto_converge=not args.no_auto_converge,
+                                                 repo=repos[0] if repos else None)
+    if args.json:
+        print_json(stats)
+    else:
+        print(f"the VM on {args.api_sock} moved to {args.to}: downtime {stats['downtime_s'] * 1000:.1f} ms, "
+              f"{stats['rounds']} rounds, {humanize.size(stats['bytes_sent'])} sent in "
+              f"{humanize.duration(stats['total_s'])}")
+    return 0
 
 
 def _wait_for_migration_start(machine, args: argparse.Namespace):
@@ -136,21 +193,23 @@ def _wait_for_migration_start(machine, args: argparse.Namespace):
     return None
 
 
-def _migrate(args: argparse.Namespace) -> int:
+def _migrate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.downtime_ms <= 0:
+        raise UsageError("--downtime-ms must be more than 0")
+    if args.api_sock is not None:
+        return _ask_to_migrate(parser, args)
     import json
 
     from snapvisor.machine import VM
     from snapvisor.migrate import MigrationError, migrate
 
-    if args.downtime_ms <= 0:
-        raise UsageError("--downtime-ms must be more than 0")
     repos = [absolute_repo(r) for r in args.repo or env_repos()]
     machine = VM.boot(args.kernel, mem=args.mem, vcpus=args.vcpus, cmdline=args.cmdline, initrd=args.initrd,
                       name=args.name, serial_out=sys.stdout.fileno(), disks=args.disk)
     with machine:
         try:
-            # The API and schedule serve the VM until it leaves; none of them may
-            # pause or snapshot it while it migrates.
+            # The schedule serves the VM until it leaves; it may not snapshot it
+            # while it migrates.
             with operated(machine, args, repos):
                 status = _wait_for_migration_start(machine, args)
             if status is not None:
@@ -166,8 +225,8 @@ def _migrate(args: argparse.Namespace) -> int:
                                 io_timeout_s=args.timeout)
             except MigrationError as exc:
                 print(f"error: {exc}", file=sys.stderr, flush=True)
-                with operated(machine, args, repos):
-                    code = run_to_exit(machine)
+                with operated(machine, args, repos) as controller:
+                    code = run_to_exit(machine, controller)
                 return code if code else exc.exit_code
         except KeyboardInterrupt as exc:
             return interrupted(machine, exc)

@@ -33,7 +33,8 @@ def _add_run(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
         description=(
             "Boot a kernel in a new micro-VM on /dev/kvm. The guest's COM1 serial console is "
             "this terminal (input too, when stdin is a terminal). snapvisor exits when the guest "
-            "powers off, with the status byte the guest wrote to port 0x501 (0 after a reset)."
+            "powers off, with the status byte the guest wrote to port 0x501 (0 after a reset), or "
+            "with 0 when the VM moved to another host (`snapvisor migrate --api-sock`)."
         ),
     )
     parser.add_argument(
@@ -93,9 +94,9 @@ def _run(args: argparse.Namespace) -> int:
             serial_in=serial_in,
             disks=args.disk,
         )
-        with build_microvm_for_boot(config) as vm, operated(vm, args, args.repo or env_repos()):
+        with build_microvm_for_boot(config) as vm, operated(vm, args, args.repo or env_repos()) as controller:
             vm.start()
-            return run_to_exit(vm)
+            return run_to_exit(vm, controller)
 
 
 
@@ -164,6 +165,6 @@ def _restore(args: argparse.Namespace) -> int:
             machine = restore(url, args.snapshot_id, lazy=args.lazy, name=args.name,
                               serial_out=sys.stdout.fileno(), serial_in=serial_in, start=False,
                               disk_dir=args.disk_dir, progress=activity)
-        with machine, operated(machine, args, [url]):
+        with machine, operated(machine, args, [url]) as controller:
             machine.vm.start()
-            return run_to_exit(machine)
+            return run_to_exit(machine, controller)

@@ -7,6 +7,8 @@
     PUT  /schedule    {"every": "15m", "repos": [URL], "keep": {"last": 3}, "tags": []}
                       or {"every": null} to turn it off
     PUT  /actions     {"action": "shutdown"}
+    PUT  /migrate     {"to": "HOST:PORT", "downtime_ms": 50, "max_time": "2m", "auto_converge": true,
+                       "repo": URL}   -> the migration's stats, once the VM runs there
 
 Every answer is JSON; errors are {"error": "<what and how to fix it>"} with a 4xx
 status for a bad request (the VM is untouched) and 502 when the VM tried and a
@@ -24,17 +26,25 @@ import socket
 import socketserver
 import stat
 import threading
+from contextlib import contextmanager, nullcontext
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+from typing import Iterator
 
-from snapvisor.control.controller import VmController, snapshot_json, validate_repo_url, validate_tags
+from snapvisor.control.controller import (VmController, snapshot_json, validate_address, validate_repo_url,
+                                          validate_tags)
 from snapvisor.control.errors import (BadRequest, ControlError, MethodNotAllowed, NotFound,
                                       PayloadTooLarge)
 from snapvisor.control.schedule import Schedule, Scheduler
 from snapvisor.errors import SnapvisorError
+from snapvisor.humanize import parse_duration
 
 MAX_BODY = 64 << 10
 REQUEST_READ_TIMEOUT_S = 10.0
+# How long close() waits for a migration's answer to go out (see answer_before_close).
+ANSWER_GRACE_S = 5.0
+MAX_DOWNTIME_MS = 60_000.0
+MAX_MIGRATION_TIME_S = 86_400.0
 
 
 class ApiSocketError(SnapvisorError):
@@ -63,6 +73,7 @@ class _Handler(BaseHTTPRequestHandler):
         ("GET", "/schedule"): "get_schedule",
         ("PUT", "/schedule"): "put_schedule",
         ("PUT", "/actions"): "put_action",
+        ("PUT", "/migrate"): "put_migrate",
     }
 
     def log_message(self, format: str, *args: object) -> None:
@@ -86,23 +97,29 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch("DELETE")
 
     def _dispatch(self, method: str) -> None:
+        path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        name = self.ROUTES.get((method, path))
+        # A migration that succeeds ends the VM, and with it this process, just as
+        # its answer is due: the server's close() waits for that answer.
+        with self.server.answer_before_close() if name == "put_migrate" else nullcontext():
+            self._send(*self._answer(method, path, name))
+
+    def _answer(self, method: str, path: str, name: str | None) -> tuple[int, dict | None]:
         try:
-            path = self.path.split("?", 1)[0].rstrip("/") or "/"
-            name = self.ROUTES.get((method, path))
             if name is None:
                 allowed = sorted(m for m, p in self.ROUTES if p == path)
                 if allowed:
                     raise MethodNotAllowed(f"{method} {path} is not supported; use {' or '.join(allowed)}")
-                raise NotFound(f"no endpoint {path}; the API has /vm, /vm/state, /snapshot, /schedule, /actions")
+                raise NotFound(f"no endpoint {path}; the API has /vm, /vm/state, /snapshot, /schedule, "
+                               f"/actions, /migrate")
             body = self._read_body() if method == "PUT" else None
-            status, answer = getattr(self, name)(body)
+            return getattr(self, name)(body)
         except ControlError as exc:
-            status, answer = exc.status, {"error": str(exc)}
+            return exc.status, {"error": str(exc)}
         except SnapvisorError as exc:
-            status, answer = 400, {"error": str(exc)}
+            return 400, {"error": str(exc)}
         except Exception as exc:  # noqa: BLE001 - an API bug must not reach the VMM
-            status, answer = 500, {"error": f"internal error: {type(exc).__name__}: {exc}"}
-        self._send(status, answer)
+            return 500, {"error": f"internal error: {type(exc).__name__}: {exc}"}
 
     def _read_body(self) -> dict:
         if self.headers.get("Transfer-Encoding"):
@@ -194,9 +211,42 @@ class _Handler(BaseHTTPRequestHandler):
         _fields(body, {"action"}, {"action"})
         if body["action"] != "shutdown":
             raise BadRequest(f"action {body['action']!r} is unknown; the only action is 'shutdown'")
+        self.controller.refuse_while_migrating()
         # Answer first: stopping the VM ends the process that serves this request.
         threading.Thread(target=self.controller.shutdown, name="api-shutdown", daemon=True).start()
         return 204, None
+
+    def put_migrate(self, body: dict) -> tuple[int, dict]:
+        # Imported here: processes that only use ApiClient (snapvisor.control) need none of it.
+        from snapvisor.migrate.sender import DEFAULT_DOWNTIME_MS, DEFAULT_MAX_TIME_S
+
+        _fields(body, {"to", "downtime_ms", "max_time", "auto_converge", "repo"}, {"to"})
+        to = validate_address(body["to"])
+        downtime_ms = body.get("downtime_ms", DEFAULT_DOWNTIME_MS)
+        if not _is_number(downtime_ms) or not 0 < downtime_ms <= MAX_DOWNTIME_MS:
+            raise BadRequest(f"downtime_ms must be a number of milliseconds above 0 and at most "
+                             f"{MAX_DOWNTIME_MS:g}, not {downtime_ms!r}")
+        max_time = body.get("max_time", DEFAULT_MAX_TIME_S)
+        if isinstance(max_time, str):
+            try:
+                max_time = parse_duration(max_time)
+            except ValueError as exc:
+                raise BadRequest(f"max_time: {exc}") from None
+        elif not _is_number(max_time):
+            raise BadRequest("max_time must be a duration string ('2m') or a number of seconds")
+        if not 0 < max_time <= MAX_MIGRATION_TIME_S:
+            raise BadRequest(f"max_time must be above 0 s and at most a day, not {body['max_time']!r}")
+        auto_converge = body.get("auto_converge", True)
+        if not isinstance(auto_converge, bool):
+            raise BadRequest("auto_converge must be true or false")
+        repo = validate_repo_url(body["repo"]) if "repo" in body else None
+        stats = self.controller.migrate(to, downtime_ms=float(downtime_ms), max_time_s=float(max_time),
+                                        auto_converge=auto_converge, repo=repo)
+        return 200, stats.as_dict()
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -207,6 +257,8 @@ class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     def __init__(self, path: str | Path, controller: VmController) -> None:
         self.path = Path(path)
         self.controller = controller
+        self._pending_answers = 0
+        self._answered = threading.Condition()
         _clear_stale_socket(self.path)
         try:
             super().__init__(str(self.path), _Handler)
@@ -223,7 +275,21 @@ class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     def start(self) -> None:
         self._thread.start()
 
+    @contextmanager
+    def answer_before_close(self) -> Iterator[None]:
+        """close() waits (ANSWER_GRACE_S at most) for the answer sent in this block."""
+        with self._answered:
+            self._pending_answers += 1
+        try:
+            yield
+        finally:
+            with self._answered:
+                self._pending_answers -= 1
+                self._answered.notify_all()
+
     def close(self) -> None:
+        with self._answered:
+            self._answered.wait_for(lambda: not self._pending_answers, ANSWER_GRACE_S)
         if self._thread.is_alive():
             self.shutdown()
         self.server_close()

@@ -5,6 +5,7 @@
     api.vm()["state"]                                   # 'Running'
     api.snapshot("s3://backups/web1", tags=["pre-upgrade"])
     api.set_schedule(every="15m", repos=["s3://backups/web1"], keep={"last": 4, "daily": 7})
+    api.migrate("192.0.2.20:7000")                      # the stats, once it runs there
 """
 
 from __future__ import annotations
@@ -101,3 +102,13 @@ class ApiClient:
 
     def shutdown(self) -> None:
         self.request("PUT", "/actions", {"action": "shutdown"})
+
+    def migrate(self, to: str, *, downtime_ms: float | None = None, max_time: str | float | None = None,
+                auto_converge: bool = True, repo: str | None = None) -> dict:
+        """Move the VM to `snapvisor receive` at `to`; returns the migration's stats
+        once it runs there. None leaves a setting at the server's default."""
+        body: dict = {"to": to, "auto_converge": auto_converge}
+        for key, value in (("downtime_ms", downtime_ms), ("max_time", max_time), ("repo", repo)):
+            if value is not None:
+                body[key] = value
+        return self.request("PUT", "/migrate", body)

@@ -1,13 +1,15 @@
 """VmController: every operation an operator may ask of a running VM, validated and
 serialised, whoever asks (the API server, the scheduler, Python code).
 
-One lock orders snapshots and pause/resume, so an operator's pause never
-interleaves with the short pause a snapshot takes, and two snapshots never share
-the Snapshotter's dirty-page bookkeeping.
+One lock orders snapshots, pause/resume and migrations, so an operator's pause
+never interleaves with the short pause a snapshot takes, two snapshots never share
+the Snapshotter's dirty-page bookkeeping, and nothing pauses or snapshots a VM
+while it migrates.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -20,8 +22,11 @@ from snapvisor.store.manifest import check_name
 if TYPE_CHECKING:
     from snapvisor.control.schedule import Scheduler
     from snapvisor.machine import VM
+    from snapvisor.migrate import MigrationStats
+    from snapvisor.vmm.exit_status import ExitStatus
 
 MAX_TAGS = 16
+_HOST = re.compile(r"[A-Za-z0-9._%:-]{1,255}")  # a host name, IPv4, or IPv6 (with a %scope)
 
 
 def validate_repo_url(url: object) -> str:
@@ -42,6 +47,17 @@ def validate_tags(tags: object) -> list[str]:
         except SnapvisorError as exc:
             raise BadRequest(str(exc)) from None
     return list(tags)
+
+
+def validate_address(to: object) -> str:
+    """A migration destination: HOST:PORT or [IPv6]:PORT, port 1 to 65535."""
+    text = to if isinstance(to, str) else ""
+    host, _, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not (_HOST.fullmatch(host) and port.isdigit() and 1 <= int(port) <= 65535):
+        raise BadRequest(f"to must be the receiver's HOST:PORT (192.0.2.20:7000, [2001:db8::2]:7000), "
+                         f"port 1 to 65535, not {to!r}")
+    return text
 
 
 def snapshot_json(info: SnapshotInfo) -> dict:
@@ -65,6 +81,10 @@ class VmController:
         self.started_at = time.time()
         self._lock = threading.Lock()
         self._paused_by_operator = False
+        # Held for a migration's whole length, beside _lock: a second migration is
+        # refused at once, and the VMM's exit (stop) waits for the one under way.
+        self._migration = threading.Lock()
+        self._migrating_to: str | None = None
         self._repositories: dict[str, Repository] = {}
         self._repositories_lock = threading.Lock()
 
@@ -75,7 +95,9 @@ class VmController:
         vm = self.machine.vm
         if not vm.running:
             return "Stopped"
-        return "Paused" if self._paused_by_operator else "Running"
+        if self._paused_by_operator:
+            return "Paused"
+        return "Migrating" if self._migrating_to is not None else "Running"
 
     def info(self) -> dict:
         vm = self.machine.vm
@@ -97,6 +119,7 @@ class VmController:
         """'Paused' or 'Resumed' (Firecracker's names); repeating one is a no-op."""
         if state not in ("Paused", "Resumed"):
             raise BadRequest(f"state {state!r} is not one of 'Paused', 'Resumed'")
+        self.refuse_while_migrating()
         with self._lock:
             self._require_running()
             if state == "Paused":
@@ -112,9 +135,23 @@ class VmController:
             self._paused_by_operator = False
             self.machine.stop()
 
+    def stop(self) -> "ExitStatus":
+        """Stop the VM because the VMM exits (Ctrl-C, SIGTERM). A migration under way
+        ends first: cut in its handover, the guest could run on both hosts or on
+        neither. The status says 'migrated' when it went through."""
+        with self._migration:
+            return self.machine.stop()
+
     def _require_running(self) -> None:
         if not self.machine.vm.running:
             raise Conflict(f"VM {self.machine.name} has stopped")
+
+    def refuse_while_migrating(self) -> None:
+        """A request that would otherwise wait on the lock for the whole migration
+        is refused at once instead."""
+        to = self._migrating_to
+        if to is not None:
+            raise Conflict(f"VM {self.machine.name} is migrating to {to}; try again when that has ended")
 
     # -- snapshots -----------------------------------------------------------------------
 
@@ -135,6 +172,7 @@ class VmController:
         """Take a snapshot into `url` while the guest runs (it pauses only to copy
         what changed). A failure loses nothing: the next snapshot there carries
         every page dirtied since the last one that succeeded."""
+        self.refuse_while_migrating()
         with self._lock:
             self._require_running()
             if self._paused_by_operator:
@@ -145,6 +183,40 @@ class VmController:
                 return self.machine.snapshot(repo, tags=list(tags), full=full)
             except SnapvisorError as exc:
                 raise OperationFailed(f"snapshot into {url} failed: {exc}") from None
+
+    # -- migration -------------------------------------------------------------------
+
+    def migrate(self, to: str, *, downtime_ms: float, max_time_s: float, auto_converge: bool = True,
+                repo: str | None = None) -> "MigrationStats":
+        """Move the running VM to `snapvisor receive` at `to` (snapvisor.migrate.migrate).
+        On success it has stopped here with status 'migrated'; on failure it runs on
+        here and OperationFailed says why."""
+        from snapvisor.migrate import migrate
+
+        if not self._migration.acquire(blocking=False):
+            raise Conflict(f"VM {self.machine.name} is already migrating to {self._migrating_to}")
+        # Set before waiting for the lock (a snapshot may hold it): pauses and
+        # snapshots asked for meanwhile are refused rather than queued before it.
+        self._migrating_to = to
+        try:
+            with self._lock:
+                self._require_running()
+                if self._paused_by_operator:
+                    raise Conflict(f"VM {self.machine.name} is paused by the operator; resume it "
+                                   f"(PUT /vm/state {{\"state\": \"Resumed\"}}) before migrating it")
+                try:
+                    return migrate(self.machine, to, repo=repo, downtime_ms=downtime_ms, max_time_s=max_time_s,
+                                   auto_converge=auto_converge)
+                except SnapvisorError as exc:  # MigrationError, saying where the VM runs
+                    if self.machine.vm.running and self.machine.vm.paused:
+                        # The handover went out unconfirmed: the guest may run at `to`.
+                        # It stays paused here until the operator resumes it, and no
+                        # snapshot (which resumes what it paused) may run it meanwhile.
+                        self._paused_by_operator = True
+                    raise OperationFailed(str(exc)) from None
+        finally:
+            self._migrating_to = None
+            self._migration.release()
 
     def prune(self, url: str, policy: KeepPolicy) -> PruneResult:
         """Apply `policy` to this VM's snapshots in `url` (other VMs' are untouched)."""

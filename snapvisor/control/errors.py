@@ -42,8 +42,9 @@ class PayloadTooLarge(ControlError):
 
 
 class OperationFailed(ControlError):
-    """The VM tried and failed (a store outage during a snapshot): 502, since the
-    failure is in something the VMM depends on, not in the request."""
+    """The VM tried and failed (a store outage during a snapshot, a migration the
+    receiver or the link let down): 502, since the failure is in something the
+    VMM depends on, not in the request."""
 
     status = 502
 

@@ -289,9 +289,9 @@ def migrate(
 
     With `repo`, pages equal to those of `base` (default: this VM's newest snapshot
     there) are read by the receiver from that repository instead of crossing the
-    link. On success the VM is stopped here and runs on the receiver; on failure it
-    keeps running here and MigrationError says what happened. Nothing else may
-    pause or snapshot the VM meanwhile."""
+    link. On success the VM is ended here (`VM.moved_away`: exit reason 'migrated')
+    and runs on the receiver; on failure it keeps running here and MigrationError
+    says what happened. Nothing else may pause or snapshot the VM meanwhile."""
     if downtime_ms <= 0 or max_time_s <= 0:
         raise MigrationError("the downtime target and the time limit must be positive")
     if not machine.vm.running:
@@ -300,18 +300,21 @@ def migrate(
         machine.lazy_memory.wait()  # pages are read from guest RAM: all must be resident
     started = time.monotonic()
     stats = MigrationStats()
-    # Guest RAM regions, then disks (disk-<name>): everything a snapshot stores.
-    layout = Layout([(name, size) for name, size, _ in machine._snapshotter.page_sources()])
     base_offer, base_ids = None, None
-    if repo is not None:
-        repository = repo if isinstance(repo, Repository) else Repository.open_url(repo)
-        base = base or default_base(repository, machine.name)
-        if base is not None:
-            base_ids = base_page_ids(repository, base, layout)
-            base_offer = {"repository": repository.config["id"], "snapshot": repository.resolve(base)}
-
-    warm_up()
-    channel = Channel.connect(to, io_timeout_s)
+    try:
+        # Guest RAM regions, then disks (disk-<name>): everything a snapshot stores.
+        layout = Layout([(name, size) for name, size, _ in machine._snapshotter.page_sources()])
+        if repo is not None:
+            repository = repo if isinstance(repo, Repository) else Repository.open_url(repo)
+            base = base or default_base(repository, machine.name)
+            if base is not None:
+                base_ids = base_page_ids(repository, base, layout)
+                base_offer = {"repository": repository.config["id"], "snapshot": repository.resolve(base)}
+        warm_up()
+        channel = Channel.connect(to, io_timeout_s)
+    except SnapvisorError as exc:
+        # Nothing has touched the guest yet; say so as every later failure does.
+        raise MigrationError(f"migration to {to} failed, the VM keeps running on this host: {exc}") from None
     sender = _Sender(machine, channel, layout, stats)
     throttle = Throttle(machine.vm)
     try:
@@ -351,6 +354,6 @@ def migrate(
         sender.close()
         channel.close()
         stats.bytes_sent = channel.bytes_sent
-    machine.stop()
+    machine.moved_away(to)
     stats.total_s = time.monotonic() - started
     return stats

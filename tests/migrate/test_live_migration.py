@@ -39,17 +39,34 @@ def report(process: Process) -> dict:
     raise AssertionError(f"{process.label} printed no JSON report: {process.stderr()}")
 
 
-def start_pair(a: Host, b: Host, guest: Path, *extra_a: str, cmdline: str = GUEST,
-               extra_b: tuple[str, ...] = ()) -> tuple[Process, Process]:
-    """`receive` on B and `migrate --on-signal` on A, with a disk on A and an
-    empty directory for it on B (the hosts share no files)."""
-    (b.workdir / "b-disks").mkdir(exist_ok=True)
-    receiver = b.run("receiver", ["receive", "--listen", f"{b.address}:{PORT}", "--json", "--timeout", "3s",
-                                  "--disk-dir", str(b.workdir / "b-disks"), *extra_b])
+def start_receiver(b: Host, *extra: str, label: str = "receiver") -> Process:
+    """`receive --json` on B, its disks into an empty directory of its own (the
+    hosts share no files), once it listens."""
+    disks = b.workdir / f"{label}-disks"
+    disks.mkdir()
+    receiver = b.run(label, ["receive", "--listen", f"{b.address}:{PORT}", "--json", "--timeout", "3s",
+                             "--disk-dir", str(disks), *extra])
     receiver.wait_for_stderr("waiting for a migration", 30)
+    return receiver
+
+
+def start_served(a: Host, guest: Path, *extra: str, cmdline: str = GUEST) -> tuple[Process, Path]:
+    """`run --api-sock` on A with a disk, as an operator runs a VM, once its guest
+    has verified a few rounds; the process and its API socket."""
+    sock = a.workdir / "a.sock"
+    vm = a.run("vm", ["run", "--kernel", str(guest), "--mem", "128M", "--cmdline", cmdline,
+                      "--disk", str(new_disk(a.workdir / "a-disk.img")), "--api-sock", str(sock), "--name", "mover",
+                      *extra])
+    wait_for_verified_rounds(vm, 3, 60)
+    return vm, sock
+
+
+def start_pair(a: Host, b: Host, guest: Path, *extra_a: str) -> tuple[Process, Process]:
+    """`receive` on B and `migrate --on-signal` on A, with a disk on A."""
+    receiver = start_receiver(b)
     disk = new_disk(a.workdir / "a-disk.img")
     sender = a.run("sender", ["migrate", "--to", f"{b.address}:{PORT}", "--kernel", str(guest), "--mem", "128M",
-                              "--cmdline", cmdline, "--disk", str(disk), "--on-signal", "--json", "--timeout", "3s",
+                              "--cmdline", GUEST, "--disk", str(disk), "--on-signal", "--json", "--timeout", "3s",
                               "--name", "mover", *extra_a])
     return sender, receiver
 
@@ -88,26 +105,29 @@ def test_live_migration_moves_a_running_guest(testguest: Path, hosts: tuple[Host
     # Zero pages and pages the receiver already holds are not sent: far less than 128 MiB.
     assert stats["bytes_sent"] < 64 << 20, stats
     assert receiver.popen.poll() is None, "the VM must keep running on B"
-    assert (b.workdir / "b-disks" / "vda.img").stat().st_size == 8 << 20
+    assert (b.workdir / "receiver-disks" / "vda.img").stat().st_size == 8 << 20
+
+
+# A quieter guest (2 MiB/s): most pages stay as a snapshot saw them, and it
+# converges over a slow link.
+QUIET = "console=ttyS0 tg.mem=32 tg.rate=2 tg.pages=64 tg.rounds=0 tg.disk=1 tg.diskblocks=512 tg.diskwrites=2"
 
 
 @pytest.mark.s3
 def test_pages_of_the_last_snapshot_come_from_the_shared_repository(
-        testguest: Path, hosts: tuple[Host, Host], shared_s3: dict, tmp_path: Path) -> None:
+        testguest: Path, hosts: tuple[Host, Host], shared_s3: dict) -> None:
     a, b = hosts
     repo = f"s3://snapvisor-migrate/live-{secrets.token_hex(4)}"
-    sock = tmp_path / "a.sock"
-    # A quieter guest (2 MiB/s) so that most pages are still as the snapshot saw them.
-    quiet = "console=ttyS0 tg.mem=32 tg.rate=2 tg.pages=64 tg.rounds=0 tg.disk=1 tg.diskblocks=512 tg.diskwrites=2"
-    sender, receiver = start_pair(a, b, testguest, "--api-sock", str(sock), "--repo", repo,
-                                  cmdline=quiet, extra_b=("--repo", repo))
-    wait_for_verified_rounds(sender, 3, 60)
+    receiver = start_receiver(b, "--repo", repo)
+    vm, sock = start_served(a, testguest, cmdline=QUIET)
     snap = a.run("snapshot", ["snapshot", "--api-sock", str(sock), "--repo", repo, "--json"])
     assert snap.wait(120) == 0, snap.stderr()
-    sender.signal(signal.SIGUSR1)
-    assert sender.wait(60) == 0, sender.stderr()
-    stats = report(sender)
-    console_a = sender.stdout()
+    mover = a.run("migrate", ["migrate", "--api-sock", str(sock), "--to", f"{b.address}:{PORT}", "--repo", repo,
+                              "--json"])
+    assert mover.wait(120) == 0, mover.stderr()
+    assert vm.wait(30) == 0, vm.stderr()
+    stats = json.loads(mover.stdout())
+    console_a = vm.stdout()
     last_on_a = max(number for _, number, _ in rounds(console_a))
     console_b = wait_for_verified_rounds(receiver, 3, 60, after=last_on_a)
     assert_continues(console_a, console_b)
