@@ -165,10 +165,10 @@ def restore_vm(
     except BaseException:
         if lazy_disks is not None:
             lazy_disks.close()
+        for memory in lazy_memory:  # before guest RAM goes: its fill threads write there
+            memory.close()
         for vm in built:
             vm.close()
-        for memory in lazy_memory:
-            memory.close()
         for path in written:
             os.unlink(path)
         raise
