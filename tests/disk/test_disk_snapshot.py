@@ -39,8 +39,9 @@ def _region_pages(repo: Repository, snapshot_id: str, name: str) -> np.ndarray:
 
 @pytest.mark.parametrize(
     "where,lazy",
-    [("local", False), ("local", True), pytest.param("s3", False, marks=pytest.mark.s3)],
-    ids=["local-eager", "local-lazy", "s3-eager"],
+    [("local", False), ("local", True), pytest.param("s3", False, marks=pytest.mark.s3),
+     pytest.param("s3", True, marks=pytest.mark.s3)],
+    ids=["local-eager", "local-lazy", "s3-eager", "s3-lazy"],
 )
 def test_restored_guest_finds_the_disk_of_the_snapshot_instant(
     request, testguest: Path, tmp_path: Path, where: str, lazy: bool
