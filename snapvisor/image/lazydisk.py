@@ -24,6 +24,7 @@ not in fail the same way.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -38,6 +39,7 @@ from snapvisor.vmm.devices.blockfile import BLOCK_SIZE, BlockFile, FillError
 GROUP_BLOCKS = BLOCK_PAGES  # a miss brings in 256 KiB
 FILL_GROUPS = PREFETCH_BLOCKS  # the background fill reads 8 MiB per repository call
 _POLL_S = 0.05
+log = logging.getLogger("snapvisor.image")
 
 
 class _LazyImage:
@@ -211,12 +213,24 @@ class LazyDisks:
         return error
 
     def close(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-        for image in self._images:
-            image.complete.set()  # a waiter learns (FillError) that the disk will not complete
-            image.close()
+        """Let the background fill finish first (a VM may stop before its disks are
+        in): an image with holes where the snapshot has data would be a wrong disk
+        for whoever attaches it next. After a failure, or when the wait is
+        interrupted (Ctrl-C), the images stay incomplete and a warning names them."""
+        try:
+            if self._thread.is_alive():
+                self._done.wait()
+        finally:
+            self._stop.set()
+            if self._thread.is_alive():
+                self._thread.join()
+            incomplete = [str(image.disk.path) for image in self._images if not image.ok]
+            if incomplete and self._thread.ident is not None:
+                log.warning("disk image %s of a lazy restore is incomplete (%s); do not attach it: "
+                            "restore the snapshot again", ", ".join(incomplete), self.error or "interrupted")
+            for image in self._images:
+                image.complete.set()  # a waiter learns (FillError) that the disk will not complete
+                image.close()
 
     def _fill(self) -> None:
         image: _LazyImage | None = None

@@ -56,7 +56,8 @@ def test_bad_disk_gives_a_clear_error(testguest: Path, tmp_path: Path, disk: str
 
 
 @pytest.mark.kvm
-def test_restore_writes_the_disks_into_disk_dir(testguest: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("lazy", [False, True], ids=["eager", "lazy"])
+def test_restore_writes_the_disks_into_disk_dir(testguest: Path, tmp_path: Path, lazy: bool) -> None:
     image = blank_image(tmp_path / "disk.img", 4 * MiB)
     repo_path = tmp_path / "repo"
     repo = Repository.open_url(str(repo_path), create=True)
@@ -74,9 +75,11 @@ def test_restore_writes_the_disks_into_disk_dir(testguest: Path, tmp_path: Path)
     assert refused.returncode == 1 and b"--disk-dir" in refused.stderr and b"Traceback" not in refused.stderr
     disk_dir = tmp_path / "restored"
     disk_dir.mkdir()
-    result = snapvisor_cli("restore", "--repo", str(repo_path), info.id, "--disk-dir", str(disk_dir))
+    result = snapvisor_cli("restore", "--repo", str(repo_path), info.id, "--disk-dir", str(disk_dir),
+                           *(["--lazy"] if lazy else []))
     assert result.returncode == 0, result.stderr
     assert_healthy(result.stdout)
     assert result.stdout.endswith(b"tg: done\n")
     assert disk_rounds(result.stdout)[-1] == (40, 8, DISK_BLOCKS)
     assert (disk_dir / "vda.img").stat().st_size == 4 * MiB
+    assert b"incomplete" not in result.stderr

@@ -133,6 +133,15 @@ def test_guest_runs_before_its_disk_is_in_and_the_image_ends_as_an_eager_restore
     assert not populated[DISK_BLOCKS : DATA_FROM // PAGE_SIZE].any()
 
 
+def test_closing_a_vm_before_its_disk_is_in_completes_the_image(snapshot: _Snapshot, tmp_path: Path) -> None:
+    vm = snapvisor.restore(_slow(snapshot.repo), snapshot.id, lazy=True, serial_out=io.BytesIO(), disk_dir=tmp_path,
+                           start=False)
+    assert not vm.lazy_disks.done
+    vm.close()  # the image is the disk whoever attaches it next gets: it must be whole
+    assert vm.lazy_disks.done and vm.lazy_disks.error is None
+    assert (tmp_path / "vda.img").read_bytes() == snapshot.eager.read_bytes()
+
+
 def test_writes_and_an_incremental_snapshot_during_the_fill(snapshot: _Snapshot, tmp_path: Path) -> None:
     repo = _slow(snapshot.repo)
     out = io.BytesIO()
@@ -194,7 +203,9 @@ def test_a_migration_during_the_fill_waits_for_it(snapshot: _Snapshot, tmp_path:
         moved.close()
 
 
-def test_packs_lost_during_the_fill_stop_the_vm_and_serve_no_wrong_data(snapshot: _Snapshot, tmp_path: Path) -> None:
+def test_packs_lost_during_the_fill_stop_the_vm_and_serve_no_wrong_data(
+    snapshot: _Snapshot, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     repo_path = tmp_path / "repo"
     shutil.copytree(snapshot.repo, repo_path)
     out = io.BytesIO()
@@ -215,6 +226,7 @@ def test_packs_lost_during_the_fill_stop_the_vm_and_serve_no_wrong_data(snapshot
     assert "is missing from" in status.message and "the VM was stopped" in status.message
     assert b"VERIFY FAIL" not in out.getvalue()  # the guest never saw a wrong block
     assert vm.lazy_disks.done and vm.lazy_disks.error is not None
+    assert f"disk image {tmp_path / 'vda.img'} of a lazy restore is incomplete" in caplog.text
     # What reached the image is the snapshot's (past the blocks the guest itself writes).
     lazy, eager = _blocks(tmp_path / "vda.img")[DISK_BLOCKS:], _blocks(snapshot.eager)[DISK_BLOCKS:]
     has_data = lazy.any(axis=1)
