@@ -16,6 +16,12 @@ Prints one JSON document:
   between two snapshots; blocks and bytes the second (incremental) snapshot
   stored for the disk next to the bytes the guest wrote in between (the device
   counts them; sampled as each snapshot returns, so within a few ms).
+- lazy_restore: a VM whose 256 MiB disk is full of data (random: it neither
+  compresses nor dedups), snapshotted, then restored: time from the restore()
+  call to the guest's first instruction, lazy (memory and disk come in behind
+  the guest; the first fault served is its first instruction) next to eager
+  (restore() returns once memory and disk are written and the guest started),
+  and the lazy restore's time until the whole disk was in.
 """
 
 from __future__ import annotations
@@ -25,11 +31,14 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "vmm"))  # the hand-assembled guest helper
 
@@ -46,6 +55,7 @@ MiB = 1 << 20
 DISK_SIZE = 64 * MiB
 DISK_BLOCKS = DISK_SIZE // PAGE_SIZE
 DISK_ROUND = re.compile(rb"tg: disk round=(\d+) written=(\d+) verified=(\d+) ticks=(\d+)")
+RESTORE_DISK_SIZE = 256 * MiB
 # tiny memory workload: the rounds are the disk's
 BASE_CMDLINE = f"console=ttyS0 tg.mem=1 tg.pages=1 tg.disk=1 tg.diskblocks={DISK_BLOCKS} tg.diskverify=1000000"
 
@@ -145,6 +155,53 @@ def incremental_snapshot(elf: Path, workdir: Path, between_s: float) -> dict:
     }
 
 
+def lazy_restore(elf: Path, workdir: Path, runs: int) -> dict:
+    image = workdir / "restore-source.img"
+    with image.open("wb") as file:
+        for _ in range(RESTORE_DISK_SIZE // (16 * MiB)):
+            file.write(os.urandom(16 * MiB))
+    repo = str(workdir / "restore-repo")
+    out = io.BytesIO()
+    vm = snapvisor.VM.boot(elf, mem="64M", cmdline="console=ttyS0 tg.mem=8 tg.rate=10 tg.pages=64 tg.rounds=0",
+                           serial_out=out, disks=[image])
+    try:
+        while b"round=1 " not in out.getvalue():
+            time.sleep(0.01)
+        snapshot = vm.snapshot(repo)
+    finally:
+        vm.stop()
+        vm.close()
+    image.unlink()
+    lazy_first, lazy_disk_in, eager = [], [], []
+    for run in range(runs):
+        for lazy in (True, False):
+            disk_dir = workdir / f"restored-{run}-{lazy}"
+            disk_dir.mkdir()
+            started = time.perf_counter()
+            vm = snapvisor.restore(repo, snapshot.id, lazy=lazy, serial_out=io.BytesIO(), disk_dir=disk_dir)
+            if lazy:
+                memory, disks = vm.lazy_memory, vm.lazy_disks
+                while memory.first_fault_served_at is None and not memory.done:
+                    time.sleep(0.0002)
+                lazy_first.append((memory.first_fault_served_at or time.perf_counter()) - started)
+                disks.wait()
+                lazy_disk_in.append(time.perf_counter() - started)
+                if disks.error is not None:
+                    raise SystemExit(f"lazy disk restore failed: {disks.error}")
+            else:
+                eager.append(time.perf_counter() - started)
+            vm.close()
+            shutil.rmtree(disk_dir)
+    median_ms = lambda xs: round(float(np.median(xs)) * 1e3, 1)  # noqa: E731
+    return {
+        "disk_bytes": RESTORE_DISK_SIZE,
+        "runs": runs,
+        "lazy_to_first_instruction_ms": median_ms(lazy_first),
+        "eager_to_first_instruction_ms": median_ms(eager),
+        "lazy_to_whole_disk_ms": median_ms(lazy_disk_in),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer writes (a smoke run)")
@@ -169,6 +226,7 @@ def main() -> None:
         result["notify_exit"]["share_of_a_guest_random_4k_write"] = round(
             result["notify_exit"]["us_per_exit"] / (1e6 / result["guest_vs_host"]["random_4k"]["guest_virtio_blk"]["iops"]), 3)
         result["incremental_snapshot"] = incremental_snapshot(elf, workdir, 0.5 if args.quick else 1.0)
+        result["lazy_restore"] = lazy_restore(elf, workdir, 1 if args.quick else 3)
     print(json.dumps(result, indent=2))
 
 
