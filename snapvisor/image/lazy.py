@@ -29,9 +29,10 @@ from snapvisor.store import PAGE_SIZE, RegionReader
 from snapvisor.vmm.memory import MemoryRegion
 
 BLOCK_PAGES = 64  # 256 KiB: a fault brings in its neighbours, which guests touch next
-# The prefetcher reads this many blocks per repository call (8 MiB): the reader
-# decompresses their frames in parallel, and faults are served meanwhile.
-PREFETCH_BLOCKS = 32
+# The prefetcher reads this many blocks per repository call (32 MiB): the reader
+# decompresses their frames in parallel, and faults are served meanwhile. (8 MiB
+# calls filled 1 GiB ~20% slower here: per-call set-up.)
+PREFETCH_BLOCKS = 128
 _POLL_S = 0.05
 
 
@@ -171,8 +172,9 @@ class LazyMemory:
         # Read outside the lock, so that faults are answered meanwhile.
         lazy.reader.read_pages_into(pages, self._prefetch_buffer)
         offsets = np.concatenate(([0], np.cumsum(counts)[:-1])) * PAGE_SIZE
-        with self._fill_lock:
-            for block, count, offset in zip(blocks.tolist(), counts.tolist(), offsets.tolist()):
+        for block, count, offset in zip(blocks.tolist(), counts.tolist(), offsets.tolist()):
+            # The lock per block: a fault waits for one 256 KiB copy at most.
+            with self._fill_lock:
                 if lazy.resident[block]:
                     continue  # a fault brought it in first
                 destination = lazy.base + block * BLOCK_PAGES * PAGE_SIZE

@@ -10,7 +10,7 @@ never sees the repository) that, under one lock per disk,
   (read-modify-write), and hands every block it covers to the guest.
 A block once in (filled, or handed to the guest) is never written by the fill
 again, so nothing the guest wrote is overwritten and nothing old comes back.
-A background thread fills the remaining groups that hold data in 8 MiB reads,
+A background thread fills the remaining groups that hold data in 32 MiB reads,
 outside the lock; it starts once guest RAM is in (a memory fault stalls a vCPU
 whatever it does, a disk miss only the request that needs the blocks).
 Groups without data are in from the start: the sparse file reads them as
@@ -37,7 +37,7 @@ from snapvisor.store import RegionReader
 from snapvisor.vmm.devices.blockfile import BLOCK_SIZE, BlockFile, FillError
 
 GROUP_BLOCKS = BLOCK_PAGES  # a miss brings in 256 KiB
-FILL_GROUPS = PREFETCH_BLOCKS  # the background fill reads 8 MiB per repository call
+FILL_GROUPS = PREFETCH_BLOCKS  # the background fill reads 32 MiB per repository call
 _POLL_S = 0.05
 log = logging.getLogger("snapvisor.image")
 
