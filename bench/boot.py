@@ -1,6 +1,6 @@
 """VMM core benchmark: boot latency and the run loop's port-I/O exit rate.
 
-    python3 bench/boot.py [--runs N] [--seconds S] [--output FILE]
+    flock /tmp/snapvisor-bench.lock python3 bench/boot.py [--runs N] [--seconds S] [--output FILE]
 
 Prints one JSON document:
 - first_serial_byte_cli: wall time from launching `snapvisor run` (a fresh
@@ -11,14 +11,13 @@ Prints one JSON document:
   under snapvisor's run loop, next to bench/pio_loop.c doing the same KVM_RUN
   round trip in C (built here with gcc), the physical limit on this host; and
   the same loop writing COM1's scratch register (a device on the bus).
-Medians over N runs. Takes /tmp/snapvisor-bench.lock so benchmarks on this
-shared machine do not overlap.
+Medians over N runs. Run it under the lock above, as the other benchmarks, so
+that benchmarks on this shared machine do not overlap.
 """
 
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import platform
@@ -37,7 +36,6 @@ from flat_guest import elf_image  # noqa: E402
 from snapvisor.testguest import build  # noqa: E402
 from snapvisor.vmm.builder import VmConfig, build_microvm_for_boot  # noqa: E402
 
-LOCK = Path("/tmp/snapvisor-bench.lock")
 GUEST_CMDLINE = "console=ttyS0 tg.mem=1 tg.rounds=1"
 PIO_LOOP_CODE = b"\x48\xff\xc3" + b"\xe6\x80" + b"\xeb\xf9"  # inc rbx; out 0x80, al; jmp loop (unclaimed port)
 # The same loop writing COM1's scratch register: each exit also goes through a device.
@@ -102,27 +100,25 @@ def main() -> None:
     parser.add_argument("--output", type=Path, help="also write the JSON here")
     args = parser.parse_args()
 
-    with open(LOCK, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        with tempfile.TemporaryDirectory() as work:
-            testguest = build()
-            loop_guest = Path(work) / "pio_loop.elf"
-            loop_guest.write_bytes(elf_image(PIO_LOOP_CODE))
-            serial_guest = Path(work) / "serial_loop.elf"
-            serial_guest.write_bytes(elf_image(SERIAL_LOOP_CODE))
-            c_loop = Path(work) / "pio_loop"
-            subprocess.run(["gcc", "-O2", "-o", str(c_loop), str(REPO / "bench" / "pio_loop.c")], check=True)
+    with tempfile.TemporaryDirectory() as work:
+        testguest = build()
+        loop_guest = Path(work) / "pio_loop.elf"
+        loop_guest.write_bytes(elf_image(PIO_LOOP_CODE))
+        serial_guest = Path(work) / "serial_loop.elf"
+        serial_guest.write_bytes(elf_image(SERIAL_LOOP_CODE))
+        c_loop = Path(work) / "pio_loop"
+        subprocess.run(["gcc", "-O2", "-o", str(c_loop), str(REPO / "bench" / "pio_loop.c")], check=True)
 
-            cli = [first_byte_cli(testguest) for _ in range(args.runs)]
-            in_process = [first_byte_in_process(testguest) for _ in range(args.runs)]
-            # Alternate the two loops so that load from other users of the host
-            # hits both alike; the per-pair ratio is the comparable figure.
-            python_rate, c_rate = [], []
-            for _ in range(max(3, args.runs // 2)):
-                python_rate.append(pio_exits_python(loop_guest, args.seconds))
-                c_rate.append(pio_exits_c(c_loop, args.seconds))
-            serial_rate = [pio_exits_python(serial_guest, args.seconds) for _ in range(max(3, args.runs // 2))]
-            load = os.getloadavg()
+        cli = [first_byte_cli(testguest) for _ in range(args.runs)]
+        in_process = [first_byte_in_process(testguest) for _ in range(args.runs)]
+        # Alternate the two loops so that load from other users of the host
+        # hits both alike; the per-pair ratio is the comparable figure.
+        python_rate, c_rate = [], []
+        for _ in range(max(3, args.runs // 2)):
+            python_rate.append(pio_exits_python(loop_guest, args.seconds))
+            c_rate.append(pio_exits_c(c_loop, args.seconds))
+        serial_rate = [pio_exits_python(serial_guest, args.seconds) for _ in range(max(3, args.runs // 2))]
+        load = os.getloadavg()
 
     result = {
         "benchmark": "boot",

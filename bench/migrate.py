@@ -8,8 +8,9 @@ several rates is moved between two processes on this machine's loopback link:
 `migrate`) -> `qemu-system-x86_64 -incoming tcp:...` (downtime limit 50 ms,
 bandwidth cap lifted, otherwise QEMU's defaults). For each: total time, downtime
 and bytes sent. snapvisor's downtime runs from the sender's pause to the guest's
-start on the receiver (CLOCK_MONOTONIC of both processes); QEMU's is the downtime
-it reports itself. The guest on the destination must go on and verify every page.
+start on the receiver (CLOCK_MONOTONIC of both processes); QEMU's the same span,
+from the source's STOP event to the destination's RESUME event (QMP timestamps),
+next to the source-side downtime QEMU reports itself. The guest on the destination must go on and verify every page.
 
 The test guest's slowest dirtying is 1 MiB/s (tg.rate is whole MiB/s), so the
 "0" row is that floor. Prints one JSON document.
@@ -137,6 +138,7 @@ def bench_qemu(qemu: str, accel: str, elf: Path, rate: int, workdir: Path) -> di
                               stdout=subprocess.DEVNULL, stderr=(workdir / f"q-a-{rate}.err").open("wb"))
     try:
         wait_for(src_serial, lambda d: verified_rounds(d) >= 2, 180, "QEMU source warm-up", source)
+        qmp_dest = qmp_connect(dst_qmp)
         qmp = qmp_connect(src_qmp)
         qmp("migrate-set-parameters", **{"downtime-limit": DOWNTIME_TARGET_MS, "max-bandwidth": 1 << 40})
         qmp("migrate", uri=f"tcp:127.0.0.1:{port}")
@@ -149,14 +151,26 @@ def bench_qemu(qemu: str, accel: str, elf: Path, rate: int, workdir: Path) -> di
             raise RuntimeError(f"QEMU migration {status['status']}: {status}")
         after = last_round(src_serial.read_bytes())
         wait_for(dst_serial, lambda d: verified_rounds(d, after) >= 1, 120, "QEMU destination guest", dest)
+        qmp_dest("query-status")  # reads the RESUME event queued before its answer
     finally:
         stop(source, dest)
+    # End to end as for snapvisor: the source's STOP event to the destination's
+    # RESUME event (QMP timestamps, this machine's clock in both processes).
+    stopped = _event_time(qmp.events, "STOP")
+    resumed = _event_time(qmp_dest.events, "RESUME")
     return {
         "total_s": round(status["total-time"] / 1000, 3),
-        "downtime_ms": float(status["downtime"]),
+        "downtime_ms": round((resumed - stopped) * 1000, 2),
+        "downtime_reported_ms": float(status["downtime"]),
         "bytes_sent": status["ram"]["transferred"],
         "rounds": status["ram"].get("dirty-sync-count"),
     }
+
+
+def _event_time(events: list[dict], name: str) -> float:
+    """Seconds (wall clock) of the last QMP event `name`."""
+    stamp = [e["timestamp"] for e in events if e["event"] == name][-1]
+    return stamp["seconds"] + stamp["microseconds"] / 1e6
 
 
 def qemu_accel(qemu: str, elf: Path, workdir: Path) -> str:
@@ -198,7 +212,8 @@ def main() -> None:
         "downtime_target_ms": DOWNTIME_TARGET_MS,
         "downtime_measured_as": {
             "snapvisor": "sender's pause() to receiver's vm.start() returning, CLOCK_MONOTONIC of both processes",
-            "qemu": "the downtime QEMU's query-migrate reports (source side)",
+            "qemu": "the source's STOP event to the destination's RESUME event (QMP timestamps); "
+                    "downtime_reported_ms is what query-migrate reports (source side only, whole ms)",
         },
         "load_average_at_start": load_at_start,
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],

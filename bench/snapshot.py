@@ -122,11 +122,14 @@ def _qmp(sock_path: Path):
         stream.flush()
         while True:
             reply = json.loads(stream.readline())
+            if "event" in reply:  # kept: their timestamps time what QEMU did
+                command.events.append(reply)
             if "return" in reply or "error" in reply:
                 if "error" in reply:
                     raise RuntimeError(f"QMP {name}: {reply['error']}")
                 return reply["return"]
 
+    command.events = []
     json.loads(stream.readline())  # greeting
     command("qmp_capabilities")
     return command
