@@ -1,5 +1,6 @@
-"""Numbers for people: sizes, durations, ages, and a progress line on stderr that
-appears only when stderr is a terminal (scripts and logs stay clean)."""
+"""Numbers for people: sizes, durations, ages (and reading sizes and durations back),
+and a progress line on stderr that appears only when stderr is a terminal (scripts
+and logs stay clean)."""
 
 from __future__ import annotations
 
@@ -56,6 +57,20 @@ def age(when: datetime, now: datetime | None = None) -> str:
 def timestamp(when: datetime) -> str:
     """A UTC time to the second, as people and sort both read it."""
     return when.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+_PARSE_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+_PARSE_SIZE_SHIFT = {"": 20, "K": 10, "M": 20, "G": 30, "T": 40}
+
+
+def parse_size(text: str) -> int:
+    """'256M', '1G', '512MiB', '4096K'; a bare number means MiB.
+
+    Raises ValueError naming the text and the accepted forms."""
+    match = _PARSE_SIZE.match(text) if isinstance(text, str) else None
+    if not match:
+        raise ValueError(f"'{text}' is not a size (examples: 256M, 1G, 512MiB)")
+    return int(match.group(1)) << _PARSE_SIZE_SHIFT[match.group(2).upper()]
 
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")

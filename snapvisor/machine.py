@@ -10,11 +10,11 @@
 
 from __future__ import annotations
 
-import argparse
 import secrets
 from pathlib import Path
 from typing import BinaryIO
 
+from snapvisor.humanize import parse_size
 from snapvisor.image.capture import CaptureStats, Snapshotter
 from snapvisor.image.lazy import LazyMemory
 from snapvisor.image.lazydisk import LazyDisks
@@ -34,14 +34,7 @@ def _repository(repo: Repo, create: bool) -> Repository:
 
 
 def _size(value: int | str) -> int:
-    if isinstance(value, int):
-        return value
-    from snapvisor.cli import parse_size
-
-    try:
-        return parse_size(value)
-    except argparse.ArgumentTypeError as exc:
-        raise ValueError(str(exc)) from None
+    return value if isinstance(value, int) else parse_size(value)
 
 
 class VM:

@@ -11,8 +11,7 @@ import os
 import sys
 
 from snapvisor import __version__
-from snapvisor.cli.common import (_SUBCOMMANDS, EXIT_CODES_HELP, HelpFormatter, interrupt_status, parse_size,
-                                  sigterm_handled)
+from snapvisor.cli.common import _SUBCOMMANDS, EXIT_CODES_HELP, HelpFormatter, interrupt_status, sigterm_handled
 from snapvisor.errors import SnapvisorError
 
 # isort: off
@@ -20,7 +19,7 @@ from snapvisor.errors import SnapvisorError
 from snapvisor.cli import vm, repository, migration, demo  # noqa: E402, F401
 # isort: on
 
-__all__ = ["main", "build_parser", "parse_size"]
+__all__ = ["main", "build_parser"]
 
 
 def build_parser() -> argparse.ArgumentParser:

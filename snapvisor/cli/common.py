@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import signal
 import sys
 import termios
@@ -28,16 +27,14 @@ def subcommand(add: Callable[["argparse._SubParsersAction[argparse.ArgumentParse
     return add
 
 
-_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 20, "K": 10, "M": 20, "G": 30, "T": 40}
+def memory_size(text: str) -> int:
+    """'256M', '1G', '512MiB', '4096K'; a bare number means MiB (humanize.parse_size)."""
+    from snapvisor.humanize import parse_size
 
-
-def parse_size(text: str) -> int:
-    """'256M', '1G', '512MiB', '4096K'; a bare number means MiB."""
-    match = _SIZE.match(text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a size (examples: 256M, 1G, 512MiB)")
-    return int(match.group(1)) << _UNITS[match.group(2).upper()]
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def positive_int(text: str) -> int:
@@ -74,7 +71,7 @@ EXIT_CODES_HELP = """exit status:
   0    success
   1    the operation failed (the message says what and how to fix it)
   2    bad arguments
-  3    verify found damage in the repository
+  3    verify found damage in the repository; repair-index could not index a pack
   4    no VM answers on the API socket
   130  interrupted (Ctrl-C)
   143  terminated (SIGTERM): handled as Ctrl-C is, the VM stopped in order
@@ -85,6 +82,8 @@ environment:
   SNAPVISOR_REPO      repository URL when --repo is not given (a path, file:///path, s3://bucket/prefix)
   AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ...
                       S3 endpoint and credentials, read the boto3 way
+  SNAPVISOR_CACHE     this host's cache: decoded index files, the test guest (default:
+                      $XDG_CACHE_HOME/snapvisor, else ~/.cache/snapvisor); deleting it is safe
 """
 
 EXIT_DAMAGED = 3
@@ -141,7 +140,7 @@ def add_repo_flag(parser: argparse.ArgumentParser, action: str = "store", text: 
 
 def add_keep_flags(parser: argparse.ArgumentParser, when: str) -> None:
     group = parser.add_argument_group(
-        "retention", f"which snapshots of each VM to keep {when}; the others are forgotten "
+        "retention", f"which snapshots of each VM to keep{' ' + when if when else ''}; the others are forgotten "
         "(their data goes with `snapvisor gc`). Bucket rules keep the newest snapshot of each of "
         "the N most recent hours/days/...; -1 means no limit; rules add up.")
     for rule in _KEEP_RULES:
@@ -186,17 +185,20 @@ def print_json(value: object) -> None:
 
 
 def add_operation_flags(parser: argparse.ArgumentParser, restoring: bool, serve_api: bool = True,
-                        repo_text: str = "repository for scheduled snapshots (repeat for several)") -> None:
+                        repo_text: str = "repository for scheduled snapshots (repeat for several)",
+                        name_default: str | None = None) -> None:
     """The flags that make a VM operable: API socket (unless `serve_api` is False),
-    name, schedule, retention, and (unless `restoring`) --repo, described by `repo_text`."""
+    name (its default described by `name_default`), schedule, retention, and (unless
+    `restoring`) --repo, described by `repo_text`."""
     group = parser.add_argument_group("operation")
     if serve_api:
         group.add_argument("--api-sock", type=Path, metavar="PATH",
                            help="serve the control API (HTTP/JSON) on this Unix socket, owner-only; "
                                 "`snapvisor snapshot --api-sock PATH` and curl --unix-socket talk to it")
+    if name_default is None:
+        name_default = "the snapshot's" if restoring else "vm-<random>"
     group.add_argument("--name", metavar="NAME",
-                       help="the VM's name in snapshots; retention applies per name "
-                            + ("(default: the snapshot's)" if restoring else "(default: vm-<random>)"))
+                       help=f"the VM's name in snapshots; retention applies per name (default: {name_default})")
     group.add_argument("--snapshot-every", type=duration, metavar="DURATION",
                        help="snapshot the running guest every DURATION (30s, 15m, 1h) into "
                             + ("the repository it was restored from" if restoring else "each --repo")

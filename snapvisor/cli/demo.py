@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from snapvisor.cli.common import (
-    subcommand,
-)
+from snapvisor.cli.common import EXIT_CODES_HELP, HelpFormatter, subcommand
 
 
 @subcommand
@@ -19,6 +17,8 @@ def _add_demo(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]")
             "incremental snapshot into a local repository while it runs, stop it, restore the "
             "newest snapshot lazily and show the guest resuming with its memory intact."
         ),
+        epilog=EXIT_CODES_HELP,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "--repo",

@@ -19,8 +19,8 @@ from snapvisor.cli.common import (
     finish,
     interrupted,
     log_to_stderr,
+    memory_size,
     operated,
-    parse_size,
     positive_int,
     print_json,
     run_to_exit,
@@ -54,7 +54,7 @@ def _add_receive(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser
                         help="write the VM's disks here as new sparse images (vda.img, ...) and attach them; "
                              "needed when the VM has disks")
     _add_migration_flags(parser)
-    add_operation_flags(parser, restoring=False)
+    add_operation_flags(parser, restoring=False, name_default="the migrating VM's own name")
     parser.set_defaults(handler=_receive)
 
 
@@ -130,7 +130,7 @@ def _add_migrate(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser
                       help="migrate when this process receives SIGUSR1 (kill -USR1 PID)")
     boot.add_argument("--initrd", type=Path, metavar="PATH", help="initial ramdisk to load for the kernel")
     boot.add_argument("--cmdline", default="console=ttyS0", metavar="STR", help="kernel command line")
-    boot.add_argument("--mem", type=parse_size, default=256 << 20, metavar="SIZE", help="guest RAM (default: 256M)")
+    boot.add_argument("--mem", type=memory_size, default=256 << 20, metavar="SIZE", help="guest RAM (default: 256M)")
     boot.add_argument("--vcpus", type=positive_int, default=1, metavar="N", help="virtual CPUs (default: 1)")
     boot.add_argument("--disk", type=disk_option, action="append", default=[], metavar="PATH[,readonly]",
                       help="attach a raw disk image as virtio-blk (as for run); its blocks move with the VM")

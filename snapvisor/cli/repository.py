@@ -24,7 +24,7 @@ def _add_ls(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -
     parser = subparsers.add_parser(
         "ls", help="list the snapshots in a repository",
         description="List a repository's snapshots, oldest first: id, time (UTC), age, VM, kind, "
-                    "memory size and tags.",
+                    "memory size, disk size and tags.",
         epilog=EXIT_CODES_HELP, formatter_class=HelpFormatter)
     add_repo_flag(parser)
     parser.add_argument("--vm", metavar="NAME", help="only this VM's snapshots")
@@ -40,12 +40,14 @@ def _ls(args: argparse.Namespace) -> int:
     with open_repo(args) as repo:
         snapshots = [s for s in repo.list_snapshots()
                      if (args.vm is None or s.vm == args.vm) and (args.tag is None or args.tag in s.tags)]
+    listed = [snapshot_json(s) for s in snapshots]
     if args.json:
-        print_json([snapshot_json(s) for s in snapshots])
+        print_json(listed)
         return 0
-    rows = [("ID", "TIME", "AGE", "VM", "KIND", "MEMORY", "TAGS")]
+    rows = [("ID", "TIME", "AGE", "VM", "KIND", "MEMORY", "DISKS", "TAGS")]
     rows += [(s.short_id, humanize.timestamp(s.time), humanize.age(s.time), s.vm, str(s.meta.get("kind", "-")),
-              humanize.size(sum(s.regions.values())), ",".join(s.tags)) for s in snapshots]
+              humanize.size(j["memory_bytes"]), humanize.size(j["disk_bytes"]) if j["disk_bytes"] else "-",
+              ",".join(s.tags)) for s, j in zip(snapshots, listed)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -57,8 +59,9 @@ def _ls(args: argparse.Namespace) -> int:
 def _add_show(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     parser = subparsers.add_parser(
         "show", help="details of one snapshot",
-        description="Show one snapshot: time, VM, kind, parent, tags, memory regions, stored "
-                    "blobs and the compatibility record (what a host needs to restore it).",
+        description="Show one snapshot: time, VM, kind, parent, tags, memory regions, disks, stored "
+                    "blobs and the compatibility record (what a host needs to restore it: image format, "
+                    "the CPU feature words its guest was shown; and the snapvisor and host that wrote it).",
         epilog=EXIT_CODES_HELP, formatter_class=HelpFormatter)
     add_repo_flag(parser)
     parser.add_argument("snapshot_id", metavar="ID", help="snapshot id or a unique prefix")
@@ -68,6 +71,7 @@ def _add_show(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]")
 
 def _show(args: argparse.Namespace) -> int:
     from snapvisor import humanize
+    from snapvisor.control.controller import DISK_REGION_PREFIX
 
     with open_repo(args) as repo:
         info = repo.get_snapshot(args.snapshot_id).info
@@ -76,6 +80,9 @@ def _show(args: argparse.Namespace) -> int:
                      "parent": info.parent, "regions": info.regions, "blobs": info.blobs, "meta": info.meta})
         return 0
     compat = info.meta.get("compat") if isinstance(info.meta.get("compat"), dict) else {}
+    ram = {name: size for name, size in info.regions.items() if not name.startswith(DISK_REGION_PREFIX)}
+    disks = {name[len(DISK_REGION_PREFIX):]: size for name, size in info.regions.items()
+             if name.startswith(DISK_REGION_PREFIX)}
     lines = [
         ("snapshot", info.id),
         ("time", f"{humanize.timestamp(info.time)} ({humanize.age(info.time)})"),
@@ -83,15 +90,56 @@ def _show(args: argparse.Namespace) -> int:
         ("kind", str(info.meta.get("kind", "-"))),
         ("parent", info.parent or "-"),
         ("tags", ", ".join(info.tags) or "-"),
-        ("memory", ", ".join(f"{name} {humanize.size(size)}" for name, size in sorted(info.regions.items()))),
+        ("memory", ", ".join(f"{name} {humanize.size(size)}" for name, size in sorted(ram.items())) or "-"),
+        ("disks", ", ".join(f"{name} {humanize.size(size)}" for name, size in sorted(disks.items())) or "-"),
         ("blobs", ", ".join(info.blobs) or "-"),
     ]
-    lines += [(f"compat.{key}", str(value)) for key, value in sorted(compat.items())
-              if isinstance(value, (str, int, float))]
+    lines += _compat_lines(compat)
     width = max(len(key) for key, _ in lines)
     for key, value in lines:
-        print(f"{key.ljust(width)}  {value}")
+        print(f"{key.ljust(width)}  {value}".replace("\n", "\n" + " " * (width + 2)))
     return 0
+
+
+# The compatibility record's parts in the order `show` lists them; others follow, sorted.
+_COMPAT_ORDER = ("image_format", "snapvisor", "host", "cpu_features")
+_WORDS_PER_LINE = 3
+
+
+def _compat_lines(compat: dict) -> list[tuple[str, str]]:
+    """The compatibility record flattened for `show`: `compat.image_format  1.0`,
+    `compat.host.kernel  6.1.0`, and the CPU feature words (`0x7.0.ebx=0x...`, in
+    CPUID order) a few to a line; a value with line breaks continues under itself."""
+    lines: list[tuple[str, str]] = []
+
+    def add(key: str, value: object) -> None:
+        if isinstance(value, dict) and key == "compat.image_format" and set(value) == {"major", "minor"}:
+            lines.append((key, f"{value['major']}.{value['minor']}"))
+        elif isinstance(value, dict) and key == "compat.cpu_features":
+            words = [f"{word}={bits:#010x}" if isinstance(bits, int) else f"{word}={bits}"
+                     for word, bits in sorted(value.items(), key=lambda item: _cpuid_order(item[0]))]
+            rows = ["  ".join(words[i:i + _WORDS_PER_LINE]) for i in range(0, len(words), _WORDS_PER_LINE)]
+            lines.append((key, "\n".join(rows) or "-"))
+        elif isinstance(value, dict):
+            for name in sorted(value):
+                add(f"{key}.{name}", value[name])
+        elif isinstance(value, list):
+            lines.append((key, ", ".join(str(item) for item in value) or "-"))
+        else:
+            lines.append((key, str(value)))
+
+    for name in sorted(compat, key=lambda n: (_COMPAT_ORDER.index(n) if n in _COMPAT_ORDER else len(_COMPAT_ORDER), n)):
+        add(f"compat.{name}", compat[name])
+    return lines
+
+
+def _cpuid_order(word: str) -> tuple:
+    """'0x80000001.0.ecx' -> (0x80000001, 0, 'ecx'): leaves in numeric order, not as text."""
+    try:
+        function, index, register = word.split(".")
+        return (0, int(function, 16), int(index), register)
+    except ValueError:
+        return (1, 0, 0, word)
 
 
 @subcommand
@@ -174,7 +222,9 @@ def _add_gc(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -
     parser = subparsers.add_parser(
         "gc", help="delete data no snapshot uses",
         description="Delete the packs and index entries that no remaining snapshot references "
-                    "(after prune). Takes the repository's exclusive lock: snapshots into it wait.",
+                    "(after prune). Takes the repository's exclusive lock: a snapshot into the "
+                    "repository meanwhile waits up to 30 s, then fails (a scheduled one is retried "
+                    "and loses nothing).",
         epilog=EXIT_CODES_HELP, formatter_class=HelpFormatter)
     add_repo_flag(parser)
     parser.add_argument("--dry-run", action="store_true", help="show what would be deleted, delete nothing")
@@ -211,7 +261,7 @@ def _add_repair_index(subparsers: "argparse._SubParsersAction[argparse.ArgumentP
                     "failed with 'not in the repository index' read again afterwards. Run it before "
                     "gc when verify reports packs in no index file: gc deletes such packs. Takes the "
                     "exclusive lock. Exits 3 when some pack cannot be indexed (its own frame table is "
-                    "damaged); such packs are listed and left in place.",
+                    "damaged, or a frame does not decompress); such packs are listed and left in place.",
         epilog=EXIT_CODES_HELP, formatter_class=HelpFormatter)
     add_repo_flag(parser)
     parser.add_argument("--dry-run", action="store_true", help="show what would be indexed, write nothing")

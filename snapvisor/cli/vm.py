@@ -14,8 +14,8 @@ from snapvisor.cli.common import (
     add_repo_flag,
     disk_option,
     env_repos,
+    memory_size,
     operated,
-    parse_size,
     positive_int,
     print_json,
     repo_url,
@@ -36,6 +36,8 @@ def _add_run(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
             "powers off, with the status byte the guest wrote to port 0x501 (0 after a reset), or "
             "with 0 when the VM moved to another host (`snapvisor migrate --api-sock`)."
         ),
+        epilog=EXIT_CODES_HELP,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "--kernel",
@@ -53,7 +55,7 @@ def _add_run(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     )
     parser.add_argument(
         "--mem",
-        type=parse_size,
+        type=memory_size,
         default=256 << 20,
         metavar="SIZE",
         help="guest RAM, e.g. 256M or 1G; a bare number means MiB (default: 256M)",
@@ -111,7 +113,8 @@ def _add_snapshot(subparsers: "argparse._SubParsersAction[argparse.ArgumentParse
         epilog=EXIT_CODES_HELP, formatter_class=HelpFormatter)
     parser.add_argument("--api-sock", type=Path, required=True, metavar="PATH", help="the VM's API socket")
     add_repo_flag(parser)
-    parser.add_argument("--full", action="store_true", help="store every page, not only those dirtied since the last snapshot")
+    parser.add_argument("--full", action="store_true", help="read and hash every page, not only those dirtied since the last snapshot "
+                             "(pages the repository holds are still not stored again)")
     parser.add_argument("--tag", action="append", default=[], metavar="TAG", help="tag the snapshot (repeatable)")
     add_json_flag(parser)
     parser.set_defaults(handler=_snapshot)

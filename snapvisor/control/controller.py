@@ -60,7 +60,13 @@ def validate_address(to: object) -> str:
     return text
 
 
+# The regions of a snapshot that hold a disk (image/disks.py REGION_PREFIX; importing
+# it would load the VMM into `snapvisor ls`).
+DISK_REGION_PREFIX = "disk-"
+
+
 def snapshot_json(info: SnapshotInfo) -> dict:
+    """`memory_bytes` counts guest RAM only, as GET /vm does; `disk_bytes` the disks."""
     return {
         "id": info.id,
         "time": info.time.isoformat(),
@@ -68,7 +74,8 @@ def snapshot_json(info: SnapshotInfo) -> dict:
         "tags": list(info.tags),
         "parent": info.parent,
         "kind": info.meta.get("kind"),
-        "memory_bytes": sum(info.regions.values()),
+        "memory_bytes": sum(size for name, size in info.regions.items() if not name.startswith(DISK_REGION_PREFIX)),
+        "disk_bytes": sum(size for name, size in info.regions.items() if name.startswith(DISK_REGION_PREFIX)),
     }
 
 

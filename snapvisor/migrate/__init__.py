@@ -1,7 +1,7 @@
 """Moving a running VM to another host: live pre-copy migration over TCP.
 
     # host B
-    received = snapvisor.migrate.receive("192.0.2.2:7000", repo="s3://bucket/repo")
+    received = snapvisor.migrate.receive("192.0.2.2:7000", repos=["s3://bucket/repo"])
     # host A
     stats = snapvisor.migrate.migrate(vm, "192.0.2.2:7000", repo="s3://bucket/repo")
 

@@ -71,8 +71,8 @@ class Repository:
             data = store.get(fmt.CONFIG_KEY)
         except ObjectNotFound:
             raise RepositoryError(f"no snapvisor repository at {store.url} (no 'config' object); "
-                                  f"create one with `snapvisor init {store.url}` or "
-                                  f"Repository.init") from None
+                                  f"the first snapshot written into it creates it (`snapvisor snapshot`, "
+                                  f"`snapvisor run --snapshot-every`, or Repository.init from Python)") from None
         config = fmt.decode_json(fmt.CONFIG_KEY, data, CONFIG_KIND)
         for name, kind in (("pack_size", int), ("frame_pages", int), ("map_block_pages", int),
                            ("zstd_level", int), ("page_size", int)):
@@ -166,7 +166,7 @@ class Repository:
                 data = self.store.get(key)
             except ObjectNotFound:
                 raise RepositoryError(f"snapshot {snapshot_id} not found in {self.store.url}; "
-                                      f"`snapvisor snapshots` lists the ones there") from None
+                                      f"`snapvisor ls` lists the ones there") from None
             manifest = self._manifests[snapshot_id] = decode_manifest(key, data)
         return manifest
 
@@ -187,7 +187,7 @@ class Repository:
         found = [i for i in self.snapshot_ids() if i.startswith(id_or_prefix)]
         if not found:
             raise RepositoryError(f"no snapshot {id_or_prefix!r} in {self.store.url}; "
-                                  f"`snapvisor snapshots` lists the ones there")
+                                  f"`snapvisor ls` lists the ones there")
         if len(found) > 1:
             raise RepositoryError(f"snapshot prefix {id_or_prefix!r} is ambiguous "
                                   f"({len(found)} snapshots match); give more characters")

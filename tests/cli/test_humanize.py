@@ -51,6 +51,20 @@ def test_parse_duration_rejects(text: str, message: str) -> None:
         humanize.parse_duration(text)
 
 
+@pytest.mark.parametrize("text,size", [
+    ("256M", 256 << 20), ("1G", 1 << 30), ("512MiB", 512 << 20), ("4096K", 4 << 20), ("64", 64 << 20),
+    (" 2 gb ", 2 << 30), ("1T", 1 << 40),
+])
+def test_parse_size(text: str, size: int) -> None:
+    assert humanize.parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "lots", "1.5G", "-1M", "1P", "M"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match=r"is not a size \(examples: 256M, 1G, 512MiB\)"):
+        humanize.parse_size(text)
+
+
 class _Stream(io.StringIO):
     """stderr as a test wants it: a terminal or not."""
 

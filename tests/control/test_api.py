@@ -89,6 +89,7 @@ def test_snapshot_through_the_api(running, tmp_path: Path) -> None:
     third = api.snapshot(repo_url, full=True)
     assert (first["full"], second["full"], third["full"]) == (True, False, True)
     assert second["parent"] == first["id"] and second["pause_s"] < 1.0
+    assert first["memory_bytes"] == 64 << 20 and first["disk_bytes"] == 0  # RAM, as GET /vm counts it
     with Repository.open_url(repo_url) as repo:
         listed = {s.id: s for s in repo.list_snapshots()}
     assert set(listed) == {first["id"], second["id"], third["id"]}

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -71,6 +72,8 @@ def test_restore_writes_the_disks_into_disk_dir(testguest: Path, tmp_path: Path,
     finally:
         vm.stop()
         vm.close()
+    listed = json.loads(snapvisor_cli("ls", "--repo", str(repo_path), "--json").stdout)
+    assert [(s["memory_bytes"], s["disk_bytes"]) for s in listed] == [(32 * MiB, 4 * MiB)]  # RAM and disk apart
     refused = snapvisor_cli("restore", "--repo", str(repo_path), info.id)
     assert refused.returncode == 1 and b"--disk-dir" in refused.stderr and b"Traceback" not in refused.stderr
     disk_dir = tmp_path / "restored"
