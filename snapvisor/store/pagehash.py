@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from snapvisor.cache import cache_root
+
 PAGE_SIZE = 4096
 ID_SIZE = 32
 
@@ -108,12 +110,6 @@ _lock = threading.Lock()
 _lib = None  # the compiled module's (ffi, lib), False when it cannot be built
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("SNAPVISOR_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "snapvisor")
-    return Path(base)
-
-
 def _load_native():
     global _lib
     with _lock:
@@ -124,7 +120,7 @@ def _load_native():
             return _lib
         digest = hashlib.sha256((_CDEF + _C_SOURCE + sys.version).encode()).hexdigest()[:16]
         name = f"_sv_pagehash_{digest}"
-        build_dir = _cache_dir() / "native"
+        build_dir = cache_root() / "native"
         try:
             found = list(build_dir.glob(f"{name}*.so")) if build_dir.is_dir() else []
             if not found:
