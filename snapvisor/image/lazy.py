@@ -34,6 +34,7 @@ BLOCK_PAGES = 64  # 256 KiB: a fault brings in its neighbours, which guests touc
 # calls filled 1 GiB ~20% slower here: per-call set-up.)
 PREFETCH_BLOCKS = 128
 _POLL_S = 0.05
+FIRST_FAULT_WAIT_S = 0.1
 
 
 class LazyRestoreError(SnapvisorError):
@@ -72,6 +73,7 @@ class LazyMemory:
         self._prefetch_buffer = mmap.mmap(-1, PREFETCH_BLOCKS * BLOCK_PAGES * PAGE_SIZE)
         self._prefetch_address = address_of(self._prefetch_buffer)
         self._done = threading.Event()
+        self._first_fault = threading.Event()
         self._stop = threading.Event()
         self.error: BaseException | None = None
         self.faults_served = 0
@@ -142,10 +144,14 @@ class LazyMemory:
                     self.faults_served += 1
                     if self.first_fault_served_at is None:
                         self.first_fault_served_at = time.perf_counter()
+                        self._first_fault.set()
         except BaseException as exc:  # the guest would hang on its next fault: stop it, say why
             self._fail(exc)
 
     def _prefetch(self) -> None:
+        # The guest's first instruction first: the prefetcher's first batch would
+        # compete with that fault for the page map and the GIL.
+        self._first_fault.wait(FIRST_FAULT_WAIT_S)
         try:
             for lazy in self._regions:
                 # All-zero blocks stay holes: once the range is unregistered, a touch

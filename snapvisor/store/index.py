@@ -28,6 +28,17 @@ class PackInfo:
 Location = tuple[int, int, int]  # (pack number in Index.packs, frame, slot)
 
 
+# A look-up of at most this many ids (a blob, a region root, the pages of a few map
+# blocks) searches the index files one by one instead of first merging them: the
+# merge (~10 ms for a full and an incremental snapshot's files) is then done by the
+# first large look-up, off a lazy restore's path to the guest's first instruction.
+SMALL_QUERY = 4096
+
+# (ids as (n, 4) uint64 words, (n, 3) int64 locations (pack, frame, slot), ids[:, 0]
+# contiguous), sorted on ids[:, 0].
+Table = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
 class Index:
     """Kept as sorted arrays (a restore looks up a whole region's page ids at once,
     at C speed); the dict view `entries`, used for single look-ups while writing,
@@ -37,17 +48,15 @@ class Index:
         self.packs: list[PackInfo] = []
         self.pack_numbers: dict[bytes, int] = {}
         self.files: set[str] = set()
-        self._ids: list[np.ndarray] = []   # per index file: ids as (n, 4) uint64 words
-        self._locs: list[np.ndarray] = []  # per index file: (n, 3) int64 (pack, frame, slot)
-        self._sorted: tuple[np.ndarray, np.ndarray] | None = None  # (ids, locs) sorted on ids[:, 0]
-        self._prefix = np.empty(0, dtype=np.uint64)  # ids[:, 0] of _sorted, contiguous
+        self._tables: list[Table] = []  # one per index file
+        self._merged: Table | None = None  # all files in one table, built on first large look-up
         self._entries: dict[bytes, Location] | None = None
 
     @property
     def entries(self) -> dict[bytes, Location]:
         if self._entries is None:
             self._entries = {}
-            for ids, locs in zip(self._ids, self._locs):
+            for ids, locs, _ in self._tables:
                 self._add_to_dict(ids, locs)
         return self._entries
 
@@ -67,46 +76,38 @@ class Index:
 
     def locate_many(self, ids: np.ndarray) -> np.ndarray:
         """(n, 3) int64 locations of the (n, 32) uint8 `ids`; rows of -1 where unknown."""
-        if self._sorted is None:
-            self._sorted = self._search_table()
-        sorted_ids, sorted_locs = self._sorted
         wanted = _words(ids)
-        out = np.full((len(wanted), 3), -1, dtype=np.int64)
-        if not len(sorted_ids) or not len(wanted):
+        merged = self._merged
+        if merged is None and len(wanted) <= SMALL_QUERY:
+            out = np.full((len(wanted), 3), -1, dtype=np.int64)
+            for table in self._tables:
+                missing = np.flatnonzero(out[:, 0] < 0)
+                if not len(missing):
+                    break
+                out[missing] = _search(table, wanted[missing])
             return out
-        prefix = self._prefix
-        first = np.searchsorted(prefix, wanted[:, 0], side="left")
-        last = np.searchsorted(prefix, wanted[:, 0], side="right")
-        at = np.minimum(first, len(sorted_ids) - 1)
-        found = (first < last) & (sorted_ids[at] == wanted).all(axis=1)
-        out[found] = sorted_locs[at[found]]
-        # Ids sharing their first 8 bytes with another (guests choose page contents, so
-        # such pairs can be made on purpose): look through the whole run.
-        for row in np.flatnonzero(~found & (last - first > 1)).tolist():
-            run = np.flatnonzero((sorted_ids[first[row]:last[row]] == wanted[row]).all(axis=1))
-            if len(run):
-                out[row] = sorted_locs[first[row] + run[0]]
-        return out
+        if merged is None:
+            # Threads racing here build equal tables; either may be kept.
+            merged = self._merged = self._merge()
+        return _search(merged, wanted)
 
-    def _search_table(self) -> tuple[np.ndarray, np.ndarray]:
-        """All entries sorted on the ids' first word. Every file is sorted already: the
-        largest (a full snapshot's) is the base, and the others (incremental ones,
-        small) are sorted together and merged into it in one pass, which costs a copy
-        of the base instead of a sort of everything (~5 ms, not ~19, for 130k entries)."""
-        if not self._ids:
-            table = np.empty((0, 4), dtype=np.uint64), np.empty((0, 3), dtype=np.int64)
-        else:
-            by_size = sorted(range(len(self._ids)), key=lambda i: len(self._ids[i]), reverse=True)
-            table = self._ids[by_size[0]], self._locs[by_size[0]]
-            if len(by_size) > 1:
-                rest_ids = np.concatenate([self._ids[i] for i in by_size[1:]])
-                rest_locs = np.concatenate([self._locs[i] for i in by_size[1:]])
-                order = np.argsort(rest_ids[:, 0], kind="stable")
-                rest_ids, rest_locs = rest_ids[order], rest_locs[order]
-                at = np.searchsorted(np.ascontiguousarray(table[0][:, 0]), rest_ids[:, 0])
-                table = np.insert(table[0], at, rest_ids, axis=0), np.insert(table[1], at, rest_locs, axis=0)
-        self._prefix = np.ascontiguousarray(table[0][:, 0])
-        return table
+    def _merge(self) -> Table:
+        """All files in one table. Every file is sorted already: the largest (a full
+        snapshot's) is the base, and the others (incremental ones, small) are sorted
+        together and merged into it in one pass, which costs a copy of the base
+        instead of a sort of everything (~5 ms, not ~19, for 130k entries)."""
+        if not self._tables:
+            return _table(np.empty((0, 4), dtype=np.uint64), np.empty((0, 3), dtype=np.int64))
+        by_size = sorted(self._tables, key=lambda table: len(table[0]), reverse=True)
+        base_ids, base_locs, base_prefix = by_size[0]
+        if len(by_size) == 1:
+            return by_size[0]
+        rest_ids = np.concatenate([table[0] for table in by_size[1:]])
+        rest_locs = np.concatenate([table[1] for table in by_size[1:]])
+        order = np.argsort(rest_ids[:, 0], kind="stable")
+        rest_ids, rest_locs = rest_ids[order], rest_locs[order]
+        at = np.searchsorted(base_prefix, rest_ids[:, 0])
+        return _table(np.insert(base_ids, at, rest_ids, axis=0), np.insert(base_locs, at, rest_locs, axis=0))
 
     def add_file(self, key: str, index_file: fmt.IndexFile) -> None:
         numbers = []
@@ -125,9 +126,8 @@ class Index:
                 entries, ids = entries[order], ids[order]
             locs = np.stack([np.asarray(numbers, dtype=np.int64)[entries["pack"]],
                              entries["frame"].astype(np.int64), entries["slot"].astype(np.int64)], axis=1)
-            self._ids.append(ids)
-            self._locs.append(locs)
-            self._sorted = None
+            self._tables.append(_table(ids, locs))
+            self._merged = None
             if self._entries is not None:
                 self._add_to_dict(ids, locs)
         self.files.add(key)
@@ -135,6 +135,30 @@ class Index:
     def frame(self, loc: Location) -> tuple[PackInfo, np.void]:
         pack = self.packs[loc[0]]
         return pack, pack.frames[loc[1]]
+
+
+def _table(ids: np.ndarray, locs: np.ndarray) -> Table:
+    return ids, locs, np.ascontiguousarray(ids[:, 0])
+
+
+def _search(table: Table, wanted: np.ndarray) -> np.ndarray:
+    """(n, 3) locations of the (n, 4)-word ids `wanted` in `table`; -1 rows where absent."""
+    sorted_ids, sorted_locs, prefix = table
+    out = np.full((len(wanted), 3), -1, dtype=np.int64)
+    if not len(sorted_ids) or not len(wanted):
+        return out
+    first = np.searchsorted(prefix, wanted[:, 0], side="left")
+    last = np.searchsorted(prefix, wanted[:, 0], side="right")
+    at = np.minimum(first, len(sorted_ids) - 1)
+    found = (first < last) & (sorted_ids[at] == wanted).all(axis=1)
+    out[found] = sorted_locs[at[found]]
+    # Ids sharing their first 8 bytes with another (guests choose page contents, so
+    # such pairs can be made on purpose): look through the whole run.
+    for row in np.flatnonzero(~found & (last - first > 1)).tolist():
+        run = np.flatnonzero((sorted_ids[first[row]:last[row]] == wanted[row]).all(axis=1))
+        if len(run):
+            out[row] = sorted_locs[first[row] + run[0]]
+    return out
 
 
 def _entry_bytes(entries: np.ndarray) -> np.ndarray:

@@ -41,3 +41,17 @@ def test_lookups_across_files_sorted_or_not():
     unknown[0, :8] = files[0][7, :8]  # a prefix that exists, an id that does not
     assert (index.locate_many(unknown) == -1).all()
     assert index.get(files[3][0].tobytes()) == (3, 0, 0)
+
+
+def test_small_lookups_before_the_merge_agree_with_it():
+    rng = np.random.default_rng(6)
+    files = [rng.integers(0, 256, (n, 32), dtype=np.uint8) for n in (5000, 200, 7)]
+    files[2][0, :8] = files[0][1, :8]
+    index = Index()
+    for number, ids in enumerate(files):
+        index.add_file(f"index/{number}", index_file(ids, bytes([number]) * 16, sort=True))
+    wanted = np.concatenate(files)
+    small = np.concatenate([index.locate_many(wanted[i:i + 64]) for i in range(0, len(wanted), 64)])
+    assert index._merged is None  # every look-up was small: no merge yet
+    assert (small == index.locate_many(wanted)).all() and index._merged is not None
+    assert (small[:, 0] == np.repeat(np.arange(3), [5000, 200, 7])).all()
