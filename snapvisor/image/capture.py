@@ -30,10 +30,17 @@ from snapvisor.store import PAGE_SIZE, Repository, SnapshotInfo
 from snapvisor.vmm.vm import Vm
 
 STATE_BLOB = "vm-state"
-# Above this many pending bytes a pre-copy round runs before the pause; at most
-# this many rounds, each sending what the guest dirtied during the previous one.
-PRECOPY_THRESHOLD = 32 << 20
+# A pre-copy round runs before the pause when copying the pending pages in the
+# pause would take longer than this; at most PRECOPY_ROUNDS rounds, each sending
+# what the guest dirtied during the previous one.
+PAUSE_COPY_BUDGET_S = 0.005
 PRECOPY_ROUNDS = 3
+# The copy cost per page, until a pause has measured it on this host: memory
+# bandwidth (~4 GB/s). Scattered pages cost far more on some hosts (PVM's shadow
+# paging: 2-20 us each), which only a measurement shows.
+DEFAULT_COPY_S_PER_PAGE = 1e-6
+# Pauses that copied fewer pages than this say little about the cost per page.
+MIN_PAGES_TO_MEASURE = 256
 # Pre-copy reads live memory in batches of this size into a private buffer, so
 # the store hashes and compresses the same bytes even if the guest writes on.
 PRECOPY_BATCH = 32 << 20
@@ -96,6 +103,7 @@ class Snapshotter:
         self.name = name
         self._lineages: dict[str, _Lineage] = {}
         self.last: CaptureStats | None = None
+        self._copy_s_per_page = DEFAULT_COPY_S_PER_PAGE
         vm.memory.enable_dirty_log()
         memory = vm.memory
         self._sources = [
@@ -153,7 +161,7 @@ class Snapshotter:
         with writer:
             to_copy = needed
             for _ in range(PRECOPY_ROUNDS):
-                if _count(to_copy) * PAGE_SIZE <= PRECOPY_THRESHOLD:
+                if _count(to_copy) * self._copy_s_per_page <= PAUSE_COPY_BUDGET_S:
                     break
                 stats.precopy_pages += self._precopy(writer, regions, to_copy, stats.region_pages)
                 to_copy = self._drain_dirty()  # what the guest wrote meanwhile
@@ -164,7 +172,9 @@ class Snapshotter:
             self.vm.pause()
             try:
                 dirty = self._drain_dirty()
+                copy_started = time.perf_counter()
                 copies = {r.name: _copy_pages(r, to_copy[r.name] | dirty[r.name], buffers[r.name]) for r in regions}
+                copy_s = time.perf_counter() - copy_started
                 state = self.vm.save_state()
             finally:
                 self.vm.resume()
@@ -174,6 +184,8 @@ class Snapshotter:
                 stats.paused_pages += len(pages)
                 stats.region_pages[region.name] = stats.region_pages.get(region.name, 0) + len(pages)
                 writer.put_region(region.name, region.size, data, pages=pages)
+            if stats.paused_pages >= MIN_PAGES_TO_MEASURE:
+                self._copy_s_per_page = copy_s / stats.paused_pages
             writer.put_blob(STATE_BLOB, encode_state(state))
             meta = {"compat": compat_record(state["vcpus"][0]["cpuid"]), "kind": "full" if stats.full else "incremental"}
             info = writer.commit(vm=self.name, tags=list(tags), meta=meta)
