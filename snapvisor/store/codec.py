@@ -40,6 +40,14 @@ def compress(data, level: int) -> tuple[int, bytes]:
     return CODEC_ZSTD, packed
 
 
+def decompress_frame(frame, data, base: int, number: int) -> bytes:
+    """Raw bytes of pack frame `number` (a FRAME_DTYPE record) out of `data`, the
+    pack's bytes from offset `base` on; ValueError when it is damaged."""
+    start = int(frame["offset"]) - base
+    payload = memoryview(data)[start:start + int(frame["clen"])]
+    return decompress(int(frame["codec"]), payload, int(frame["rlen"]), f"frame {number}")
+
+
 def decompress(codec: int, payload, raw_size: int, what: str) -> bytes:
     """The frame's raw bytes; ValueError with a reason when the payload is damaged."""
     if codec == CODEC_RAW:

@@ -138,11 +138,15 @@ def encode_index(index: IndexFile) -> bytes:
     return _INDEX_HEADER.pack(INDEX_MAGIC, FORMAT_VERSION, 0) + body
 
 
+def entry_bytes(entries: np.ndarray) -> np.ndarray:
+    """Index entries as an (n, itemsize) uint8 array (a view where possible)."""
+    return np.ascontiguousarray(entries).view(np.uint8).reshape(len(entries), entries.itemsize)
+
+
 def id_prefixes(entries: np.ndarray) -> np.ndarray:
     """The first 8 bytes of each entry's id as a little-endian uint64 (the sort key
     of index entries)."""
-    raw = np.ascontiguousarray(entries).view(np.uint8).reshape(len(entries), entries.itemsize)
-    return np.ascontiguousarray(raw[:, :8]).view("<u8").ravel()
+    return np.ascontiguousarray(entry_bytes(entries)[:, :8]).view("<u8").ravel()
 
 
 def index_key(data: bytes) -> str:

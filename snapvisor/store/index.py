@@ -120,7 +120,7 @@ class Index:
             numbers.append(number)
         entries = index_file.entries
         if len(entries):
-            ids = _words(np.ascontiguousarray(_entry_bytes(entries)[:, :fmt.ID_SIZE]))
+            ids = _words(np.ascontiguousarray(fmt.entry_bytes(entries)[:, :fmt.ID_SIZE]))
             if (ids[1:, 0] < ids[:-1, 0]).any():  # written unsorted: sort it here
                 order = np.argsort(ids[:, 0], kind="stable")
                 entries, ids = entries[order], ids[order]
@@ -159,11 +159,6 @@ def _search(table: Table, wanted: np.ndarray) -> np.ndarray:
         if len(run):
             out[row] = sorted_locs[first[row] + run[0]]
     return out
-
-
-def _entry_bytes(entries: np.ndarray) -> np.ndarray:
-    """Index entries as an (n, itemsize) uint8 array (a view where possible)."""
-    return np.ascontiguousarray(entries).view(np.uint8).reshape(len(entries), entries.dtype.itemsize)
 
 
 def _words(ids: np.ndarray) -> np.ndarray:
@@ -209,8 +204,11 @@ def load_index(store: ObjectStore, previous: Index | None = None, threads: int =
 def require(index: Index, object_id: bytes, what: str) -> Location:
     loc = index.get(object_id)
     if loc is None:
-        raise RepositoryError(f"{what}: object {object_id.hex()} is not in the repository index "
-                              f"(missing index file or pack); run `snapvisor verify`, and `snapvisor repair-index` "
-                              f"if index files were lost")
+        raise not_indexed(f"{what}: object {object_id.hex()}")
     return loc
+
+
+def not_indexed(what: str) -> RepositoryError:
+    return RepositoryError(f"{what} is not in the repository index (missing index file or pack); run "
+                           f"`snapvisor verify`, and `snapvisor repair-index` if index files were lost")
 

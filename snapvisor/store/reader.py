@@ -17,7 +17,7 @@ import numpy as np
 from snapvisor.store import codec, pagehash
 from snapvisor.store import format as fmt
 from snapvisor.store.errors import CorruptObject, ObjectNotFound, RepositoryError, StoreError
-from snapvisor.store.index import Index, PackInfo, require
+from snapvisor.store.index import PackInfo, not_indexed, require
 from snapvisor.store.manifest import Manifest, RegionRef, SnapshotInfo
 from snapvisor.store.pagehash import ID_SIZE, PAGE_SIZE
 
@@ -93,11 +93,8 @@ def fetch_frames(repo: "Repository", pack: PackInfo, frame_nos, max_bytes: int =
         end = max(int(frames[f]["offset"]) + int(frames[f]["clen"]) for f in group)
         data = read_pack_range(repo, pack, start, end - start)
         for fno in group:
-            f = frames[fno]
-            off = int(f["offset"]) - start
-            payload = memoryview(data)[off:off + int(f["clen"])]
             try:
-                raw = codec.decompress(int(f["codec"]), payload, int(f["rlen"]), f"frame {fno}")
+                raw = codec.decompress_frame(frames[fno], data, start, fno)
             except ValueError as e:
                 raise CorruptObject(pack.key, str(e)) from None
             yield fno, raw
@@ -231,9 +228,7 @@ class RegionReader:
             missing = np.flatnonzero(locs[:, 0] < 0)
             if len(missing):
                 page = int(pages[missing[0]])
-                raise RepositoryError(
-                    f"{self._what}: page {page} (id {self._ids[page].tobytes().hex()}) is not in the "
-                    f"repository index (missing index file or pack); run `snapvisor verify`")
+                raise not_indexed(f"{self._what}: page {page} (id {self._ids[page].tobytes().hex()})")
             self._locs[pages] = locs
             self._has_data[pages] = True
             self._resolved[todo] = True

@@ -99,10 +99,8 @@ def _reindex_pack(repo: "Repository", key: str) -> tuple[np.ndarray, np.ndarray]
         return str(e)
     entries = []
     for number, frame in enumerate(frames):
-        start = int(frame["offset"])
         try:
-            raw = codec.decompress(int(frame["codec"]), memoryview(data)[start:start + int(frame["clen"])],
-                                   int(frame["rlen"]), f"frame {number}")
+            raw = codec.decompress_frame(frame, data, 0, number)
         except ValueError as e:
             return f"frame {number} does not decompress ({e}); its objects are lost"
         if frame["kind"] == fmt.KIND_PAGES:

@@ -120,10 +120,8 @@ def _check_pack(repo: "Repository", index: Index, number: int,
     for fr, slot, oid in expected:
         by_frame.setdefault(fr, []).append((slot, oid))
     for fno, f in enumerate(frames):
-        off = int(f["offset"])
         try:
-            raw = codec.decompress(int(f["codec"]), memoryview(data)[off:off + int(f["clen"])],
-                                   int(f["rlen"]), f"frame {fno}")
+            raw = codec.decompress_frame(f, data, 0, fno)
         except ValueError as e:
             errors.append(f"pack {pack.key}: {e}")
             continue

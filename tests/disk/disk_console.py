@@ -39,6 +39,21 @@ def wait_for_disk_rounds(out: io.BytesIO, count: int, timeout: float = 30.0) -> 
     raise AssertionError(f"fewer than {count} disk rounds in {timeout} s: {out.getvalue()[-1500:]!r}")
 
 
+def snapshot_of_running_guest(guest: Path, repo, image: Path, rounds: int, cmdline: str = CMDLINE):
+    """Boot `guest` with `image` as its disk, snapshot it into `repo` once `rounds`
+    verified disk rounds ran, stop it; the SnapshotInfo."""
+    import snapvisor
+
+    out = io.BytesIO()
+    vm = snapvisor.VM.boot(guest, mem="32M", cmdline=cmdline, serial_out=out, disks=[image])
+    try:
+        wait_for_disk_rounds(out, rounds)
+        return vm.snapshot(repo)
+    finally:
+        vm.stop()
+        vm.close()
+
+
 def blank_image(path: Path, size: int) -> Path:
     """A sparse, all-zero raw image."""
     with path.open("wb") as file:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
@@ -11,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import snapvisor
-from disk_console import CMDLINE, DISK_BLOCKS, assert_healthy, blank_image, disk_rounds, wait_for_disk_rounds
+from disk_console import CMDLINE, DISK_BLOCKS, assert_healthy, blank_image, disk_rounds, snapshot_of_running_guest
 from snapvisor.store import Repository
 
 MiB = 1 << 20
@@ -62,16 +60,8 @@ def test_restore_writes_the_disks_into_disk_dir(testguest: Path, tmp_path: Path,
     image = blank_image(tmp_path / "disk.img", 4 * MiB)
     repo_path = tmp_path / "repo"
     repo = Repository.open_url(str(repo_path), create=True)
-    out = io.BytesIO()
     # A bounded run: the restored guest goes on to round 40 and powers off.
-    vm = snapvisor.VM.boot(testguest, mem="32M", cmdline=CMDLINE.replace("tg.rounds=0", "tg.rounds=40"),
-                           serial_out=out, disks=[image])
-    try:
-        wait_for_disk_rounds(out, 3)
-        info = vm.snapshot(repo)
-    finally:
-        vm.stop()
-        vm.close()
+    info = snapshot_of_running_guest(testguest, repo, image, 3, CMDLINE.replace("tg.rounds=0", "tg.rounds=40"))
     listed = json.loads(snapvisor_cli("ls", "--repo", str(repo_path), "--json").stdout)
     assert [(s["memory_bytes"], s["disk_bytes"]) for s in listed] == [(32 * MiB, 4 * MiB)]  # RAM and disk apart
     refused = snapvisor_cli("restore", "--repo", str(repo_path), info.id)

@@ -16,7 +16,8 @@ import pytest
 
 import snapvisor
 from testsupport import s3_options
-from disk_console import CMDLINE, DISK_BLOCKS, allocated_bytes, blank_image, disk_rounds, wait_for_disk_rounds
+from disk_console import (CMDLINE, DISK_BLOCKS, allocated_bytes, blank_image, disk_rounds, snapshot_of_running_guest,
+                          wait_for_disk_rounds)
 from snapvisor.image.disks import DiskRestoreError
 from snapvisor.image.restore import RestoreError
 from snapvisor.store import PAGE_SIZE, Repository
@@ -152,14 +153,7 @@ def test_read_only_disk_is_not_written(testguest: Path, tmp_path: Path) -> None:
 def test_restore_of_a_snapshot_with_disks_needs_a_place_for_them(testguest: Path, tmp_path: Path) -> None:
     image = blank_image(tmp_path / "disk.img", MiB)
     repo = Repository.open_url(str(tmp_path / "repo"), create=True)
-    out = io.BytesIO()
-    vm = snapvisor.VM.boot(testguest, mem="32M", cmdline=CMDLINE, serial_out=out, disks=[image])
-    try:
-        wait_for_disk_rounds(out, 1)
-        info = vm.snapshot(repo)
-    finally:
-        vm.stop()
-        vm.close()
+    info = snapshot_of_running_guest(testguest, repo, image, 1)
     with pytest.raises(RestoreError, match=r"has disks \(vda\).*disk_dir"):
         snapvisor.restore(repo, info.id)
     with pytest.raises(RestoreError, match=r"has no disk vdb \(its disks: vda\)"):

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import snapvisor
-from disk_console import CMDLINE, DISK_BLOCKS, blank_image, wait_for_disk_rounds
+from disk_console import CMDLINE, DISK_BLOCKS, blank_image, snapshot_of_running_guest, wait_for_disk_rounds
 from snapvisor.image.disks import attached_disks
 from snapvisor.image.restore import LAZY_FAILURE_EXIT
 from snapvisor.migrate import Received, listen, migrate, receive
@@ -67,14 +67,7 @@ def snapshot(testguest: Path, tmp_path_factory) -> _Snapshot:
         file.seek(DATA_FROM)
         file.write(data.tobytes())
     repo = Repository.open_url(str(base / "repo"), create=True)
-    out = io.BytesIO()
-    vm = snapvisor.VM.boot(testguest, mem="32M", cmdline=CMDLINE, serial_out=out, disks=[image])
-    try:
-        wait_for_disk_rounds(out, 3)
-        info = vm.snapshot(repo)
-    finally:
-        vm.stop()
-        vm.close()
+    info = snapshot_of_running_guest(testguest, repo, image, 3, CMDLINE)
     eager_dir = base / "eager"
     eager_dir.mkdir()
     snapvisor.restore(repo, info.id, start=False, serial_out=io.BytesIO(), disk_dir=eager_dir).close()
