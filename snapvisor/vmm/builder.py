@@ -25,6 +25,8 @@ from snapvisor.vmm.kvm import Kvm, VcpuFd, ffi
 from snapvisor.vmm.kvm import bindings as b
 from snapvisor.vmm.loader import load_kernel
 from snapvisor.vmm.memory import PAGE_SIZE, FileBacking, GuestMemory
+from snapvisor.vmm.memory import STATE_VERSION as MEMORY_STATE_VERSION
+from snapvisor.vmm.persist import upgraded
 from snapvisor.vmm.vcpu import Vcpu
 from snapvisor.vmm.vm import STATE_VERSION, Vm
 
@@ -258,8 +260,7 @@ def build_microvm_from_state(
     every part restored; `vm.start()` continues where the guest was. With
     `prepared`, its parts (and guest RAM as already filled) are used instead of
     new ones, and the serial, backing and disk arguments are not used."""
-    if state.get("version") != STATE_VERSION:
-        raise VmStateError(f"VM state version {state.get('version')} is not {STATE_VERSION}")
+    state = upgraded("VM", state, STATE_VERSION)
     config = state["config"]
     with ExitStack() as stack:
         if prepared is not None:
@@ -274,7 +275,8 @@ def build_microvm_from_state(
             parts = _Parts(
                 stack, config["vcpus"], config["mem_size"], serial_out, serial_in, backing=memory_backing, disks=disks
             )
-        saved_layout = [(r["name"], r["gpa"], r["size"]) for r in state["memory"]["regions"]]
+        memory_state = upgraded("guest memory", state["memory"], MEMORY_STATE_VERSION)
+        saved_layout = [(r["name"], r["gpa"], r["size"]) for r in memory_state["regions"]]
         layout = [(r.name, r.gpa, r.size) for r in parts.memory.regions]
         if saved_layout != layout:
             raise VmStateError(f"saved memory layout {saved_layout} does not match the rebuilt one {layout}")

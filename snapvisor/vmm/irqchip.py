@@ -8,6 +8,7 @@ from snapvisor.vmm.errors import VmStateError
 from snapvisor.vmm.kvm import VmFd, ffi
 from snapvisor.vmm.kvm import bindings as b
 from snapvisor.vmm.kvm.bindings import CData
+from snapvisor.vmm.persist import upgraded
 
 STATE_VERSION = 1
 _CHIPS = {
@@ -43,8 +44,7 @@ class Irqchip:
 
     def restore(self, state: dict) -> None:
         """PIT, then clock, then the PICs and the IOAPIC."""
-        if state.get("version") != STATE_VERSION:
-            raise VmStateError(f"irqchip state version {state.get('version')} is not {STATE_VERSION}")
+        state = upgraded("irqchip", state, STATE_VERSION)
         self._vm_fd.set_pit2(_load("struct kvm_pit_state2", state["pit"]))
         clock = _load("struct kvm_clock_data", state["clock"])
         clock.flags &= ~_CLOCK_FLAGS_TO_DROP

@@ -16,6 +16,7 @@ from snapvisor.vmm.kvm import VcpuFd, ffi
 from snapvisor.vmm.kvm.bindings import CData
 from snapvisor.vmm.kvm import bindings as b
 from snapvisor.vmm.loader import x86
+from snapvisor.vmm.persist import upgraded
 
 if TYPE_CHECKING:
     from snapvisor.vmm.vm import VcpuControl
@@ -239,8 +240,7 @@ class Vcpu:
     def restore(self, state: dict) -> None:
         """Order matters: CPUID first (it shapes what the rest accepts), LAPIC
         before MSRs (TSC deadline) and before VCPU_EVENTS, MP_STATE last."""
-        if state.get("version") != STATE_VERSION:
-            raise VmStateError(f"vCPU state version {state.get('version')} is not {STATE_VERSION}")
+        state = upgraded("vCPU", state, STATE_VERSION)
         entry_size = ffi.sizeof("struct kvm_cpuid_entry2")
         count = len(state["cpuid"]) // entry_size
         cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": count, "entries": count})

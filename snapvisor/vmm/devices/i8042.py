@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from snapvisor.vmm.persist import upgraded
+
 COMMAND_PORT = 0x64
 CMD_RESET_CPU = 0xFE
 STATE_VERSION = 1
@@ -28,5 +30,4 @@ class I8042:
         return {"version": STATE_VERSION}
 
     def restore(self, state: dict) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"i8042 state version {state.get('version')} is not {STATE_VERSION}")
+        state = upgraded("i8042", state, STATE_VERSION)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from snapvisor.vmm.persist import upgraded
+
 POWER_OFF_PORT = 0x501
 STATE_VERSION = 1
 
@@ -26,5 +28,4 @@ class PowerOffPort:
         return {"version": STATE_VERSION}
 
     def restore(self, state: dict) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"power-off port state version {state.get('version')} is not {STATE_VERSION}")
+        state = upgraded("power-off port", state, STATE_VERSION)

@@ -12,6 +12,8 @@ import threading
 from collections import deque
 from typing import BinaryIO, Callable
 
+from snapvisor.vmm.persist import upgraded
+
 COM1_PORT = 0x3F8
 COM1_IRQ = 4
 PORT_COUNT = 8
@@ -235,8 +237,7 @@ class Serial:
             }
 
     def restore(self, state: dict) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"serial state version {state.get('version')} is not {STATE_VERSION}")
+        state = upgraded("serial", state, STATE_VERSION)
         with self._lock:
             self.ier = state["ier"]
             self.lcr = state["lcr"]

@@ -16,6 +16,7 @@ from snapvisor.vmm.devices.blockfile import SECTOR_SIZE, BlockFile
 from snapvisor.vmm.devices.virtio.mmio import VIRTIO_F_VERSION_1
 from snapvisor.vmm.devices.virtio.queue import Buffer, Chain, Virtqueue
 from snapvisor.vmm.memory import GuestMemory
+from snapvisor.vmm.persist import upgraded
 
 DEVICE_ID_BLOCK = 2
 STATE_VERSION = 1
@@ -121,8 +122,7 @@ class VirtioBlock:
         return {"version": STATE_VERSION, "name": self.name, "size": self.disk.size, "readonly": self.disk.readonly}
 
     def restore(self, state: dict) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"virtio-blk state version {state.get('version')} is not {STATE_VERSION}")
+        state = upgraded("virtio-blk", state, STATE_VERSION)
         if state["size"] != self.disk.size:
             raise ValueError(f"disk {self.name} was {state['size']} bytes, the attached image {self.disk.path} is {self.disk.size}")
 

@@ -18,6 +18,7 @@ from typing import Callable, Protocol
 from snapvisor.vmm.devices.virtio.queue import QueueError, Virtqueue
 from snapvisor.vmm.errors import GuestMemoryError
 from snapvisor.vmm.memory import GuestMemory
+from snapvisor.vmm.persist import upgraded
 
 MMIO_WINDOW = 0x1000
 MMIO_BASE = 0xD000_0000  # the first device; the next ones follow a window apart (docs/architecture.md)
@@ -271,8 +272,7 @@ class VirtioMmioTransport:
             }
 
     def restore(self, state: dict) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"virtio-mmio state version {state.get('version')} is not {STATE_VERSION}")
+        state = upgraded("virtio-mmio", state, STATE_VERSION)
         if len(state["queues"]) != len(self.queues):
             raise ValueError(f"saved virtio device has {len(state['queues'])} queues, this one {len(self.queues)}")
         with self._lock:

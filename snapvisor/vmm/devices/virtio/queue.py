@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from snapvisor.vmm.errors import GuestMemoryError
 from snapvisor.vmm.memory import GuestMemory
+from snapvisor.vmm.persist import upgraded
 
 MAX_QUEUE_SIZE = 256
 STATE_VERSION = 1
@@ -152,8 +153,7 @@ class Virtqueue:
         }
 
     def restore(self, state: dict) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"virtqueue state version {state.get('version')} is not {STATE_VERSION}")
+        state = upgraded("virtqueue", state, STATE_VERSION)
         self.size = int(state["size"])
         self.ready = bool(state["ready"])
         self.desc_addr = int(state["desc_addr"])
