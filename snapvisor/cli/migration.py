@@ -7,6 +7,7 @@ import functools
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 from snapvisor.cli.common import (
     EXIT_CODES_HELP,
@@ -223,14 +224,16 @@ def _wait_for_migration_start(machine, args: argparse.Namespace):
     return _wait_for_sigusr1(machine)
 
 
-def _wait_for_sigusr1(machine):
-    """None once SIGUSR1 arrives; the exit status if the guest ends first."""
+def _wait_for_sigusr1(machine, armed: Callable[[], None] = lambda: None):
+    """None once SIGUSR1 arrives; the exit status if the guest ends first. `armed`
+    runs once the signal is caught (before, SIGUSR1 would end the process)."""
     import signal
     import threading
 
     go = threading.Event()
     previous = signal.signal(signal.SIGUSR1, lambda *_: go.set())
     try:
+        armed()
         while not go.is_set():
             status = machine.wait(0.05)
             if status is not None:
@@ -270,18 +273,16 @@ def _migrate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                 stats = migrate(machine, args.to, repo=repos[0] if repos else None, downtime_ms=args.downtime_ms,
                                 max_time_s=args.max_time, auto_converge=not args.no_auto_converge,
                                 io_timeout_s=args.timeout)
-            except HandoverUnconfirmed as exc:
-                # This form has no API socket to resume through: SIGUSR1 resumes.
-                print(f"error: {exc.resumed_by(f'kill -USR1 {os.getpid()}')}", file=sys.stderr, flush=True)
-                sigterm.release()
-                if _wait_for_sigusr1(machine) is None:
-                    machine.resume()
-                    log_to_stderr(f"VM {machine.name} resumed here by SIGUSR1")
-                with operated(machine, args, repos) as controller:
-                    code = run_to_exit(machine, controller)
-                return code if code else exc.exit_code
             except MigrationError as exc:
-                print(f"error: {exc}", file=sys.stderr, flush=True)
+                if isinstance(exc, HandoverUnconfirmed):
+                    # This form has no API socket to resume through: SIGUSR1 resumes.
+                    sigterm.release()
+                    message = f"error: {exc.resumed_by(f'kill -USR1 {os.getpid()}')}"
+                    if _wait_for_sigusr1(machine, lambda: print(message, file=sys.stderr, flush=True)) is None:
+                        machine.resume()
+                        log_to_stderr(f"VM {machine.name} resumed here by SIGUSR1")
+                else:
+                    print(f"error: {exc}", file=sys.stderr, flush=True)
                 with operated(machine, args, repos) as controller:
                     code = run_to_exit(machine, controller)
                 return code if code else exc.exit_code

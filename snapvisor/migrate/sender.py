@@ -15,10 +15,11 @@ The handover follows the state machine of handover.py. Until the first byte of G
 is written, any failure (network, receiver refusing or dying, timeout) resumes the
 guest here and raises MigrationError saying so; after it, a failure leaves the guest
 paused here and raises HandoverUnconfirmed: only the operator can check whether
-the receiver runs it. A guest that dirties
-memory faster than the link carries it is throttled, and if it still does not
-converge within `max_time_s`, the migration ends with an error and the guest
-runs on here at full speed.
+the receiver runs it.
+
+A guest that dirties memory faster than the link carries it is throttled, and if
+it still does not converge within `max_time_s`, the migration ends with an error
+and the guest runs on here at full speed.
 """
 
 from __future__ import annotations

@@ -126,7 +126,12 @@ class CutProxy:
             self._sockets.append(downstream)
             upstream = socket.create_connection(self.upstream, timeout=10)
             self._sockets.append(upstream)
-            self._forward(downstream, upstream)
+            try:
+                self._forward(downstream, upstream)
+            except (ConnectionError, TimeoutError):
+                # One side reset the connection (or gave up on it) before the cut:
+                # pass the reset on, as a router would.
+                _reset(downstream, upstream)
         except BaseException as exc:  # noqa: BLE001 - reported to the test through .error
             self.error = exc
             self._ready.set()
@@ -184,10 +189,7 @@ class CutProxy:
     def _fire(self, sender: socket.socket, receiver: socket.socket) -> None:
         self.fired.set()
         if self.cut.mode == "reset":
-            for sock in (sender, receiver):
-                # Linger 0: close() sends an RST instead of a FIN.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                sock.close()
+            _reset(sender, receiver)
             return
         # A stall: nothing is read or written any more; the sockets stay open until
         # the test ends (__exit__), as a link that silently drops everything.
@@ -204,6 +206,13 @@ def _enter_netns(name: str) -> None:
             raise OSError(errno, f"setns into {name}: {os.strerror(errno)}")
     finally:
         os.close(fd)
+
+
+def _reset(*sockets: socket.socket) -> None:
+    for sock in sockets:
+        # Linger 0: close() sends an RST instead of a FIN.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
 
 
 def _shutdown_write(sock: socket.socket) -> None:

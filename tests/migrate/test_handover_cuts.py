@@ -14,6 +14,7 @@ VM, and the VM's holder afterwards is whichever host runs it.
 
 from __future__ import annotations
 
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +65,11 @@ def go_arrives_whole(cut: Cut) -> bool:
 # 1 MiB working set, 32 pages re-dirtied per round: ~8 rounds a second, each
 # followed by a check of every page.
 GUEST = "console=ttyS0 tg.mem=1 tg.rate=1 tg.pages=32 tg.rounds=0"
-TIMEOUT = "2s"  # both sides' --timeout: how long a stall lasts before it counts as a cut
+# Both sides' --timeout: how long a stall lasts before it counts as a cut. Only
+# stalls wait for it; the other cases take a longer one, which a starved process on
+# this shared machine does not run into by chance.
+STALL_TIMEOUT, TIMEOUT = "2s", "10s"
+ATTEMPTS = 3
 UNCONFIRMED = ("handover unconfirmed: the target may be running the VM; check it; `snapvisor resume --force` "
                "only if it is not")
 
@@ -108,9 +113,9 @@ class Lab:
         self.holder = self.boot()
         return self.holder
 
-    def receive(self, host: Host, port: int, label: str) -> Served:
+    def receive(self, host: Host, port: int, label: str, timeout: str) -> Served:
         sock = host.workdir / f"{label}.sock"
-        process = host.run(label, ["receive", "--listen", f"{host.address}:{port}", "--timeout", TIMEOUT,
+        process = host.run(label, ["receive", "--listen", f"{host.address}:{port}", "--timeout", timeout,
                                    "--api-sock", str(sock)])
         process.wait_for_stderr("waiting for a migration", 30)
         return Served(host, process, sock)
@@ -119,19 +124,28 @@ class Lab:
         """Migrate the holder to a new receiver on the other host through a proxy
         applying `cut`: (source, target, the `migrate` process, the proxy, whether
         the target runs the guest at the end)."""
-        self.cases += 1
-        source = self.healthy_holder()
-        host = self.b if source.host is self.a else self.a
-        port, proxy_port = 7100 + self.cases, 7500 + self.cases
-        target = self.receive(host, port, f"receiver{self.cases}")
-        with CutProxy(self.switch.ns, (SWITCH_ADDRESS, proxy_port), (host.address, port), cut) as proxy:
-            mover = source.host.run(f"migrate{self.cases}", [
-                "migrate", "--api-sock", str(source.sock), "--to", f"{SWITCH_ADDRESS}:{proxy_port}",
-                "--timeout", TIMEOUT, "--max-time", "30s"])
-            mover.wait(60)
-            target_runs = target_outcome(target.process)
-        assert proxy.error is None, proxy.error
-        return source, target, mover, proxy, target_runs
+        timeout = STALL_TIMEOUT if cut is not None and cut.mode == "stall" else TIMEOUT
+        for _ in range(ATTEMPTS):
+            self.cases += 1
+            source = self.healthy_holder()
+            host = self.b if source.host is self.a else self.a
+            port, proxy_port = 7100 + self.cases, 7500 + self.cases
+            target = self.receive(host, port, f"receiver{self.cases}", timeout)
+            with CutProxy(self.switch.ns, (SWITCH_ADDRESS, proxy_port), (host.address, port), cut) as proxy:
+                mover = source.host.run(f"migrate{self.cases}", [
+                    "migrate", "--api-sock", str(source.sock), "--to", f"{SWITCH_ADDRESS}:{proxy_port}",
+                    "--timeout", timeout, "--max-time", "30s"])
+                mover.wait(60)
+                target_runs = target_outcome(target.process)
+            assert proxy.error is None, proxy.error
+            if cut is None or proxy.fired.is_set():
+                return source, target, mover, proxy, target_runs
+            # A starved process on this shared machine let a short --timeout expire
+            # before the cut was reached: a failure before GO like any other (the
+            # source runs on, the target discarded), and the case is tried again.
+            assert mover.popen.returncode == 1 and not target_runs, mover.stderr()
+            assert target.process.wait(30) != 0 and target.process.stdout() == b""
+        raise AssertionError(f"{ATTEMPTS} migrations ended before the cut {cut} ({proxy.seen}): {mover.stderr()}")
 
 
 def target_outcome(receiver: Process, timeout: float = 30) -> bool:
@@ -197,7 +211,6 @@ def test_the_proxy_sees_the_protocol_and_passes_a_migration(lab: Lab) -> None:
 @pytest.mark.parametrize("cut", cut_points(), ids=str)
 def test_a_cut_never_leaves_the_guest_on_both_hosts(lab: Lab, cut: Cut) -> None:
     source, target, mover, proxy, target_runs = lab.move(cut)
-    assert proxy.fired.is_set(), f"the migration ended before the cut ({proxy.seen}): {mover.stderr()}"
     error = mover.stderr()
     state = "Moved" if mover.popen.returncode == 0 else source.api().vm()["state"]
 
@@ -236,3 +249,29 @@ def test_a_cut_never_leaves_the_guest_on_both_hosts(lab: Lab, cut: Cut) -> None:
         source.api().shutdown()  # the operator checked: it runs on the target
     source.process.wait(30)
     lab.holder = target
+
+
+def test_the_boot_form_keeps_an_unconfirmed_vm_paused_until_sigusr1(lab: Lab) -> None:
+    """`migrate --kernel` has no API socket: after a GO cut halfway it says to
+    resume with SIGUSR1, keeps the guest paused until then, and goes on after it."""
+    a, b = lab.a, lab.b
+    receiver = b.run("boot-receiver", ["receive", "--listen", f"{b.address}:7090", "--timeout", TIMEOUT])
+    receiver.wait_for_stderr("waiting for a migration", 30)
+    with CutProxy(lab.switch.ns, (SWITCH_ADDRESS, 7490), (b.address, 7090), Cut(OUT, "GO", "inside", "reset")):
+        sender = a.run("boot-sender", ["migrate", "--to", f"{SWITCH_ADDRESS}:7490", "--kernel", str(lab.guest),
+                                       "--mem", "16M", "--cmdline", GUEST, "--on-signal", "--timeout", TIMEOUT])
+        wait_for_verified_rounds(sender, 2, 60)
+        sender.signal(signal.SIGUSR1)
+        error = sender.wait_for_stderr("handover unconfirmed", 60)
+        assert not target_outcome(receiver) and receiver.stdout() == b""
+    assert (f"handover unconfirmed: the target may be running the VM; check it; `kill -USR1 {sender.pid}` "
+            f"only if it is not") in error, error
+    paused = sender.stdout()
+    time.sleep(0.5)  # eight rounds' time: a running guest would have printed some
+    assert sender.stdout() == paused and sender.popen.poll() is None
+    sender.signal(signal.SIGUSR1)
+    sender.wait_for_stderr("resumed here by SIGUSR1", 30)
+    wait_for_verified_rounds(sender, 2, 30, after=last_round(sender))
+    assert_one_counter(sender.stdout())
+    sender.signal(signal.SIGTERM)
+    assert sender.wait(30) == 143
