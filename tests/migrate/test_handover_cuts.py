@@ -24,7 +24,7 @@ import pytest
 from cut_proxy import BACK, OUT, Cut, CutProxy
 from migrate_lab import (SWITCH_ADDRESS, Host, Process, Switch, assert_healthy, netns_available, rounds,
                          wait_for_verified_rounds)
-from snapvisor.control import ApiClient
+from snapvisor.control import ApiClient, ControlError
 
 pytestmark = pytest.mark.kvm
 
@@ -160,6 +160,17 @@ def target_outcome(receiver: Process, timeout: float = 30) -> bool:
     raise AssertionError(f"{receiver.label} neither ran the guest nor gave up: {receiver.stderr()}")
 
 
+def assert_nothing_runs_it_here(source: Served) -> None:
+    """In HandoverUnconfirmed, what would run the guest (a snapshot resumes what it
+    paused) is refused, naming the target."""
+    api = source.api()
+    for request in (lambda: api.snapshot(str(source.host.workdir / "repo")), lambda: api.resume(),
+                    lambda: api.migrate("192.0.2.99:7000")):
+        with pytest.raises(ControlError, match="handover to .* that was not confirmed") as refusal:
+            request()
+        assert refusal.value.status == 409
+
+
 def last_round(process: Process) -> int:
     return max(number for _, number, _ in rounds(process.stdout()))
 
@@ -227,6 +238,7 @@ def test_a_cut_never_leaves_the_guest_on_both_hosts(lab: Lab, cut: Cut) -> None:
         assert mover.popen.returncode == 5 and UNCONFIRMED in error, error
         assert state == "HandoverUnconfirmed"
         assert target_runs == go_arrives_whole(cut)
+        assert_nothing_runs_it_here(source)
 
     if not target_runs:
         assert target.process.wait(30) != 0 and target.process.stdout() == b"", "the guest ran on the target"
