@@ -73,6 +73,8 @@ EXIT_CODES_HELP = """exit status:
   2    bad arguments
   3    verify found damage in the repository; repair-index could not index a pack
   4    no VM answers on the API socket
+  5    a migration's handover went out unconfirmed: the VM is paused on this host and may
+       run on the target; check there, then `snapvisor resume --force` only if it does not
   130  interrupted (Ctrl-C)
   143  terminated (SIGTERM): handled as Ctrl-C is, the VM stopped in order
   run, restore and receive exit with the guest's power-off status (70: the VMM failed),
@@ -87,6 +89,7 @@ environment:
 """
 
 EXIT_DAMAGED = 3
+EXIT_HANDOVER_UNCONFIRMED = 5  # migrate.HandoverUnconfirmed.exit_code (not imported: it loads the VMM)
 
 
 class HelpFormatter(argparse.HelpFormatter):

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 from snapvisor.cli.common import (
     EXIT_CODES_HELP,
+    EXIT_HANDOVER_UNCONFIRMED,
+    HelpFormatter,
     UsageError,
     absolute_repo,
     add_json_flag,
@@ -29,10 +33,14 @@ from snapvisor.cli.common import (
 )
 
 
+def _add_timeout_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument("--timeout", type=duration, default=20.0, metavar="DURATION",
+                        help="treat the connection as cut after this long without progress; it bounds every "
+                             "wait of the handover (default: 20s)")
+
+
 def _add_migration_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("migration")
-    group.add_argument("--timeout", type=duration, default=20.0, metavar="DURATION",
-                       help="treat the connection as cut after this long without progress (default: 20s)")
+    _add_timeout_flag(parser.add_argument_group("migration"))
     add_json_flag(parser)
 
 
@@ -93,12 +101,17 @@ for the last pages and its state). Two forms:
       Move the VM that `run`, `restore` or `receive` serves on the API socket PATH.
       Exits 0 once the VM runs on the other host (the VM's own process then exits 0,
       saying where it moved); 1 when it did not move (it keeps running where it was,
-      and the message says why); 4 when no VM answers on PATH.
+      and the message says why); 4 when no VM answers on PATH; 5 when the handover
+      went out unconfirmed: the VM is paused here (GET /vm: HandoverUnconfirmed) and
+      may run on the other host. Check there; only if it does not run there,
+      `snapvisor resume --force --api-sock PATH` runs it here again.
 
   snapvisor migrate --kernel PATH --to ADDR:PORT [--after DURATION | --on-signal]
       Boot a kernel as `run` does, let it run for --after (or until SIGUSR1), then
       move it. On success this command exits 0; on failure the VM keeps running
       here, the error says why, and this command serves it until it powers off.
+      After an unconfirmed handover the VM stays paused here until SIGUSR1 (send
+      it only once the other host is known not to run the VM) resumes it.
       A SIGTERM during the migration takes effect when it has ended (--max-time
       bounds it).
 """
@@ -121,6 +134,7 @@ def _add_migrate(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser
                              "(default: 2m)")
     parser.add_argument("--no-auto-converge", action="store_true",
                         help="never throttle a guest that dirties memory faster than the link carries it")
+    _add_timeout_flag(parser)
     add_json_flag(parser)
     boot = parser.add_argument_group("boot form (with --kernel)")
     when = boot.add_mutually_exclusive_group()
@@ -134,8 +148,6 @@ def _add_migrate(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser
     boot.add_argument("--vcpus", type=positive_int, default=1, metavar="N", help="virtual CPUs (default: 1)")
     boot.add_argument("--disk", type=disk_option, action="append", default=[], metavar="PATH[,readonly]",
                       help="attach a raw disk image as virtio-blk (as for run); its blocks move with the VM")
-    boot.add_argument("--timeout", type=duration, default=20.0, metavar="DURATION",
-                      help="treat the connection as cut after this long without progress (default: 20s)")
     add_operation_flags(parser, restoring=False, serve_api=False,
                         repo_text="a repository both hosts read (with `receive --repo`): B reads from it the "
                                   "pages of the VM's newest snapshot there instead of receiving them; with "
@@ -146,13 +158,13 @@ def _add_migrate(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser
 
 # What `migrate --api-sock` takes; every other flag belongs to the boot form.
 _RUNNING_VM_FLAGS = {"to", "api_sock", "kernel", "downtime_ms", "max_time", "no_auto_converge", "repo", "json",
-                     "handler"}
+                     "timeout", "handler"}
 
 
 def _ask_to_migrate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """The running-VM form: PUT /migrate on its API socket."""
     from snapvisor import humanize
-    from snapvisor.control import ApiClient
+    from snapvisor.control import ApiClient, ControlError
 
     stray = sorted(f"--{dest.replace('_', '-')}" for dest, value in vars(args).items()
                    if dest not in _RUNNING_VM_FLAGS and value != parser.get_default(dest))
@@ -161,10 +173,16 @@ def _ask_to_migrate(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     repos = [absolute_repo(r) for r in args.repo or env_repos()]
     if len(repos) > 1:
         raise UsageError("give one --repo: the repository both hosts read")
-    with humanize.Activity(f"migrating to {args.to}"):
-        stats = ApiClient(args.api_sock).migrate(args.to, downtime_ms=args.downtime_ms, max_time=args.max_time,
-                                                 auto_converge=not args.no_auto_converge,
-                                                 repo=repos[0] if repos else None)
+    api = ApiClient(args.api_sock)
+    try:
+        with humanize.Activity(f"migrating to {args.to}"):
+            stats = api.migrate(args.to, downtime_ms=args.downtime_ms, max_time=args.max_time,
+                                auto_converge=not args.no_auto_converge, repo=repos[0] if repos else None,
+                                timeout=args.timeout)
+    except ControlError as exc:
+        if exc.status == 502 and api.vm()["state"] == "HandoverUnconfirmed":
+            exc.exit_code = EXIT_HANDOVER_UNCONFIRMED
+        raise
     if args.json:
         print_json(stats)
     else:
@@ -174,16 +192,48 @@ def _ask_to_migrate(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     return 0
 
 
+@subcommand
+def _add_resume(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    parser = subparsers.add_parser(
+        "resume", help="resume a paused VM through its API socket (--force after an unconfirmed handover)",
+        description="Resume the guest of a VM served on --api-sock that is paused: by the operator "
+                    "(PUT /vm/state), or by a migration whose handover went out unconfirmed (state "
+                    "HandoverUnconfirmed, `migrate` exit status 5). In that state the target host may "
+                    "be running the VM: check it there first, and give --force only if it does not "
+                    "run there; two running copies would both write its disks and use its identity.",
+        epilog=EXIT_CODES_HELP, formatter_class=HelpFormatter)
+    parser.add_argument("--api-sock", type=Path, required=True, metavar="PATH", help="the VM's API socket")
+    parser.add_argument("--force", action="store_true",
+                        help="resume after an unconfirmed handover (the target is known not to run the VM)")
+    parser.set_defaults(handler=_resume)
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from snapvisor.control import ApiClient
+
+    api = ApiClient(args.api_sock)
+    api.resume(force=args.force)
+    print(f"the VM on {args.api_sock} runs")
+    return 0
+
+
 def _wait_for_migration_start(machine, args: argparse.Namespace):
     """None when it is time to migrate; the exit status if the guest ended first."""
     if not args.on_signal:
         return machine.wait(args.after or 0)
+    return _wait_for_sigusr1(machine)
+
+
+def _wait_for_sigusr1(machine, armed: Callable[[], None] = lambda: None):
+    """None once SIGUSR1 arrives; the exit status if the guest ends first. `armed`
+    runs once the signal is caught (before, SIGUSR1 would end the process)."""
     import signal
     import threading
 
     go = threading.Event()
     previous = signal.signal(signal.SIGUSR1, lambda *_: go.set())
     try:
+        armed()
         while not go.is_set():
             status = machine.wait(0.05)
             if status is not None:
@@ -201,7 +251,7 @@ def _migrate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     import json
 
     from snapvisor.machine import VM
-    from snapvisor.migrate import MigrationError, migrate
+    from snapvisor.migrate import HandoverUnconfirmed, MigrationError, migrate
 
     repos = [absolute_repo(r) for r in args.repo or env_repos()]
     machine = VM.boot(args.kernel, mem=args.mem, vcpus=args.vcpus, cmdline=args.cmdline, initrd=args.initrd,
@@ -224,7 +274,15 @@ def _migrate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                                 max_time_s=args.max_time, auto_converge=not args.no_auto_converge,
                                 io_timeout_s=args.timeout)
             except MigrationError as exc:
-                print(f"error: {exc}", file=sys.stderr, flush=True)
+                if isinstance(exc, HandoverUnconfirmed):
+                    # This form has no API socket to resume through: SIGUSR1 resumes.
+                    sigterm.release()
+                    message = f"error: {exc.resumed_by(f'kill -USR1 {os.getpid()}')}"
+                    if _wait_for_sigusr1(machine, lambda: print(message, file=sys.stderr, flush=True)) is None:
+                        machine.resume()
+                        log_to_stderr(f"VM {machine.name} resumed here by SIGUSR1")
+                else:
+                    print(f"error: {exc}", file=sys.stderr, flush=True)
                 with operated(machine, args, repos) as controller:
                     code = run_to_exit(machine, controller)
                 return code if code else exc.exit_code

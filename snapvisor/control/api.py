@@ -1,14 +1,15 @@
 """The control API: HTTP/JSON on a Unix socket (Firecracker's convention).
 
     GET  /vm          name, state, vCPUs, memory, uptime, last snapshot, schedule
-    PUT  /vm/state    {"state": "Paused" | "Resumed"}
+    PUT  /vm/state    {"state": "Paused" | "Resumed", "force": false}   (force: resume after an
+                      unconfirmed migration handover, state HandoverUnconfirmed)
     PUT  /snapshot    {"repo": URL, "full": false, "tags": []}   -> the snapshot
     GET  /schedule    the schedule and, per repository, last success/error, next run
     PUT  /schedule    {"every": "15m", "repos": [URL], "keep": {"last": 3}, "tags": []}
                       or {"every": null} to turn it off
     PUT  /actions     {"action": "shutdown"}
     PUT  /migrate     {"to": "HOST:PORT", "downtime_ms": 50, "max_time": "2m", "auto_converge": true,
-                       "repo": URL}   -> the migration's stats, once the VM runs there
+                       "repo": URL, "timeout": "20s"}   -> the migration's stats, once the VM runs there
 
 Every answer is JSON; errors are {"error": "<what and how to fix it>"} with a 4xx
 status for a bad request (the VM is untouched) and 502 when the VM tried and a
@@ -45,6 +46,7 @@ REQUEST_READ_TIMEOUT_S = 10.0
 ANSWER_GRACE_S = 5.0
 MAX_DOWNTIME_MS = 60_000.0
 MAX_MIGRATION_TIME_S = 86_400.0
+MAX_IO_TIMEOUT_S = 3_600.0
 
 
 class ApiSocketError(SnapvisorError):
@@ -168,10 +170,13 @@ class _Handler(BaseHTTPRequestHandler):
         return 200, self.controller.info()
 
     def put_state(self, body: dict) -> tuple[int, None]:
-        _fields(body, {"state"}, {"state"})
+        _fields(body, {"state", "force"}, {"state"})
         if not isinstance(body["state"], str):
             raise BadRequest("state must be the string 'Paused' or 'Resumed'")
-        self.controller.set_state(body["state"])
+        force = body.get("force", False)
+        if not isinstance(force, bool):
+            raise BadRequest("force must be true or false")
+        self.controller.set_state(body["state"], force=force)
         return 204, None
 
     def put_snapshot(self, body: dict) -> tuple[int, dict]:
@@ -218,31 +223,40 @@ class _Handler(BaseHTTPRequestHandler):
 
     def put_migrate(self, body: dict) -> tuple[int, dict]:
         # Imported here: processes that only use ApiClient (snapvisor.control) need none of it.
-        from snapvisor.migrate.sender import DEFAULT_DOWNTIME_MS, DEFAULT_MAX_TIME_S
+        from snapvisor.migrate.sender import DEFAULT_DOWNTIME_MS, DEFAULT_IO_TIMEOUT_S, DEFAULT_MAX_TIME_S
 
-        _fields(body, {"to", "downtime_ms", "max_time", "auto_converge", "repo"}, {"to"})
+        _fields(body, {"to", "downtime_ms", "max_time", "auto_converge", "repo", "timeout"}, {"to"})
         to = validate_address(body["to"])
         downtime_ms = body.get("downtime_ms", DEFAULT_DOWNTIME_MS)
         if not _is_number(downtime_ms) or not 0 < downtime_ms <= MAX_DOWNTIME_MS:
             raise BadRequest(f"downtime_ms must be a number of milliseconds above 0 and at most "
                              f"{MAX_DOWNTIME_MS:g}, not {downtime_ms!r}")
-        max_time = body.get("max_time", DEFAULT_MAX_TIME_S)
-        if isinstance(max_time, str):
-            try:
-                max_time = parse_duration(max_time)
-            except ValueError as exc:
-                raise BadRequest(f"max_time: {exc}") from None
-        elif not _is_number(max_time):
-            raise BadRequest("max_time must be a duration string ('2m') or a number of seconds")
+        max_time = _seconds(body, "max_time", DEFAULT_MAX_TIME_S)
         if not 0 < max_time <= MAX_MIGRATION_TIME_S:
             raise BadRequest(f"max_time must be above 0 s and at most a day, not {body['max_time']!r}")
+        timeout = _seconds(body, "timeout", DEFAULT_IO_TIMEOUT_S)
+        if not 0 < timeout <= MAX_IO_TIMEOUT_S:
+            raise BadRequest(f"timeout must be above 0 s and at most an hour, not {body['timeout']!r}")
         auto_converge = body.get("auto_converge", True)
         if not isinstance(auto_converge, bool):
             raise BadRequest("auto_converge must be true or false")
         repo = validate_repo_url(body["repo"]) if "repo" in body else None
         stats = self.controller.migrate(to, downtime_ms=float(downtime_ms), max_time_s=float(max_time),
-                                        auto_converge=auto_converge, repo=repo)
+                                        io_timeout_s=float(timeout), auto_converge=auto_converge, repo=repo)
         return 200, stats.as_dict()
+
+
+def _seconds(body: dict, field: str, default: float) -> float:
+    """A duration field: a string ('2m') or a number of seconds."""
+    value = body.get(field, default)
+    if isinstance(value, str):
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            raise BadRequest(f"{field}: {exc}") from None
+    if not _is_number(value):
+        raise BadRequest(f"{field} must be a duration string ('2m') or a number of seconds")
+    return value
 
 
 def _is_number(value: object) -> bool:

@@ -74,14 +74,16 @@ class ApiClient:
     def vm(self) -> dict:
         return self.request("GET", "/vm")
 
-    def set_state(self, state: str) -> None:
-        self.request("PUT", "/vm/state", {"state": state})
+    def set_state(self, state: str, force: bool = False) -> None:
+        self.request("PUT", "/vm/state", {"state": state, "force": force})
 
     def pause(self) -> None:
         self.set_state("Paused")
 
-    def resume(self) -> None:
-        self.set_state("Resumed")
+    def resume(self, force: bool = False) -> None:
+        """`force` resumes a VM left paused by an unconfirmed migration handover:
+        only once the target is known not to run it."""
+        self.set_state("Resumed", force)
 
     def snapshot(self, repo: str, *, full: bool = False, tags: list[str] | tuple[str, ...] = ()) -> dict:
         return self.request("PUT", "/snapshot", {"repo": repo, "full": full, "tags": list(tags)})
@@ -104,11 +106,13 @@ class ApiClient:
         self.request("PUT", "/actions", {"action": "shutdown"})
 
     def migrate(self, to: str, *, downtime_ms: float | None = None, max_time: str | float | None = None,
-                auto_converge: bool = True, repo: str | None = None) -> dict:
+                auto_converge: bool = True, repo: str | None = None, timeout: str | float | None = None) -> dict:
         """Move the VM to `snapvisor receive` at `to`; returns the migration's stats
-        once it runs there. None leaves a setting at the server's default."""
+        once it runs there. `timeout`: how long the connection may stall. None
+        leaves a setting at the server's default."""
         body: dict = {"to": to, "auto_converge": auto_converge}
-        for key, value in (("downtime_ms", downtime_ms), ("max_time", max_time), ("repo", repo)):
+        for key, value in (("downtime_ms", downtime_ms), ("max_time", max_time), ("repo", repo),
+                           ("timeout", timeout)):
             if value is not None:
                 body[key] = value
         return self.request("PUT", "/migrate", body)

@@ -92,6 +92,9 @@ class VmController:
         # refused at once, and the VMM's exit (stop) waits for the one under way.
         self._migration = threading.Lock()
         self._migrating_to: str | None = None
+        # A migration's handover went out and was not confirmed: the target may run
+        # the guest, so it stays paused here until the operator resumes it by force.
+        self._unconfirmed_to: str | None = None
         self._repositories: dict[str, Repository] = {}
         self._repositories_lock = threading.Lock()
 
@@ -102,6 +105,8 @@ class VmController:
         vm = self.machine.vm
         if not vm.running:
             return "Stopped"
+        if self._unconfirmed_to is not None:
+            return "HandoverUnconfirmed"
         if self._paused_by_operator:
             return "Paused"
         return "Migrating" if self._migrating_to is not None else "Running"
@@ -122,8 +127,9 @@ class VmController:
             "schedule": None if self.scheduler is None else self.scheduler.status(),
         }
 
-    def set_state(self, state: str) -> None:
-        """'Paused' or 'Resumed' (Firecracker's names); repeating one is a no-op."""
+    def set_state(self, state: str, force: bool = False) -> None:
+        """'Paused' or 'Resumed' (Firecracker's names); repeating one is a no-op.
+        After an unconfirmed handover only a forced 'Resumed' runs the guest here."""
         if state not in ("Paused", "Resumed"):
             raise BadRequest(f"state {state!r} is not one of 'Paused', 'Resumed'")
         self.refuse_while_migrating()
@@ -133,8 +139,11 @@ class VmController:
                 self.machine.pause()
                 self._paused_by_operator = True
             else:
+                if not force:
+                    self._refuse_while_unconfirmed()
                 self.machine.resume()
                 self._paused_by_operator = False
+                self._unconfirmed_to = None
 
     def shutdown(self) -> None:
         """Stop the VM; `snapvisor run` then exits."""
@@ -152,6 +161,14 @@ class VmController:
     def _require_running(self) -> None:
         if not self.machine.vm.running:
             raise Conflict(f"VM {self.machine.name} has stopped")
+
+    def _refuse_while_unconfirmed(self) -> None:
+        to = self._unconfirmed_to
+        if to is not None:
+            raise Conflict(f"VM {self.machine.name} is paused after a handover to {to} that was not confirmed: "
+                           f"the target may be running it; check it there, and only if it does not run there, "
+                           f"resume it here with --force (`snapvisor resume --force --api-sock PATH`, or PUT "
+                           f"/vm/state {{\"state\": \"Resumed\", \"force\": true}})")
 
     def refuse_while_migrating(self) -> None:
         """A request that would otherwise wait on the lock for the whole migration
@@ -182,6 +199,7 @@ class VmController:
         self.refuse_while_migrating()
         with self._lock:
             self._require_running()
+            self._refuse_while_unconfirmed()
             if self._paused_by_operator:
                 raise Conflict(f"VM {self.machine.name} is paused by the operator; resume it "
                                f"(PUT /vm/state {{\"state\": \"Resumed\"}}) before a snapshot")
@@ -193,12 +211,12 @@ class VmController:
 
     # -- migration -------------------------------------------------------------------
 
-    def migrate(self, to: str, *, downtime_ms: float, max_time_s: float, auto_converge: bool = True,
-                repo: str | None = None) -> "MigrationStats":
+    def migrate(self, to: str, *, downtime_ms: float, max_time_s: float, io_timeout_s: float,
+                auto_converge: bool = True, repo: str | None = None) -> "MigrationStats":
         """Move the running VM to `snapvisor receive` at `to` (snapvisor.migrate.migrate).
-        On success it has stopped here with status 'migrated'; on failure it runs on
-        here and OperationFailed says why."""
-        from snapvisor.migrate import migrate
+        On success it has stopped here with status 'migrated'; on failure OperationFailed
+        says why, and the VM runs on here, or stays paused in HandoverUnconfirmed."""
+        from snapvisor.migrate import HandoverUnconfirmed, migrate
 
         if not self._migration.acquire(blocking=False):
             raise Conflict(f"VM {self.machine.name} is already migrating to {self._migrating_to}")
@@ -208,18 +226,19 @@ class VmController:
         try:
             with self._lock:
                 self._require_running()
+                self._refuse_while_unconfirmed()
                 if self._paused_by_operator:
                     raise Conflict(f"VM {self.machine.name} is paused by the operator; resume it "
                                    f"(PUT /vm/state {{\"state\": \"Resumed\"}}) before migrating it")
                 try:
                     return migrate(self.machine, to, repo=repo, downtime_ms=downtime_ms, max_time_s=max_time_s,
-                                   auto_converge=auto_converge)
-                except SnapvisorError as exc:  # MigrationError, saying where the VM runs
-                    if self.machine.vm.running and self.machine.vm.paused:
-                        # The handover went out unconfirmed: the guest may run at `to`.
-                        # It stays paused here until the operator resumes it, and no
-                        # snapshot (which resumes what it paused) may run it meanwhile.
-                        self._paused_by_operator = True
+                                   auto_converge=auto_converge, io_timeout_s=io_timeout_s)
+                except HandoverUnconfirmed as exc:
+                    # The guest may run at `to`: paused here until the operator resumes
+                    # it by force; no snapshot (which resumes what it paused) runs it.
+                    self._unconfirmed_to = to
+                    raise OperationFailed(str(exc)) from None
+                except SnapvisorError as exc:  # MigrationError, saying the VM runs on here
                     raise OperationFailed(str(exc)) from None
         finally:
             self._migrating_to = None

@@ -8,8 +8,9 @@
 docs/migration.md describes the stream and the failure semantics.
 """
 
-from snapvisor.migrate.errors import MigrationError, StreamError
+from snapvisor.migrate.errors import HandoverUnconfirmed, MigrationError, StreamError
 from snapvisor.migrate.receiver import Received, listen, receive
 from snapvisor.migrate.sender import MigrationStats, migrate
 
-__all__ = ["MigrationError", "StreamError", "MigrationStats", "Received", "listen", "migrate", "receive"]
+__all__ = ["HandoverUnconfirmed", "MigrationError", "StreamError", "MigrationStats", "Received", "listen", "migrate",
+           "receive"]

@@ -5,8 +5,9 @@ new disk images): pages arrive straight into its RAM and disk blocks into its
 images. When the VM state arrives (the guest is paused on the sender), only the
 state is restored, so neither creating the VM nor copying a page falls into the
 downtime; the receiver then reports READY, waits for GO, starts the guest and
-confirms RESUMED.
-A stream that breaks or turns out corrupt before GO leaves nothing running here.
+confirms RESUMED (the target's side of handover.py).
+A stream that breaks, stalls or turns out corrupt before a whole, valid GO leaves
+nothing running here; after it, the guest runs here whether or not RESUMED gets out.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from snapvisor.image.restore import host_cpuid
 from snapvisor.image.state_codec import decode_state
 from snapvisor.machine import VM
 from snapvisor.migrate.errors import MigrationError, StreamError
+from snapvisor.migrate.handover import Event, Handover
 from snapvisor.migrate.pages import Layout, PageBatch, apply_batch, decompress_pages
 from snapvisor.migrate.stream import DEFAULT_IO_TIMEOUT_S, STATE_HEADER, Channel, Msg, decode_json, parse_address
 from snapvisor.migrate.warm import warm_up
@@ -272,6 +274,7 @@ def receive(
     staging: _Staging | None = None
     prepared: PreparedMicrovm | None = None
     vm: Vm | None = None
+    handover = Handover("target")
     received_bytes = 0
     pages = 0
     try:
@@ -308,10 +311,14 @@ def receive(
         prepared = None  # the VM owns its parts now
         build_s = time.monotonic() - build_started
         channel.send_json(Msg.READY, {"build_s": build_s, "pages": pages})
-        channel.expect(Msg.GO)
+        handover.on(Event.SENT_READY)
+        if len(channel.expect(Msg.GO)):
+            raise StreamError("the GO message carries a payload; the stream is corrupt")
         vm.start()
         started_at = time.monotonic()
+        handover.on(Event.GOT_GO)
     except BaseException as exc:
+        handover.on(Event.FAILED)
         channel.send_error(str(exc) or type(exc).__name__)
         if vm is not None:
             vm.close()
@@ -331,6 +338,7 @@ def receive(
         # keeps it paused if the message is lost).
         channel.send_json(Msg.RESUMED, {"started_at": started_at, "build_s": build_s})
     except MigrationError as exc:
+        handover.on(Event.RESUMED_LOST)
         log.warning("the sender did not get the resume confirmation (%s); the VM runs here", exc)
     finally:
         channel.close()

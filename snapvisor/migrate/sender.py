@@ -8,14 +8,18 @@
 3. When the pages left would cross the link within the downtime budget, the
    guest is paused, the last dirty pages and the VM state are sent, and the
    receiver builds the VM. On its READY the sender says GO and never resumes its
-   copy again; the receiver starts the guest and confirms with RESUMED, and the
-   sender then stops its VM.
+   copy by itself again; the receiver starts the guest and confirms with RESUMED,
+   and the sender then stops its VM.
 
-Until GO is sent, any failure (network, receiver refusing or dying, timeout)
-resumes the guest here and raises MigrationError saying so. A guest that dirties
-memory faster than the link carries it is throttled, and if it still does not
-converge within `max_time_s`, the migration ends with an error and the guest
-runs on here at full speed.
+The handover follows the state machine of handover.py. Until the first byte of GO
+is written, any failure (network, receiver refusing or dying, timeout) resumes the
+guest here and raises MigrationError saying so; after it, a failure leaves the guest
+paused here and raises HandoverUnconfirmed: only the operator can check whether
+the receiver runs it.
+
+A guest that dirties memory faster than the link carries it is throttled, and if
+it still does not converge within `max_time_s`, the migration ends with an error
+and the guest runs on here at full speed.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from snapvisor.errors import SnapvisorError
 from snapvisor.image.gather import gather_pages
 from snapvisor.image.state_codec import encode_state
 from snapvisor.machine import VM, Repo
-from snapvisor.migrate.errors import MigrationError, StreamError
+from snapvisor.migrate.errors import HandoverUnconfirmed, MigrationError, StreamError
+from snapvisor.migrate.handover import Event, Handover, State
 from snapvisor.migrate.pages import Layout, PageBatch, ReceiverImage, compress_pages
 from snapvisor.migrate.stream import DEFAULT_IO_TIMEOUT_S, STATE_HEADER, Channel, Msg, decode_json, frame_header
 from snapvisor.migrate.throttle import Throttle
@@ -125,7 +130,7 @@ class _Sender:
         # last round that carried enough to measure (zero and unchanged pages
         # cost nothing on the wire, so pages per second would mislead).
         self.wire_bytes_per_s = 0.0
-        self.committed = False  # GO was sent: this side must not resume the guest any more
+        self.handover_state = Handover("source")
 
     def drain(self) -> np.ndarray:
         """Global numbers of the pages (and disk blocks) written since the last
@@ -244,9 +249,10 @@ class _Sender:
 
     def handover(self, pages: np.ndarray) -> None:
         """Pause, send the rest and the VM state, and let the receiver start the
-        guest; `committed` is set once GO is sent."""
+        guest; `handover_state` follows each step."""
         paused_at = time.monotonic()
         self.vm.pause()
+        self.handover_state.on(Event.PAUSE)
         marks = [("pause", time.monotonic())]
         # The pages of the last drain plus those written until the pause. (A mask,
         # not np.union1d: numpy imports that lazily, ~10 ms on its first call.)
@@ -263,10 +269,13 @@ class _Sender:
         marks.append(("state", time.monotonic()))
         self.stats.receiver = decode_json(self.channel.expect(Msg.READY), Msg.READY)
         marks.append(("receiver_build", time.monotonic()))
+        # From the first byte of GO on, the receiver may start the guest: this side
+        # must not resume it by itself any more, even if GO is cut halfway.
+        self.handover_state.on(Event.WRITE_GO)
         self.channel.send(Msg.GO)
-        self.committed = True
         resumed = decode_json(self.channel.expect(Msg.RESUMED), Msg.RESUMED)
         started_at = float(resumed["started_at"])
+        self.handover_state.on(Event.GOT_RESUMED)
         marks.append(("receiver_start", started_at))
         self.stats.downtime_s = started_at - paused_at
         self.stats.downtime_parts = {name: round(at - prev, 6) for (name, at), (_, prev)
@@ -290,8 +299,10 @@ def migrate(
     With `repo`, pages equal to those of `base` (default: this VM's newest snapshot
     there) are read by the receiver from that repository instead of crossing the
     link. On success the VM is ended here (`VM.moved_away`: exit reason 'migrated')
-    and runs on the receiver; on failure it keeps running here and MigrationError
-    says what happened. Nothing else may pause or snapshot the VM meanwhile."""
+    and runs on the receiver. On a failure before GO it keeps running here and
+    MigrationError says what happened; on one after GO may have gone out it stays
+    paused here and HandoverUnconfirmed says so. `io_timeout_s` bounds every wait
+    on the connection. Nothing else may pause or snapshot the VM meanwhile."""
     if downtime_ms <= 0 or max_time_s <= 0:
         raise MigrationError("the downtime target and the time limit must be positive")
     if not machine.vm.running:
@@ -335,16 +346,11 @@ def migrate(
         sender.handover(pages)
     except BaseException as exc:
         throttle.stop()
-        # After GO the receiver may have started the guest, unless its side of the
-        # connection is gone: the guest would have ended with its process, and
-        # once started the receiver only confirms. On a stall, running the guest
-        # here too could make two copies: keep it paused, the operator decides.
-        if sender.committed and not (isinstance(exc, StreamError) and exc.peer_closed):
-            raise MigrationError(
-                f"migration to {to}: the handover was sent but not confirmed ({exc}); the VM is paused here "
-                f"and runs on {to} if the receiver got the go: check there, and resume it here only if it "
-                f"does not run there"
-            ) from None
+        # Once GO may be out, the receiver may run the guest, even when the
+        # connection is reset at once (a NAT or firewall resets it while the
+        # receiver lives on): resuming here too could make two copies.
+        if sender.handover_state.on(Event.FAILED) is State.UNCONFIRMED:
+            raise HandoverUnconfirmed(to, str(exc) or type(exc).__name__) from None
         channel.send_error(str(exc) or type(exc).__name__)
         machine.vm.resume()
         if isinstance(exc, SnapvisorError):

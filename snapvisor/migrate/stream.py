@@ -161,8 +161,8 @@ class Channel:
                 f"receiver stopped reading"
             ) from None
         except (BrokenPipeError, ConnectionResetError):
-            raise StreamError(f"{self.peer} closed the connection in the middle of the migration (it stopped or "
-                              f"was killed)", peer_closed=True) from None
+            raise StreamError(f"{self.peer} closed the connection in the middle of the migration (it stopped, or "
+                              f"something on the path reset the connection)") from None
         except OSError as exc:
             raise StreamError(f"the connection to {self.peer} broke while sending: {exc.strerror or exc}") from None
 
@@ -175,8 +175,7 @@ class Channel:
             while got < length:
                 n = self.sock.recv_into(view[got:])
                 if n == 0:
-                    raise StreamError(f"{self.peer} closed the connection in the middle of the migration ({what})",
-                                      peer_closed=True)
+                    raise StreamError(f"{self.peer} closed the connection in the middle of the migration ({what})")
                 got += n
         except socket.timeout:
             raise StreamError(
@@ -185,7 +184,7 @@ class Channel:
             ) from None
         except ConnectionResetError:
             raise StreamError(f"{self.peer} closed the connection in the middle of the migration ({what}; it "
-                              f"stopped or was killed)", peer_closed=True) from None
+                              f"stopped, or something on the path reset the connection)") from None
         except OSError as exc:
             raise StreamError(f"the connection to {self.peer} broke while receiving: {exc.strerror or exc}") from None
         return view
