@@ -20,27 +20,30 @@ can stop the VMM.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import socket
 import socketserver
 import stat
 import threading
 from contextlib import contextmanager, nullcontext
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Iterator
 
-from snapvisor.control.controller import (VmController, snapshot_json, validate_address, validate_repo_url,
-                                          validate_tags)
-from snapvisor.control.errors import (BadRequest, ControlError, MethodNotAllowed, NotFound,
-                                      PayloadTooLarge)
+from snapvisor.control.controller import VmController, validate_address, validate_tags
+from snapvisor.control.errors import BadRequest, ControlError, MethodNotAllowed, NotFound, TooManyConnections
+from snapvisor.control.repo_url import validate_repo_url
 from snapvisor.control.schedule import Schedule, Scheduler
+from snapvisor.control.wire import ClientGone, Request, RequestReader, send_answer
 from snapvisor.errors import SnapvisorError
 from snapvisor.humanize import parse_duration
 
 MAX_BODY = 64 << 10
-REQUEST_READ_TIMEOUT_S = 10.0
+REQUEST_TIMEOUT_S = 10.0  # a request (line, headers, body) must arrive whole within it
+# Clients served at once: each holds a thread until answered (a snapshot's length).
+MAX_CONNECTIONS = 256
+# Connections the kernel queues before accept(): a burst of clients must not be
+# refused (a Unix socket refuses connect() with EAGAIN once the queue is full).
+LISTEN_BACKLOG = 1024
 # How long close() waits for a migration's answer to go out (see answer_before_close).
 ANSWER_GRACE_S = 5.0
 MAX_DOWNTIME_MS = 60_000.0
@@ -60,10 +63,11 @@ def _fields(body: dict, allowed: set[str], required: set[str] = frozenset()) -> 
         raise BadRequest(f"missing field(s) {sorted(missing)}")
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(socketserver.BaseRequestHandler):
+    """One connection: one request, one answer (HTTP/1.0), then it closes."""
+
     server: "ApiServer"
-    protocol_version = "HTTP/1.0"
-    timeout = REQUEST_READ_TIMEOUT_S  # a client that stalls mid-request loses its thread, nothing else
+    request: socket.socket
 
     # Routing: (method, path) -> handler method name.
     ROUTES = {
@@ -76,35 +80,27 @@ class _Handler(BaseHTTPRequestHandler):
         ("PUT", "/migrate"): "put_migrate",
     }
 
-    def log_message(self, format: str, *args: object) -> None:
-        # The VMM's stderr belongs to the operator and the guest console to stdout;
-        # request logs would drown both.
-        pass
-
-    def do_GET(self) -> None:
-        self._dispatch("GET")
-
-    def do_PUT(self) -> None:
-        self._dispatch("PUT")
-
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    def do_PATCH(self) -> None:
-        self._dispatch("PATCH")
-
-    def do_DELETE(self) -> None:
-        self._dispatch("DELETE")
-
-    def _dispatch(self, method: str) -> None:
-        path = self.path.split("?", 1)[0].rstrip("/") or "/"
-        name = self.ROUTES.get((method, path))
+    def handle(self) -> None:
+        reader = RequestReader(self.request, self.server.request_timeout_s)
+        try:
+            request = reader.head()
+        except ClientGone:
+            return
+        except ControlError as exc:
+            send_answer(self.request, exc.status, {"error": str(exc)})
+            return
+        name = self.ROUTES.get((request.method, request.path))
         # A migration that succeeds ends the VM, and with it this process, just as
         # its answer is due: the server's close() waits for that answer.
         with self.server.answer_before_close() if name == "put_migrate" else nullcontext():
-            self._send(*self._answer(method, path, name))
+            try:
+                status, answer = self._answer(request, reader, name)
+            except ClientGone:
+                return
+            send_answer(self.request, status, answer)
 
-    def _answer(self, method: str, path: str, name: str | None) -> tuple[int, dict | None]:
+    def _answer(self, request: Request, reader: RequestReader, name: str | None) -> tuple[int, dict | None]:
+        method, path = request.method, request.path
         try:
             if name is None:
                 allowed = sorted(m for m, p in self.ROUTES if p == path)
@@ -112,51 +108,16 @@ class _Handler(BaseHTTPRequestHandler):
                     raise MethodNotAllowed(f"{method} {path} is not supported; use {' or '.join(allowed)}")
                 raise NotFound(f"no endpoint {path}; the API has /vm, /vm/state, /snapshot, /schedule, "
                                f"/actions, /migrate")
-            body = self._read_body() if method == "PUT" else None
+            body = reader.json_body(request, MAX_BODY) if method == "PUT" else None
             return getattr(self, name)(body)
+        except ClientGone:
+            raise
         except ControlError as exc:
             return exc.status, {"error": str(exc)}
         except SnapvisorError as exc:
             return 400, {"error": str(exc)}
         except Exception as exc:  # noqa: BLE001 - an API bug must not reach the VMM
             return 500, {"error": f"internal error: {type(exc).__name__}: {exc}"}
-
-    def _read_body(self) -> dict:
-        if self.headers.get("Transfer-Encoding"):
-            raise ControlError("send the body with a Content-Length, not chunked", 411)
-        length_text = self.headers.get("Content-Length")
-        if length_text is None:
-            raise ControlError("a PUT needs a JSON body with a Content-Length", 411)
-        try:
-            length = int(length_text)
-        except ValueError:
-            raise BadRequest(f"Content-Length {length_text!r} is not a number") from None
-        if length < 0:
-            raise BadRequest("Content-Length is negative")
-        if length > MAX_BODY:
-            raise PayloadTooLarge(f"the body is {length} bytes; the API takes at most {MAX_BODY}")
-        raw = self.rfile.read(length)
-        if len(raw) != length:
-            raise BadRequest(f"the body ended after {len(raw)} of {length} bytes")
-        try:
-            body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BadRequest(f"the body is not valid JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise BadRequest("the body must be a JSON object")
-        return body
-
-    def _send(self, status: int, answer: dict | None) -> None:
-        try:
-            data = b"" if answer is None else json.dumps(answer).encode() + b"\n"
-            self.send_response(status)
-            if answer is not None:
-                self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-        except OSError:
-            pass  # the client went away; nothing to tell it
 
     # -- endpoints ---------------------------------------------------------------------
 
@@ -181,13 +142,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(full, bool):
             raise BadRequest("full must be true or false")
         tags = validate_tags(body.get("tags", []))
-        info = self.controller.snapshot(url, full=full, tags=tags)
-        answer = snapshot_json(info)
-        last = self.controller.machine.last_snapshot
-        if last is not None and last.snapshot_id == info.id:
-            answer.update(full=last.full, pause_s=round(last.pause_s, 4), total_s=round(last.total_s, 3),
-                          store=last.store)
-        return 200, answer
+        return 200, self.controller.snapshot(url, full=full, tags=tags).to_json()
 
     def _scheduler(self) -> Scheduler:
         scheduler = self.controller.scheduler
@@ -204,7 +159,10 @@ class _Handler(BaseHTTPRequestHandler):
             _fields(body, {"every"})
             scheduler.set_schedule(None)
         else:
-            scheduler.set_schedule(Schedule.from_json(body))
+            schedule = Schedule.from_json(body)
+            for url in schedule.repos:
+                self.controller.check_repository(url)
+            scheduler.set_schedule(schedule)
         return 200, scheduler.status()
 
     def put_action(self, body: dict) -> tuple[int, None]:
@@ -253,10 +211,14 @@ class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     """Serves the control API for one VmController on `path` until `close()`."""
 
     daemon_threads = True
+    request_queue_size = LISTEN_BACKLOG
+    request_timeout_s = REQUEST_TIMEOUT_S
 
     def __init__(self, path: str | Path, controller: VmController) -> None:
         self.path = Path(path)
         self.controller = controller
+        self._connections = 0
+        self._connections_lock = threading.Lock()
         self._pending_answers = 0
         self._answered = threading.Condition()
         _clear_stale_socket(self.path)
@@ -274,6 +236,26 @@ class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
     def start(self) -> None:
         self._thread.start()
+
+    def process_request(self, request: socket.socket, client_address: object) -> None:
+        with self._connections_lock:
+            full = self._connections >= MAX_CONNECTIONS
+            if not full:
+                self._connections += 1
+        if full:
+            # Answered from the accepting thread: the answer fits the socket's buffer.
+            refused = TooManyConnections(f"{MAX_CONNECTIONS} clients are being served already; retry shortly")
+            send_answer(request, refused.status, {"error": str(refused)})
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: socket.socket, client_address: object) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._connections_lock:
+                self._connections -= 1
 
     @contextmanager
     def answer_before_close(self) -> Iterator[None]:

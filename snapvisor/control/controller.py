@@ -5,6 +5,12 @@ One lock orders snapshots, pause/resume and migrations, so an operator's pause
 never interleaves with the short pause a snapshot takes, two snapshots never share
 the Snapshotter's dirty-page bookkeeping, and nothing pauses or snapshots a VM
 while it migrates.
+
+Snapshot requests that wait for that lock are coalesced: identical requests (same
+repository, `full`, tags) that arrive while a snapshot runs share the one snapshot
+that follows it. However fast requests come, each is answered by a snapshot taken
+after it arrived, at most one snapshot per kind of request waits, and the snapshots
+taken keep pace with what the store can write.
 """
 
 from __future__ import annotations
@@ -12,30 +18,24 @@ from __future__ import annotations
 import re
 import threading
 import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
-from snapvisor.control.errors import BadRequest, Conflict, OperationFailed
+from snapvisor.control.errors import BadRequest, Conflict, ControlError, OperationFailed
 from snapvisor.errors import SnapvisorError
 from snapvisor.store import KeepPolicy, PruneResult, Repository, SnapshotInfo
 from snapvisor.store.manifest import check_name
 
 if TYPE_CHECKING:
     from snapvisor.control.schedule import Scheduler
+    from snapvisor.image.capture import CaptureStats
     from snapvisor.machine import VM
     from snapvisor.migrate import MigrationStats
     from snapvisor.vmm.exit_status import ExitStatus
 
 MAX_TAGS = 16
 _HOST = re.compile(r"[A-Za-z0-9._%:-]{1,255}")  # a host name, IPv4, or IPv6 (with a %scope)
-
-
-def validate_repo_url(url: object) -> str:
-    """A repository URL an API caller may name: absolute, with a known scheme."""
-    if not isinstance(url, str) or not url or len(url) > 1024 or "\0" in url:
-        raise BadRequest("repo must be a non-empty string of at most 1024 characters")
-    if not (url.startswith("/") or url.startswith("file:///") or url.startswith("s3://")):
-        raise BadRequest(f"repo {url!r} must be an absolute path, file:///path or s3://bucket/prefix")
-    return url
 
 
 def validate_tags(tags: object) -> list[str]:
@@ -79,6 +79,56 @@ def snapshot_json(info: SnapshotInfo) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class SnapshotTaken:
+    """A snapshot and what it cost; `requests` counts the requests it answered
+    (more than one: coalesced, module docstring)."""
+
+    info: SnapshotInfo
+    cost: "CaptureStats | None"
+    requests: int = 1
+
+    def to_json(self) -> dict:
+        answer = snapshot_json(self.info)
+        if self.cost is not None and self.cost.snapshot_id == self.info.id:
+            answer.update(full=self.cost.full, pause_s=round(self.cost.pause_s, 4),
+                          total_s=round(self.cost.total_s, 3), store=self.cost.store)
+        answer.update(coalesced=self.requests > 1, requests=self.requests)
+        return answer
+
+
+class _WaitingSnapshot:
+    """A snapshot asked for and not yet started: the requests that share it wait
+    here for its outcome."""
+
+    def __init__(self, repo: str, since: float) -> None:
+        self.repo = repo
+        self.since = since
+        self.requests = 0
+        self._done = threading.Event()
+        self._taken: SnapshotTaken | None = None
+        self._error: ControlError | None = None
+
+    def succeed(self, taken: SnapshotTaken) -> None:
+        self._taken = taken
+        self._done.set()
+
+    def fail(self, error: ControlError) -> None:
+        self._error = error
+        self._done.set()
+
+    def result(self) -> SnapshotTaken:
+        self._done.wait()
+        if self._error is not None:
+            raise type(self._error)(str(self._error), self._error.status)
+        assert self._taken is not None
+        return self._taken
+
+    def to_json(self) -> dict:
+        return {"repo": self.repo, "since": datetime.fromtimestamp(self.since, timezone.utc).isoformat(),
+                "requests": self.requests}
+
+
 class VmController:
     """Operations on one running `snapvisor.machine.VM`."""
 
@@ -94,6 +144,10 @@ class VmController:
         self._migrating_to: str | None = None
         self._repositories: dict[str, Repository] = {}
         self._repositories_lock = threading.Lock()
+        # Snapshot requests by (repository, full, tags): the one running, those waiting.
+        self._snapshots_lock = threading.Lock()
+        self._running: _WaitingSnapshot | None = None
+        self._waiting: dict[tuple[str, bool, tuple[str, ...]], _WaitingSnapshot] = {}
 
     # -- state -------------------------------------------------------------------------
 
@@ -120,6 +174,7 @@ class VmController:
                 "total_s": round(last.total_s, 3), "store": last.store,
             },
             "schedule": None if self.scheduler is None else self.scheduler.status(),
+            "snapshots_in_progress": self.snapshots_in_progress(),
         }
 
     def set_state(self, state: str) -> None:
@@ -175,21 +230,66 @@ class VmController:
                 self._repositories[url] = repo
             return repo
 
-    def snapshot(self, url: str, *, full: bool = False, tags: list[str] | tuple[str, ...] = ()) -> SnapshotInfo:
+    def check_repository(self, url: str) -> None:
+        """Refuse (400) a repository that does not open, creating it if it is new:
+        a schedule is accepted only when its repositories can take snapshots."""
+        try:
+            self.repository(url)
+        except OperationFailed as exc:
+            raise BadRequest(f"{exc}; nothing was changed") from None
+
+    def snapshot(self, url: str, *, full: bool = False, tags: list[str] | tuple[str, ...] = ()) -> "SnapshotTaken":
         """Take a snapshot into `url` while the guest runs (it pauses only to copy
-        what changed). A failure loses nothing: the next snapshot there carries
+        what changed), or share the one an identical request waits for (module
+        docstring). A failure loses nothing: the next snapshot there carries
         every page dirtied since the last one that succeeded."""
         self.refuse_while_migrating()
-        with self._lock:
-            self._require_running()
-            if self._paused_by_operator:
-                raise Conflict(f"VM {self.machine.name} is paused by the operator; resume it "
-                               f"(PUT /vm/state {{\"state\": \"Resumed\"}}) before a snapshot")
-            repo = self.repository(url)
-            try:
-                return self.machine.snapshot(repo, tags=list(tags), full=full)
-            except SnapvisorError as exc:
-                raise OperationFailed(f"snapshot into {url} failed: {exc}") from None
+        key = (url, full, tuple(tags))
+        with self._snapshots_lock:
+            waiting = self._waiting.get(key)
+            leads = waiting is None
+            if leads:
+                waiting = self._waiting[key] = _WaitingSnapshot(url, time.time())
+            waiting.requests += 1
+        if not leads:
+            return waiting.result()
+        try:
+            with self._lock:
+                with self._snapshots_lock:
+                    # Started: requests from now on wait for the snapshot after this one.
+                    del self._waiting[key]
+                    self._running = waiting
+                try:
+                    taken = self._snapshot_now(url, full, tags, waiting.requests)
+                finally:
+                    with self._snapshots_lock:
+                        self._running = None
+        except ControlError as exc:
+            waiting.fail(exc)
+            raise
+        except BaseException:  # a bug: the requests sharing it must not wait for ever
+            waiting.fail(OperationFailed(f"snapshot into {url} failed; see the VMM's log"))
+            raise
+        waiting.succeed(taken)
+        return taken
+
+    def _snapshot_now(self, url: str, full: bool, tags: list[str] | tuple[str, ...], requests: int) -> "SnapshotTaken":
+        self._require_running()
+        if self._paused_by_operator:
+            raise Conflict(f"VM {self.machine.name} is paused by the operator; resume it "
+                           f"(PUT /vm/state {{\"state\": \"Resumed\"}}) before a snapshot")
+        repo = self.repository(url)
+        try:
+            info = self.machine.snapshot(repo, tags=list(tags), full=full)
+        except SnapvisorError as exc:
+            raise OperationFailed(f"snapshot into {url} failed: {exc}") from None
+        return SnapshotTaken(info, self.machine.last_snapshot, requests)
+
+    def snapshots_in_progress(self) -> dict:
+        """The snapshot being taken and those waiting for it, for GET /vm."""
+        with self._snapshots_lock:
+            return {"running": None if self._running is None else self._running.to_json(),
+                    "waiting": [w.to_json() for w in self._waiting.values()]}
 
     # -- migration -------------------------------------------------------------------
 

@@ -37,8 +37,20 @@ class Conflict(ControlError):
     status = 409
 
 
+class RequestTimeout(ControlError):
+    """The client did not send its whole request in time; the connection is closed."""
+
+    status = 408
+
+
 class PayloadTooLarge(ControlError):
     status = 413
+
+
+class TooManyConnections(ControlError):
+    """More clients are connected than the server serves at once."""
+
+    status = 429
 
 
 class OperationFailed(ControlError):

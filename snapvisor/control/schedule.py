@@ -7,6 +7,12 @@ good snapshot in that repository, so the retry that succeeds carries all of them
 Back-off starts at one second and doubles up to `max(every, 30 s)`: a short
 schedule does not hammer a store that is down, a long one retries well before
 its next regular run.
+
+A change of schedule takes effect at once, also while a scheduled snapshot is
+under way: the change arms every timer from the new settings, and the snapshot
+that was running, when it ends, neither re-arms a timer nor prunes by the
+settings it started under (each change starts a new generation; what a run of
+an older one learns is recorded, not acted on).
 """
 
 from __future__ import annotations
@@ -17,8 +23,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Callable
 
-from snapvisor.control.controller import VmController, validate_repo_url, validate_tags
+from snapvisor.control.controller import VmController, validate_tags
 from snapvisor.control.errors import BadRequest, Conflict
+from snapvisor.control.repo_url import validate_repo_url
 from snapvisor.humanize import duration, parse_duration
 from snapvisor.store import KeepPolicy
 
@@ -27,6 +34,7 @@ MIN_BACKOFF_CAP_S = 30.0
 MIN_EVERY_S = 0.5
 MAX_REPOS = 8
 KEEP_RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
+MAX_KEEP_WITHIN_S = 100 * 366 * 86400
 
 
 @dataclass(frozen=True)
@@ -92,9 +100,12 @@ def keep_policy_from_json(body: object) -> KeepPolicy:
     within = body.get("within")
     if within is not None:
         try:
-            within = timedelta(seconds=parse_duration(within))
-        except (ValueError, AttributeError) as exc:
+            seconds = parse_duration(within)
+        except ValueError as exc:
             raise BadRequest(f"keep.within: {exc}") from None
+        if seconds > MAX_KEEP_WITHIN_S:
+            raise BadRequest(f"keep.within must be at most 100 years, not {within!r}")
+        within = timedelta(seconds=seconds)
     return KeepPolicy(**counts, within=within)
 
 
@@ -124,10 +135,12 @@ class TargetStatus:
     last_error_at: float | None = None
     last_prune: dict | None = None
     last_prune_error: str | None = None
+    running_since: float | None = None  # time.time() the snapshot under way started
 
     def to_json(self) -> dict:
         return {
-            "repo": self.repo, "next_run": _iso(time.time() + self.next_run - time.monotonic()), "snapshots": self.snapshots,
+            "repo": self.repo, "next_run": _iso(time.time() + self.next_run - time.monotonic()),
+            "running_since": _iso(self.running_since), "snapshots": self.snapshots,
             "failures": self.failures, "consecutive_failures": self.consecutive_failures,
             "last_success": _iso(self.last_success), "last_snapshot": self.last_snapshot,
             "last_error": self.last_error, "last_error_at": _iso(self.last_error_at),
@@ -145,6 +158,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._schedule: Schedule | None = None
         self._targets: dict[str, TargetStatus] = {}
+        self._generation = 0  # counts set_schedule() calls
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="snapshot-scheduler", daemon=True)
         controller.scheduler = self
@@ -170,6 +184,7 @@ class Scheduler:
         from now, and repositories that stay keep their history."""
         with self._cond:
             self._schedule = schedule
+            self._generation += 1
             now = time.monotonic()
             old = self._targets
             self._targets = {}
@@ -203,24 +218,33 @@ class Scheduler:
                     if delay is not None and delay <= 0:
                         break
                     self._cond.wait(delay)
-                schedule = self._schedule
+                schedule, generation = self._schedule, self._generation
+                target.running_since = time.time()
             assert schedule is not None
             if not self.controller.machine.vm.running:
                 return
-            self._run_one(schedule, target)
+            try:
+                self._run_one(schedule, generation, target)
+            finally:
+                with self._cond:
+                    target.running_since = None
 
-    def _run_one(self, schedule: Schedule, target: TargetStatus) -> None:
+    def _current(self, generation: int) -> bool:
+        """Whether no change of schedule came since `generation` (hold _cond)."""
+        return generation == self._generation
+
+    def _run_one(self, schedule: Schedule, generation: int, target: TargetStatus) -> None:
         started = time.monotonic()
         try:
-            info = self.controller.snapshot(target.repo, tags=schedule.tags)
+            info = self.controller.snapshot(target.repo, tags=schedule.tags).info
         except Conflict as exc:
             # Paused by the operator or stopped: not a store failure, try at the next run.
-            self._record_failure(target, str(exc), started + schedule.every, count=False)
+            self._record_failure(target, str(exc), generation, started + schedule.every, count=False)
             return
         except Exception as exc:  # noqa: BLE001 - nothing a store does may end the schedule
             backoff = min(FIRST_RETRY_S * 2 ** target.consecutive_failures,
                           max(schedule.every, MIN_BACKOFF_CAP_S))
-            self._record_failure(target, _describe(exc), time.monotonic() + backoff, count=True)
+            self._record_failure(target, _describe(exc), generation, time.monotonic() + backoff, count=True)
             self._tell(f"scheduled snapshot into {target.repo} failed ({target.consecutive_failures} in a row): "
                        f"{target.last_error}; retrying in {duration(backoff)}, no dirty page is lost")
             return
@@ -232,11 +256,15 @@ class Scheduler:
             target.consecutive_failures = 0
             target.last_success = time.time()
             target.last_snapshot = info.id
-            # On time: the next run is one interval after this one started, unless
-            # that has passed already (a slow upload), then right after this one.
-            target.next_run = max(started + schedule.every, time.monotonic())
-        if schedule.keep is not None:
-            self._prune(target, schedule.keep)
+            if self._current(generation):
+                # On time: the next run is one interval after this one started, unless
+                # that has passed already (a slow upload), then right after this one.
+                target.next_run = max(started + schedule.every, time.monotonic())
+            # Retention as the settings in force now say: a change while the snapshot
+            # ran may have altered it, or ended the schedule (then nothing is pruned).
+            in_force = self._schedule if self._targets.get(target.repo) is target else None
+        if in_force is not None and in_force.keep is not None:
+            self._prune(target, in_force.keep)
 
     def _prune(self, target: TargetStatus, keep: KeepPolicy) -> None:
         try:
@@ -258,14 +286,15 @@ class Scheduler:
             except Exception:  # noqa: BLE001 - a closed stderr must not stop the schedule
                 pass
 
-    def _record_failure(self, target: TargetStatus, message: str, next_run: float, count: bool) -> None:
+    def _record_failure(self, target: TargetStatus, message: str, generation: int, next_run: float,
+                        count: bool) -> None:
         with self._cond:
             target.last_error = message
             target.last_error_at = time.time()
             if count:
                 target.failures += 1
                 target.consecutive_failures += 1
-            if target.repo in self._targets:
+            if self._current(generation):
                 target.next_run = next_run
 
 
