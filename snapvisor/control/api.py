@@ -30,12 +30,12 @@ from pathlib import Path
 from typing import Iterator
 
 from snapvisor.control.controller import VmController, validate_address, validate_tags
-from snapvisor.control.errors import BadRequest, ControlError, MethodNotAllowed, NotFound, TooManyConnections
+from snapvisor.control.errors import (BadRequest, ControlError, MethodNotAllowed, NotFound, TooManyConnections,
+                                      shown)
 from snapvisor.control.repo_url import validate_repo_url
 from snapvisor.control.schedule import Schedule, Scheduler
-from snapvisor.control.wire import ClientGone, Request, RequestReader, send_answer
+from snapvisor.control.wire import ClientGone, Request, RequestReader, duration_from_json, linger, send_answer
 from snapvisor.errors import SnapvisorError
-from snapvisor.humanize import parse_duration
 
 MAX_BODY = 64 << 10
 REQUEST_TIMEOUT_S = 10.0  # a request (line, headers, body) must arrive whole within it
@@ -98,6 +98,9 @@ class _Handler(socketserver.BaseRequestHandler):
             except ClientGone:
                 return
             send_answer(self.request, status, answer)
+
+    def finish(self) -> None:
+        linger(self.request)
 
     def _answer(self, request: Request, reader: RequestReader, name: str | None) -> tuple[int, dict | None]:
         method, path = request.method, request.path
@@ -168,7 +171,7 @@ class _Handler(socketserver.BaseRequestHandler):
     def put_action(self, body: dict) -> tuple[int, None]:
         _fields(body, {"action"}, {"action"})
         if body["action"] != "shutdown":
-            raise BadRequest(f"action {body['action']!r} is unknown; the only action is 'shutdown'")
+            raise BadRequest(f"action {shown(body['action'])} is unknown; the only action is 'shutdown'")
         self.controller.refuse_while_migrating()
         # Answer first: stopping the VM ends the process that serves this request.
         threading.Thread(target=self.controller.shutdown, name="api-shutdown", daemon=True).start()
@@ -183,17 +186,10 @@ class _Handler(socketserver.BaseRequestHandler):
         downtime_ms = body.get("downtime_ms", DEFAULT_DOWNTIME_MS)
         if not _is_number(downtime_ms) or not 0 < downtime_ms <= MAX_DOWNTIME_MS:
             raise BadRequest(f"downtime_ms must be a number of milliseconds above 0 and at most "
-                             f"{MAX_DOWNTIME_MS:g}, not {downtime_ms!r}")
-        max_time = body.get("max_time", DEFAULT_MAX_TIME_S)
-        if isinstance(max_time, str):
-            try:
-                max_time = parse_duration(max_time)
-            except ValueError as exc:
-                raise BadRequest(f"max_time: {exc}") from None
-        elif not _is_number(max_time):
-            raise BadRequest("max_time must be a duration string ('2m') or a number of seconds")
+                             f"{MAX_DOWNTIME_MS:g}, not {shown(downtime_ms)}")
+        max_time = duration_from_json("max_time", body.get("max_time", DEFAULT_MAX_TIME_S))
         if not 0 < max_time <= MAX_MIGRATION_TIME_S:
-            raise BadRequest(f"max_time must be above 0 s and at most a day, not {body['max_time']!r}")
+            raise BadRequest(f"max_time must be above 0 s and at most a day, not {shown(body['max_time'])}")
         auto_converge = body.get("auto_converge", True)
         if not isinstance(auto_converge, bool):
             raise BadRequest("auto_converge must be true or false")
@@ -237,22 +233,18 @@ class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     def start(self) -> None:
         self._thread.start()
 
-    def process_request(self, request: socket.socket, client_address: object) -> None:
-        with self._connections_lock:
-            full = self._connections >= MAX_CONNECTIONS
-            if not full:
-                self._connections += 1
-        if full:
-            # Answered from the accepting thread: the answer fits the socket's buffer.
-            refused = TooManyConnections(f"{MAX_CONNECTIONS} clients are being served already; retry shortly")
-            send_answer(request, refused.status, {"error": str(refused)})
-            self.shutdown_request(request)
-            return
-        super().process_request(request, client_address)
-
     def process_request_thread(self, request: socket.socket, client_address: object) -> None:
+        with self._connections_lock:
+            self._connections += 1
+            served = self._connections <= MAX_CONNECTIONS
         try:
-            super().process_request_thread(request, client_address)
+            if served:
+                super().process_request_thread(request, client_address)
+            else:
+                refused = TooManyConnections(f"{MAX_CONNECTIONS} clients are being served already; retry shortly")
+                send_answer(request, refused.status, {"error": str(refused)})
+                linger(request)
+                self.shutdown_request(request)
         finally:
             with self._connections_lock:
                 self._connections -= 1

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
-from snapvisor.control.errors import BadRequest, Conflict, ControlError, OperationFailed
+from snapvisor.control.errors import BadRequest, Conflict, ControlError, OperationFailed, shown
 from snapvisor.errors import SnapvisorError
 from snapvisor.store import KeepPolicy, PruneResult, Repository, SnapshotInfo
 from snapvisor.store.manifest import check_name
@@ -56,7 +56,7 @@ def validate_address(to: object) -> str:
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     if not (_HOST.fullmatch(host) and port.isdigit() and 1 <= int(port) <= 65535):
         raise BadRequest(f"to must be the receiver's HOST:PORT (192.0.2.20:7000, [2001:db8::2]:7000), "
-                         f"port 1 to 65535, not {to!r}")
+                         f"port 1 to 65535, not {shown(to)}")
     return text
 
 
@@ -180,7 +180,7 @@ class VmController:
     def set_state(self, state: str) -> None:
         """'Paused' or 'Resumed' (Firecracker's names); repeating one is a no-op."""
         if state not in ("Paused", "Resumed"):
-            raise BadRequest(f"state {state!r} is not one of 'Paused', 'Resumed'")
+            raise BadRequest(f"state {shown(state)} is not one of 'Paused', 'Resumed'")
         self.refuse_while_migrating()
         with self._lock:
             self._require_running()

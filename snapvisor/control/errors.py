@@ -6,6 +6,13 @@ from __future__ import annotations
 from snapvisor.errors import SnapvisorError
 
 
+def shown(value: object, limit: int = 80) -> str:
+    """`value` as an error message quotes it: its repr, cut to `limit` characters
+    (a request may send 64 KiB where a word was expected)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 class ControlError(SnapvisorError):
     """A control request was refused or failed; the VM is unaffected."""
 

@@ -24,9 +24,10 @@ from datetime import datetime, timedelta, timezone
 from typing import Callable
 
 from snapvisor.control.controller import VmController, validate_tags
-from snapvisor.control.errors import BadRequest, Conflict
+from snapvisor.control.errors import BadRequest, Conflict, shown
 from snapvisor.control.repo_url import validate_repo_url
-from snapvisor.humanize import duration, parse_duration
+from snapvisor.control.wire import duration_from_json
+from snapvisor.humanize import duration
 from snapvisor.store import KeepPolicy
 
 FIRST_RETRY_S = 1.0
@@ -47,7 +48,7 @@ class Schedule:
     def __post_init__(self) -> None:
         if not isinstance(self.every, (int, float)) or isinstance(self.every, bool) or not \
                 MIN_EVERY_S <= self.every <= 366 * 86400:
-            raise BadRequest(f"every must be between {MIN_EVERY_S} s and a year, not {self.every!r}")
+            raise BadRequest(f"every must be between {MIN_EVERY_S} s and a year, not {shown(self.every)}")
         if not self.repos or len(self.repos) > MAX_REPOS:
             raise BadRequest(f"a schedule needs 1 to {MAX_REPOS} repositories")
         for url in self.repos:
@@ -64,20 +65,13 @@ class Schedule:
         unknown = set(body) - {"every", "repos", "keep", "tags"}
         if unknown:
             raise BadRequest(f"unknown field(s) {sorted(unknown)}; a schedule has every, repos, keep, tags")
-        every = body.get("every")
-        if isinstance(every, str):
-            try:
-                every = parse_duration(every)
-            except ValueError as exc:
-                raise BadRequest(f"every: {exc}") from None
-        elif not isinstance(every, (int, float)) or isinstance(every, bool):
-            raise BadRequest("every must be a duration string ('15m') or a number of seconds")
+        every = duration_from_json("every", body.get("every"))
         repos = body.get("repos")
         if not isinstance(repos, list):
             raise BadRequest("repos must be a list of repository URLs")
         keep = body.get("keep")
         tags = body.get("tags", [])
-        return cls(float(every), tuple(repos), keep_policy_from_json(keep) if keep is not None else None,
+        return cls(every, tuple(repos), keep_policy_from_json(keep) if keep is not None else None,
                    tuple(validate_tags(tags)))
 
     def to_json(self) -> dict:
@@ -99,12 +93,11 @@ def keep_policy_from_json(body: object) -> KeepPolicy:
         counts[rule] = value
     within = body.get("within")
     if within is not None:
-        try:
-            seconds = parse_duration(within)
-        except ValueError as exc:
-            raise BadRequest(f"keep.within: {exc}") from None
+        if not isinstance(within, str):
+            raise BadRequest("keep.within must be a duration string such as '2d'")
+        seconds = duration_from_json("keep.within", within)
         if seconds > MAX_KEEP_WITHIN_S:
-            raise BadRequest(f"keep.within must be at most 100 years, not {within!r}")
+            raise BadRequest(f"keep.within must be at most 100 years, not {shown(within)}")
         within = timedelta(seconds=seconds)
     return KeepPolicy(**counts, within=within)
 

@@ -20,15 +20,19 @@ import time
 from dataclasses import dataclass
 from http import HTTPStatus
 
-from snapvisor.control.errors import BadRequest, ControlError, PayloadTooLarge, RequestTimeout
+from snapvisor.control.errors import BadRequest, ControlError, PayloadTooLarge, RequestTimeout, shown
+from snapvisor.humanize import parse_duration
 
 MAX_LINE = 8192          # bytes in the request line or one header line
 MAX_HEADERS = 64
 MAX_JSON_DEPTH = 8       # the API's bodies nest 2 deep ({"keep": {"last": 3}})
 MAX_JSON_INT = 2 ** 63   # beyond any count, size or duration the API takes
+MAX_DURATION_TEXT = 32   # '1h30m', '2d': a longer text is no duration
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token: methods, header names
 VERSIONS = ("HTTP/1.0", "HTTP/1.1")
 SEND_TIMEOUT_S = 5.0     # a client that does not read its answer is dropped
+LINGER_S = 2.0           # how long the rest of a refused request is read and dropped
+LINGER_BYTES = 1 << 20
 
 
 class ClientGone(Exception):
@@ -77,7 +81,7 @@ class RequestReader:
         parts = text.split(" ")
         method, target, version = parts if len(parts) == 3 else ("", "", "")
         if not (_TOKEN.fullmatch(method) and target.startswith("/") and version in VERSIONS):
-            raise BadRequest(f"the request line {_shown(text)} is not HTTP/1.0 or 1.1; send "
+            raise BadRequest(f"the request line {shown(text)} is not HTTP/1.0 or 1.1; send "
                              f"'METHOD /path HTTP/1.1' (curl --unix-socket SOCKET http://localhost/vm)")
         headers: dict[str, str] = {}
         while (line := self._line("a header line", 431)) not in (b"\r\n", b"\n"):
@@ -85,7 +89,7 @@ class RequestReader:
                 raise BadRequest("the request ended inside its headers; end them with an empty line")
             name, colon, value = line.decode("latin-1").partition(":")
             if not colon or not _TOKEN.fullmatch(name):
-                raise BadRequest(f"the header line {_shown(line.decode('latin-1').rstrip())} is not 'Name: value'")
+                raise BadRequest(f"the header line {shown(line.decode('latin-1').rstrip())} is not 'Name: value'")
             name, value = name.lower(), value.strip()
             if headers.get(name, value) != value:
                 raise BadRequest(f"the header {name} is given twice with different values")
@@ -102,7 +106,7 @@ class RequestReader:
         if length_text is None:
             raise ControlError(f"a {request.method} needs a JSON body with a Content-Length", 411)
         if not length_text.isdigit():
-            raise BadRequest(f"Content-Length {_shown(length_text)} is not a number of bytes")
+            raise BadRequest(f"Content-Length {shown(length_text)} is not a number of bytes")
         length = int(length_text)
         if length > limit:
             raise PayloadTooLarge(f"the body is {length} bytes; the API takes at most {limit}")
@@ -153,13 +157,13 @@ def _refuse_constant(name: str) -> float:
 def _finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
-        raise ValueError(f"{_shown(text)} is too large a number")
+        raise ValueError(f"{shown(text)} is too large a number")
     return value
 
 
 def _bounded_int(text: str) -> int:
     if len(text.lstrip("-")) > len(str(MAX_JSON_INT)) or abs(value := int(text)) > MAX_JSON_INT:
-        raise ValueError(f"{_shown(text)} is too large a number")
+        raise ValueError(f"{shown(text)} is too large a number")
     return value
 
 
@@ -174,9 +178,18 @@ def _depth(value: object) -> int:
     return deepest
 
 
-def _shown(text: str, limit: int = 80) -> str:
-    """`text` quoted for an error message, cut to `limit` characters."""
-    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
+def duration_from_json(field: str, value: object) -> float:
+    """Seconds from a duration field: a string such as '15m', or a number."""
+    if isinstance(value, str):
+        try:
+            if len(value) > MAX_DURATION_TEXT:
+                raise ValueError(f"{shown(value)} is not a duration (examples: 30s, 15m, 1h30m, 2d)")
+            return parse_duration(value)
+        except ValueError as exc:
+            raise BadRequest(f"{field}: {exc}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or abs(value) > MAX_JSON_INT:
+        raise BadRequest(f"{field} must be a duration string ('15m') or a number of seconds")
+    return float(value)
 
 
 def send_answer(sock: socket.socket, status: int, answer: dict | None, headers: dict[str, str] | None = None) -> None:
@@ -191,3 +204,21 @@ def send_answer(sock: socket.socket, status: int, answer: dict | None, headers: 
         sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + data)
     except OSError:
         pass  # the client went away; nothing to tell it
+
+
+def linger(sock: socket.socket) -> None:
+    """End our side, then read and drop what the client still sends (the body of a
+    request refused early, up to LINGER_BYTES for LINGER_S): a Unix socket closed
+    with unread bytes resets the connection, and the client loses the answer."""
+    deadline = time.monotonic() + LINGER_S
+    dropped = 0
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        while dropped < LINGER_BYTES and (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            chunk = sock.recv(65536)
+            if not chunk:
+                return
+            dropped += len(chunk)
+    except OSError:
+        pass  # gone, or still sending after the grace: the answer was given
