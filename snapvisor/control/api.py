@@ -10,11 +10,12 @@
     PUT  /migrate     {"to": "HOST:PORT", "downtime_ms": 50, "max_time": "2m", "auto_converge": true,
                        "repo": URL}   -> the migration's stats, once the VM runs there
 
-Every answer is JSON; errors are {"error": "<what and how to fix it>"} with a 4xx
-status for a bad request (the VM is untouched) and 502 when the VM tried and a
-dependency failed (a store outage). The socket is created owner-only (0600)
-before it listens, and the server runs on daemon threads: nothing a client sends
-can stop the VMM.
+Every answer, to whatever bytes arrive, is a status line and JSON (wire.py);
+errors are {"error": "<what and how to fix it>"} with a 4xx status for a bad
+request (the VM is untouched) and 502 when the VM tried and a dependency failed
+(a store outage). The socket is created owner-only (0600) before it listens, and
+the server runs on daemon threads, one per connection up to MAX_CONNECTIONS:
+nothing a client sends can stop the VMM or starve GET /vm.
 """
 
 from __future__ import annotations
