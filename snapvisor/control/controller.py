@@ -90,16 +90,16 @@ class SnapshotTaken:
 
     def to_json(self) -> dict:
         answer = snapshot_json(self.info)
-        if self.cost is not None and self.cost.snapshot_id == self.info.id:
+        if self.cost is not None:
             answer.update(full=self.cost.full, pause_s=round(self.cost.pause_s, 4),
                           total_s=round(self.cost.total_s, 3), store=self.cost.store)
         answer.update(coalesced=self.requests > 1, requests=self.requests)
         return answer
 
 
-class _WaitingSnapshot:
-    """A snapshot asked for and not yet started: the requests that share it wait
-    here for its outcome."""
+class _SharedSnapshot:
+    """A snapshot asked for by one or more identical requests: the first takes it,
+    the others wait here for its outcome."""
 
     def __init__(self, repo: str, since: float) -> None:
         self.repo = repo
@@ -146,8 +146,8 @@ class VmController:
         self._repositories_lock = threading.Lock()
         # Snapshot requests by (repository, full, tags): the one running, those waiting.
         self._snapshots_lock = threading.Lock()
-        self._running: _WaitingSnapshot | None = None
-        self._waiting: dict[tuple[str, bool, tuple[str, ...]], _WaitingSnapshot] = {}
+        self._running: _SharedSnapshot | None = None
+        self._shared: dict[tuple[str, bool, tuple[str, ...]], _SharedSnapshot] = {}
 
     # -- state -------------------------------------------------------------------------
 
@@ -236,9 +236,9 @@ class VmController:
         try:
             self.repository(url)
         except OperationFailed as exc:
-            raise BadRequest(f"{exc}; nothing was changed") from None
+            raise BadRequest(f"{exc}; the schedule was not changed") from None
 
-    def snapshot(self, url: str, *, full: bool = False, tags: list[str] | tuple[str, ...] = ()) -> "SnapshotTaken":
+    def snapshot(self, url: str, *, full: bool = False, tags: list[str] | tuple[str, ...] = ()) -> SnapshotTaken:
         """Take a snapshot into `url` while the guest runs (it pauses only to copy
         what changed), or share the one an identical request waits for (module
         docstring). A failure loses nothing: the next snapshot there carries
@@ -246,34 +246,34 @@ class VmController:
         self.refuse_while_migrating()
         key = (url, full, tuple(tags))
         with self._snapshots_lock:
-            waiting = self._waiting.get(key)
-            leads = waiting is None
+            shared = self._shared.get(key)
+            leads = shared is None
             if leads:
-                waiting = self._waiting[key] = _WaitingSnapshot(url, time.time())
-            waiting.requests += 1
+                shared = self._shared[key] = _SharedSnapshot(url, time.time())
+            shared.requests += 1
         if not leads:
-            return waiting.result()
+            return shared.result()
         try:
             with self._lock:
                 with self._snapshots_lock:
                     # Started: requests from now on wait for the snapshot after this one.
-                    del self._waiting[key]
-                    self._running = waiting
+                    del self._shared[key]
+                    self._running = shared
                 try:
-                    taken = self._snapshot_now(url, full, tags, waiting.requests)
+                    taken = self._snapshot_now(url, full, tags, shared.requests)
                 finally:
                     with self._snapshots_lock:
                         self._running = None
         except ControlError as exc:
-            waiting.fail(exc)
+            shared.fail(exc)
             raise
-        except BaseException:  # a bug: the requests sharing it must not wait for ever
-            waiting.fail(OperationFailed(f"snapshot into {url} failed; see the VMM's log"))
+        except BaseException as exc:  # a bug: the requests sharing it must not wait for ever
+            shared.fail(OperationFailed(f"snapshot into {url} failed: internal error: {type(exc).__name__}: {exc}"))
             raise
-        waiting.succeed(taken)
+        shared.succeed(taken)
         return taken
 
-    def _snapshot_now(self, url: str, full: bool, tags: list[str] | tuple[str, ...], requests: int) -> "SnapshotTaken":
+    def _snapshot_now(self, url: str, full: bool, tags: list[str] | tuple[str, ...], requests: int) -> SnapshotTaken:
         self._require_running()
         if self._paused_by_operator:
             raise Conflict(f"VM {self.machine.name} is paused by the operator; resume it "
@@ -289,7 +289,7 @@ class VmController:
         """The snapshot being taken and those waiting for it, for GET /vm."""
         with self._snapshots_lock:
             return {"running": None if self._running is None else self._running.to_json(),
-                    "waiting": [w.to_json() for w in self._waiting.values()]}
+                    "waiting": [w.to_json() for w in self._shared.values()]}
 
     # -- migration -------------------------------------------------------------------
 

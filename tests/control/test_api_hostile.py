@@ -285,7 +285,7 @@ def test_a_schedule_whose_repository_does_not_open_is_refused(served: Served, s3
         body = json.dumps({"every": "1h", "repos": [str(served.dir / "repo"), url]}).encode()
         status, message = json_error(exchange(served.sock, put("/schedule", body)))
         assert status == 400 and f"cannot open repository {url}" in message and reason in message, message
-        assert "nothing was changed" in message
+        assert "the schedule was not changed" in message
         assert_untouched(served)
 
 
