@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from control_helpers import assert_healthy
+from control_helpers import assert_healthy, wait_until
 from snapvisor.control import ApiClient
 from snapvisor.store import Repository
 from snapvisor.store.locks import EXCLUSIVE
@@ -32,16 +32,6 @@ CHANGES = {
     "repository removed": (lambda a, b: {"every": "1h", "repos": [b], "keep": {"last": 1}}, 3),
     "disabled": (lambda a, b: {"every": None}, 3),
 }
-
-
-def wait_until(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def epoch(iso: str) -> float:

@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from control_helpers import assert_healthy
+from control_helpers import assert_healthy, wait_until
 from snapvisor.control import ApiClient
 from snapvisor.store import Repository
 from snapvisor.store.locks import EXCLUSIVE
 from test_api import running  # noqa: F401 - the fixture
-from test_schedule_change import wait_until
 
 pytestmark = pytest.mark.kvm
 
