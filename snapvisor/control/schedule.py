@@ -10,9 +10,9 @@ its next regular run.
 
 A change of schedule takes effect at once, also while a scheduled snapshot is
 under way: the change arms every timer from the new settings, and the snapshot
-that was running, when it ends, neither re-arms a timer nor prunes by the
-settings it started under (each change starts a new generation; what a run of
-an older one learns is recorded, not acted on).
+that was running is recorded when it ends but re-arms no timer (each change
+starts a new generation, and only a run of the current one re-arms), and it is
+pruned by the retention in force then, not by the one it started under.
 """
 
 from __future__ import annotations
@@ -211,11 +211,11 @@ class Scheduler:
                     if delay is not None and delay <= 0:
                         break
                     self._cond.wait(delay)
+                if not self.controller.machine.vm.running:
+                    return
                 schedule, generation = self._schedule, self._generation
                 target.running_since = time.time()
             assert schedule is not None
-            if not self.controller.machine.vm.running:
-                return
             try:
                 self._run_one(schedule, generation, target)
             finally:

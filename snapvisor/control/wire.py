@@ -187,9 +187,12 @@ def duration_from_json(field: str, value: object) -> float:
             return parse_duration(value)
         except ValueError as exc:
             raise BadRequest(f"{field}: {exc}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or abs(value) > MAX_JSON_INT:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise BadRequest(f"{field} must be a duration string ('15m') or a number of seconds")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:
+        raise BadRequest(f"{field} {shown(value)} is out of range") from None
 
 
 def send_answer(sock: socket.socket, status: int, answer: dict | None, headers: dict[str, str] | None = None) -> None:
