@@ -109,8 +109,8 @@ class _Handler(socketserver.BaseRequestHandler):
             if name is None:
                 allowed = sorted(m for m, p in self.ROUTES if p == path)
                 if allowed:
-                    raise MethodNotAllowed(f"{method} {path} is not supported; use {' or '.join(allowed)}")
-                raise NotFound(f"no endpoint {path}; the API has /vm, /vm/state, /snapshot, /schedule, "
+                    raise MethodNotAllowed(f"{shown(method)} {path} is not supported; use {' or '.join(allowed)}")
+                raise NotFound(f"no endpoint {shown(path)}; the API has /vm, /vm/state, /snapshot, /schedule, "
                                f"/actions, /migrate")
             body = reader.json_body(request, MAX_BODY) if method == "PUT" else None
             return getattr(self, name)(body)

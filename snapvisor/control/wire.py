@@ -105,11 +105,12 @@ class RequestReader:
         length_text = request.headers.get("content-length")
         if length_text is None:
             raise ControlError(f"a {request.method} needs a JSON body with a Content-Length", 411)
-        if not length_text.isdigit():
+        if not (length_text.isascii() and length_text.isdigit()):
             raise BadRequest(f"Content-Length {shown(length_text)} is not a number of bytes")
-        length = int(length_text)
-        if length > limit:
-            raise PayloadTooLarge(f"the body is {length} bytes; the API takes at most {limit}")
+        digits = length_text.lstrip("0") or "0"
+        if len(digits) > len(str(limit)) or int(digits) > limit:
+            raise PayloadTooLarge(f"the body is {shown(digits)} bytes; the API takes at most {limit}")
+        length = int(digits)
         raw = self._read(length)
         if len(raw) != length:
             raise BadRequest(f"the body ended after {len(raw)} of {length} bytes")

@@ -134,6 +134,9 @@ RAW = [
     ("signed length", b"PUT /vm/state HTTP/1.1\r\nContent-Length: +2\r\n\r\n{}", 400),
     ("float length", b"PUT /vm/state HTTP/1.1\r\nContent-Length: 2.0\r\n\r\n{}", 400),
     ("huge length", b"PUT /vm/state HTTP/1.1\r\nContent-Length: " + b"9" * 40 + b"\r\n\r\n", 413),
+    ("5000-digit length", b"PUT /vm/state HTTP/1.1\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n", 413),
+    ("non-ascii digit length", b"PUT /vm/state HTTP/1.1\r\nContent-Length: \xb2\r\n\r\n{}", 400),
+    ("zero-padded length", b"PUT /vm/state HTTP/1.1\r\nContent-Length: " + b"0" * 30 + b"2\r\n\r\n{}", 400),
     ("too big", b"PUT /snapshot HTTP/1.1\r\nContent-Length: 10000000\r\n\r\n", 413),
     ("short body", b"PUT /vm/state HTTP/1.1\r\nContent-Length: 50\r\n\r\n{}", 400),
     ("not json", put("/vm/state", b"Pause"), 400),
@@ -160,6 +163,9 @@ RAW = [
     ("HEAD", b"HEAD /vm HTTP/1.1\r\n\r\n", 405),
     ("GET a PUT endpoint", b"GET /snapshot HTTP/1.1\r\n\r\n", 405),
     ("unknown path", b"GET /nope HTTP/1.1\r\n\r\n", 404),
+    ("long path", b"GET /" + b"x" * 8000 + b" HTTP/1.1\r\n\r\n", 404),
+    ("long method", b"X" * 8000 + b" /vm HTTP/1.1\r\n\r\n", 405),
+    ("latin-1 path", b"GET /vm\xe9 HTTP/1.1\r\n\r\n", 404),
     ("root", b"GET / HTTP/1.1\r\n\r\n", 404),
     ("below an endpoint", b"GET /vm/x HTTP/1.1\r\n\r\n", 404),
     ("dot segments", b"GET /../vm HTTP/1.1\r\n\r\n", 404),
@@ -172,6 +178,7 @@ RAW = [
 def test_raw_requests_get_a_json_4xx(served: Served, request_bytes: bytes, status: int) -> None:
     answered, message = json_error(exchange(served.sock, request_bytes))
     assert answered == status, message
+    assert len(message) < 2000, message  # what was sent is not echoed whole
     assert_untouched(served)
 
 
