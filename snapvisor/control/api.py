@@ -32,7 +32,7 @@ from typing import Iterator
 
 from snapvisor.control.controller import VmController, validate_address, validate_tags
 from snapvisor.control.errors import (BadRequest, ControlError, MethodNotAllowed, NotFound, TooManyConnections,
-                                      shown)
+                                      cut, shown)
 from snapvisor.control.repo_url import validate_repo_url
 from snapvisor.control.schedule import Schedule, Scheduler
 from snapvisor.control.wire import ClientGone, Request, RequestReader, duration_from_json, linger, send_answer
@@ -109,8 +109,8 @@ class _Handler(socketserver.BaseRequestHandler):
             if name is None:
                 allowed = sorted(m for m, p in self.ROUTES if p == path)
                 if allowed:
-                    raise MethodNotAllowed(f"{shown(method)} {path} is not supported; use {' or '.join(allowed)}")
-                raise NotFound(f"no endpoint {shown(path)}; the API has /vm, /vm/state, /snapshot, /schedule, "
+                    raise MethodNotAllowed(f"{cut(method)} {path} is not supported; use {' or '.join(allowed)}")
+                raise NotFound(f"no endpoint {cut(path)}; the API has /vm, /vm/state, /snapshot, /schedule, "
                                f"/actions, /migrate")
             body = reader.json_body(request, MAX_BODY) if method == "PUT" else None
             return getattr(self, name)(body)

@@ -6,11 +6,15 @@ from __future__ import annotations
 from snapvisor.errors import SnapvisorError
 
 
-def shown(value: object, limit: int = 80) -> str:
-    """`value` as an error message quotes it: its repr, cut to `limit` characters
-    (a request may send 64 KiB where a word was expected)."""
-    text = repr(value)
+def cut(text: str, limit: int = 80) -> str:
+    """`text` cut to `limit` characters for an error message (a request may send
+    64 KiB where a word was expected)."""
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """`value` as an error message quotes it: its repr, cut to `limit` characters."""
+    return cut(repr(value), limit)
 
 
 class ControlError(SnapvisorError):
