@@ -133,7 +133,9 @@ def _snapshot(args: argparse.Namespace) -> int:
     store = answer.get("store", {})
     print(f"snapshot {answer['id'][:12]} of {answer['vm']} ({'full' if answer.get('full') else 'incremental'}) "
           f"in {url}: {humanize.size(store.get('bytes_written', 0))} written, "
-          f"guest paused {humanize.duration(answer.get('pause_s', 0))}, took {humanize.duration(answer.get('total_s', 0))}")
+          f"guest paused {humanize.duration(answer.get('pause_s', 0))}, took {humanize.duration(answer.get('total_s', 0))}"
+          + (f" (coalesced: it answered {answer['requests']} requests that arrived while another snapshot ran)"
+             if answer.get("coalesced") else ""))
     return 0
 
 

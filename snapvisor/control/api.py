@@ -11,37 +11,41 @@
     PUT  /migrate     {"to": "HOST:PORT", "downtime_ms": 50, "max_time": "2m", "auto_converge": true,
                        "repo": URL, "timeout": "20s"}   -> the migration's stats, once the VM runs there
 
-Every answer is JSON; errors are {"error": "<what and how to fix it>"} with a 4xx
-status for a bad request (the VM is untouched) and 502 when the VM tried and a
-dependency failed (a store outage). The socket is created owner-only (0600)
-before it listens, and the server runs on daemon threads: nothing a client sends
-can stop the VMM.
+Every answer, to whatever bytes arrive, is a status line and JSON (wire.py);
+errors are {"error": "<what and how to fix it>"} with a 4xx status for a bad
+request (the VM is untouched) and 502 when the VM tried and a dependency failed
+(a store outage). The socket is created owner-only (0600) before it listens, and
+the server runs on daemon threads, one per connection up to MAX_CONNECTIONS:
+nothing a client sends can stop the VMM or starve GET /vm.
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import os
 import socket
 import socketserver
 import stat
 import threading
 from contextlib import contextmanager, nullcontext
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Iterator
 
-from snapvisor.control.controller import (VmController, snapshot_json, validate_address, validate_repo_url,
-                                          validate_tags)
-from snapvisor.control.errors import (BadRequest, ControlError, MethodNotAllowed, NotFound,
-                                      PayloadTooLarge)
+from snapvisor.control.controller import VmController, validate_address, validate_tags
+from snapvisor.control.errors import (BadRequest, ControlError, MethodNotAllowed, NotFound, TooManyConnections,
+                                      cut, shown)
+from snapvisor.control.repo_url import validate_repo_url
 from snapvisor.control.schedule import Schedule, Scheduler
+from snapvisor.control.wire import ClientGone, Request, RequestReader, duration_from_json, linger, send_answer
 from snapvisor.errors import SnapvisorError
-from snapvisor.humanize import parse_duration
 
 MAX_BODY = 64 << 10
-REQUEST_READ_TIMEOUT_S = 10.0
+REQUEST_TIMEOUT_S = 10.0  # a request (line, headers, body) must arrive whole within it
+# Clients served at once: each holds a thread until answered (a snapshot's length).
+MAX_CONNECTIONS = 256
+# Connections the kernel queues before accept(): a burst of clients must not be
+# refused (a Unix socket refuses connect() with EAGAIN once the queue is full).
+LISTEN_BACKLOG = 1024
 # How long close() waits for a migration's answer to go out (see answer_before_close).
 ANSWER_GRACE_S = 5.0
 MAX_DOWNTIME_MS = 60_000.0
@@ -62,10 +66,11 @@ def _fields(body: dict, allowed: set[str], required: set[str] = frozenset()) -> 
         raise BadRequest(f"missing field(s) {sorted(missing)}")
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(socketserver.BaseRequestHandler):
+    """One connection: one request, one answer (HTTP/1.0), then it closes."""
+
     server: "ApiServer"
-    protocol_version = "HTTP/1.0"
-    timeout = REQUEST_READ_TIMEOUT_S  # a client that stalls mid-request loses its thread, nothing else
+    request: socket.socket
 
     # Routing: (method, path) -> handler method name.
     ROUTES = {
@@ -78,87 +83,47 @@ class _Handler(BaseHTTPRequestHandler):
         ("PUT", "/migrate"): "put_migrate",
     }
 
-    def log_message(self, format: str, *args: object) -> None:
-        # The VMM's stderr belongs to the operator and the guest console to stdout;
-        # request logs would drown both.
-        pass
-
-    def do_GET(self) -> None:
-        self._dispatch("GET")
-
-    def do_PUT(self) -> None:
-        self._dispatch("PUT")
-
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    def do_PATCH(self) -> None:
-        self._dispatch("PATCH")
-
-    def do_DELETE(self) -> None:
-        self._dispatch("DELETE")
-
-    def _dispatch(self, method: str) -> None:
-        path = self.path.split("?", 1)[0].rstrip("/") or "/"
-        name = self.ROUTES.get((method, path))
+    def handle(self) -> None:
+        reader = RequestReader(self.request, self.server.request_timeout_s)
+        try:
+            request = reader.head()
+        except ClientGone:
+            return
+        except ControlError as exc:
+            send_answer(self.request, exc.status, {"error": str(exc)})
+            return
+        name = self.ROUTES.get((request.method, request.path))
         # A migration that succeeds ends the VM, and with it this process, just as
         # its answer is due: the server's close() waits for that answer.
         with self.server.answer_before_close() if name == "put_migrate" else nullcontext():
-            self._send(*self._answer(method, path, name))
+            try:
+                status, answer = self._answer(request, reader, name)
+            except ClientGone:
+                return
+            send_answer(self.request, status, answer)
 
-    def _answer(self, method: str, path: str, name: str | None) -> tuple[int, dict | None]:
+    def finish(self) -> None:
+        linger(self.request)
+
+    def _answer(self, request: Request, reader: RequestReader, name: str | None) -> tuple[int, dict | None]:
+        method, path = request.method, request.path
         try:
             if name is None:
                 allowed = sorted(m for m, p in self.ROUTES if p == path)
                 if allowed:
-                    raise MethodNotAllowed(f"{method} {path} is not supported; use {' or '.join(allowed)}")
-                raise NotFound(f"no endpoint {path}; the API has /vm, /vm/state, /snapshot, /schedule, "
+                    raise MethodNotAllowed(f"{cut(method)} {path} is not supported; use {' or '.join(allowed)}")
+                raise NotFound(f"no endpoint {cut(path)}; the API has /vm, /vm/state, /snapshot, /schedule, "
                                f"/actions, /migrate")
-            body = self._read_body() if method == "PUT" else None
+            body = reader.json_body(request, MAX_BODY) if method == "PUT" else None
             return getattr(self, name)(body)
+        except ClientGone:
+            raise
         except ControlError as exc:
             return exc.status, {"error": str(exc)}
         except SnapvisorError as exc:
             return 400, {"error": str(exc)}
         except Exception as exc:  # noqa: BLE001 - an API bug must not reach the VMM
             return 500, {"error": f"internal error: {type(exc).__name__}: {exc}"}
-
-    def _read_body(self) -> dict:
-        if self.headers.get("Transfer-Encoding"):
-            raise ControlError("send the body with a Content-Length, not chunked", 411)
-        length_text = self.headers.get("Content-Length")
-        if length_text is None:
-            raise ControlError("a PUT needs a JSON body with a Content-Length", 411)
-        try:
-            length = int(length_text)
-        except ValueError:
-            raise BadRequest(f"Content-Length {length_text!r} is not a number") from None
-        if length < 0:
-            raise BadRequest("Content-Length is negative")
-        if length > MAX_BODY:
-            raise PayloadTooLarge(f"the body is {length} bytes; the API takes at most {MAX_BODY}")
-        raw = self.rfile.read(length)
-        if len(raw) != length:
-            raise BadRequest(f"the body ended after {len(raw)} of {length} bytes")
-        try:
-            body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BadRequest(f"the body is not valid JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise BadRequest("the body must be a JSON object")
-        return body
-
-    def _send(self, status: int, answer: dict | None) -> None:
-        try:
-            data = b"" if answer is None else json.dumps(answer).encode() + b"\n"
-            self.send_response(status)
-            if answer is not None:
-                self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-        except OSError:
-            pass  # the client went away; nothing to tell it
 
     # -- endpoints ---------------------------------------------------------------------
 
@@ -186,13 +151,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(full, bool):
             raise BadRequest("full must be true or false")
         tags = validate_tags(body.get("tags", []))
-        info = self.controller.snapshot(url, full=full, tags=tags)
-        answer = snapshot_json(info)
-        last = self.controller.machine.last_snapshot
-        if last is not None and last.snapshot_id == info.id:
-            answer.update(full=last.full, pause_s=round(last.pause_s, 4), total_s=round(last.total_s, 3),
-                          store=last.store)
-        return 200, answer
+        return 200, self.controller.snapshot(url, full=full, tags=tags).to_json()
 
     def _scheduler(self) -> Scheduler:
         scheduler = self.controller.scheduler
@@ -209,13 +168,16 @@ class _Handler(BaseHTTPRequestHandler):
             _fields(body, {"every"})
             scheduler.set_schedule(None)
         else:
-            scheduler.set_schedule(Schedule.from_json(body))
+            schedule = Schedule.from_json(body)
+            for url in schedule.repos:
+                self.controller.check_repository(url)
+            scheduler.set_schedule(schedule)
         return 200, scheduler.status()
 
     def put_action(self, body: dict) -> tuple[int, None]:
         _fields(body, {"action"}, {"action"})
         if body["action"] != "shutdown":
-            raise BadRequest(f"action {body['action']!r} is unknown; the only action is 'shutdown'")
+            raise BadRequest(f"action {shown(body['action'])} is unknown; the only action is 'shutdown'")
         self.controller.refuse_while_migrating()
         # Answer first: stopping the VM ends the process that serves this request.
         threading.Thread(target=self.controller.shutdown, name="api-shutdown", daemon=True).start()
@@ -230,13 +192,13 @@ class _Handler(BaseHTTPRequestHandler):
         downtime_ms = body.get("downtime_ms", DEFAULT_DOWNTIME_MS)
         if not _is_number(downtime_ms) or not 0 < downtime_ms <= MAX_DOWNTIME_MS:
             raise BadRequest(f"downtime_ms must be a number of milliseconds above 0 and at most "
-                             f"{MAX_DOWNTIME_MS:g}, not {downtime_ms!r}")
-        max_time = _seconds(body, "max_time", DEFAULT_MAX_TIME_S)
+                             f"{MAX_DOWNTIME_MS:g}, not {shown(downtime_ms)}")
+        max_time = duration_from_json("max_time", body.get("max_time", DEFAULT_MAX_TIME_S))
         if not 0 < max_time <= MAX_MIGRATION_TIME_S:
-            raise BadRequest(f"max_time must be above 0 s and at most a day, not {body['max_time']!r}")
-        timeout = _seconds(body, "timeout", DEFAULT_IO_TIMEOUT_S)
+            raise BadRequest(f"max_time must be above 0 s and at most a day, not {shown(body['max_time'])}")
+        timeout = duration_from_json("timeout", body.get("timeout", DEFAULT_IO_TIMEOUT_S))
         if not 0 < timeout <= MAX_IO_TIMEOUT_S:
-            raise BadRequest(f"timeout must be above 0 s and at most an hour, not {body['timeout']!r}")
+            raise BadRequest(f"timeout must be above 0 s and at most an hour, not {shown(body['timeout'])}")
         auto_converge = body.get("auto_converge", True)
         if not isinstance(auto_converge, bool):
             raise BadRequest("auto_converge must be true or false")
@@ -244,19 +206,6 @@ class _Handler(BaseHTTPRequestHandler):
         stats = self.controller.migrate(to, downtime_ms=float(downtime_ms), max_time_s=float(max_time),
                                         io_timeout_s=float(timeout), auto_converge=auto_converge, repo=repo)
         return 200, stats.as_dict()
-
-
-def _seconds(body: dict, field: str, default: float) -> float:
-    """A duration field: a string ('2m') or a number of seconds."""
-    value = body.get(field, default)
-    if isinstance(value, str):
-        try:
-            return parse_duration(value)
-        except ValueError as exc:
-            raise BadRequest(f"{field}: {exc}") from None
-    if not _is_number(value):
-        raise BadRequest(f"{field} must be a duration string ('2m') or a number of seconds")
-    return value
 
 
 def _is_number(value: object) -> bool:
@@ -267,10 +216,14 @@ class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     """Serves the control API for one VmController on `path` until `close()`."""
 
     daemon_threads = True
+    request_queue_size = LISTEN_BACKLOG
+    request_timeout_s = REQUEST_TIMEOUT_S
 
     def __init__(self, path: str | Path, controller: VmController) -> None:
         self.path = Path(path)
         self.controller = controller
+        self._connections = 0
+        self._connections_lock = threading.Lock()
         self._pending_answers = 0
         self._answered = threading.Condition()
         _clear_stale_socket(self.path)
@@ -288,6 +241,22 @@ class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
     def start(self) -> None:
         self._thread.start()
+
+    def process_request_thread(self, request: socket.socket, client_address: object) -> None:
+        with self._connections_lock:
+            self._connections += 1
+            served = self._connections <= MAX_CONNECTIONS
+        try:
+            if served:
+                super().process_request_thread(request, client_address)
+            else:
+                refused = TooManyConnections(f"{MAX_CONNECTIONS} clients are being served already; retry shortly")
+                send_answer(request, refused.status, {"error": str(refused)})
+                linger(request)
+                self.shutdown_request(request)
+        finally:
+            with self._connections_lock:
+                self._connections -= 1
 
     @contextmanager
     def answer_before_close(self) -> Iterator[None]:

@@ -5,6 +5,12 @@ One lock orders snapshots, pause/resume and migrations, so an operator's pause
 never interleaves with the short pause a snapshot takes, two snapshots never share
 the Snapshotter's dirty-page bookkeeping, and nothing pauses or snapshots a VM
 while it migrates.
+
+Snapshot requests that wait for that lock are coalesced: identical requests (same
+repository, `full`, tags) that arrive while a snapshot runs share the one snapshot
+that follows it. However fast requests come, each is answered by a snapshot taken
+after it arrived, at most one snapshot per kind of request waits, and the snapshots
+taken keep pace with what the store can write.
 """
 
 from __future__ import annotations
@@ -12,30 +18,24 @@ from __future__ import annotations
 import re
 import threading
 import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
-from snapvisor.control.errors import BadRequest, Conflict, OperationFailed
+from snapvisor.control.errors import BadRequest, Conflict, ControlError, OperationFailed, shown
 from snapvisor.errors import SnapvisorError
 from snapvisor.store import KeepPolicy, PruneResult, Repository, SnapshotInfo
 from snapvisor.store.manifest import check_name
 
 if TYPE_CHECKING:
     from snapvisor.control.schedule import Scheduler
+    from snapvisor.image.capture import CaptureStats
     from snapvisor.machine import VM
     from snapvisor.migrate import MigrationStats
     from snapvisor.vmm.exit_status import ExitStatus
 
 MAX_TAGS = 16
 _HOST = re.compile(r"[A-Za-z0-9._%:-]{1,255}")  # a host name, IPv4, or IPv6 (with a %scope)
-
-
-def validate_repo_url(url: object) -> str:
-    """A repository URL an API caller may name: absolute, with a known scheme."""
-    if not isinstance(url, str) or not url or len(url) > 1024 or "\0" in url:
-        raise BadRequest("repo must be a non-empty string of at most 1024 characters")
-    if not (url.startswith("/") or url.startswith("file:///") or url.startswith("s3://")):
-        raise BadRequest(f"repo {url!r} must be an absolute path, file:///path or s3://bucket/prefix")
-    return url
 
 
 def validate_tags(tags: object) -> list[str]:
@@ -56,7 +56,7 @@ def validate_address(to: object) -> str:
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     if not (_HOST.fullmatch(host) and port.isdigit() and 1 <= int(port) <= 65535):
         raise BadRequest(f"to must be the receiver's HOST:PORT (192.0.2.20:7000, [2001:db8::2]:7000), "
-                         f"port 1 to 65535, not {to!r}")
+                         f"port 1 to 65535, not {shown(to)}")
     return text
 
 
@@ -79,6 +79,56 @@ def snapshot_json(info: SnapshotInfo) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class SnapshotTaken:
+    """A snapshot and what it cost; `requests` counts the requests it answered
+    (more than one: coalesced, module docstring)."""
+
+    info: SnapshotInfo
+    cost: "CaptureStats | None"
+    requests: int = 1
+
+    def to_json(self) -> dict:
+        answer = snapshot_json(self.info)
+        if self.cost is not None:
+            answer.update(full=self.cost.full, pause_s=round(self.cost.pause_s, 4),
+                          total_s=round(self.cost.total_s, 3), store=self.cost.store)
+        answer.update(coalesced=self.requests > 1, requests=self.requests)
+        return answer
+
+
+class _SharedSnapshot:
+    """A snapshot asked for by one or more identical requests: the first takes it,
+    the others wait here for its outcome."""
+
+    def __init__(self, repo: str, since: float) -> None:
+        self.repo = repo
+        self.since = since
+        self.requests = 0
+        self._done = threading.Event()
+        self._taken: SnapshotTaken | None = None
+        self._error: ControlError | None = None
+
+    def succeed(self, taken: SnapshotTaken) -> None:
+        self._taken = taken
+        self._done.set()
+
+    def fail(self, error: ControlError) -> None:
+        self._error = error
+        self._done.set()
+
+    def result(self) -> SnapshotTaken:
+        self._done.wait()
+        if self._error is not None:
+            raise type(self._error)(str(self._error), self._error.status)
+        assert self._taken is not None
+        return self._taken
+
+    def to_json(self) -> dict:
+        return {"repo": self.repo, "since": datetime.fromtimestamp(self.since, timezone.utc).isoformat(),
+                "requests": self.requests}
+
+
 class VmController:
     """Operations on one running `snapvisor.machine.VM`."""
 
@@ -97,6 +147,10 @@ class VmController:
         self._unconfirmed_to: str | None = None
         self._repositories: dict[str, Repository] = {}
         self._repositories_lock = threading.Lock()
+        # Snapshot requests by (repository, full, tags): the one running, those waiting.
+        self._snapshots_lock = threading.Lock()
+        self._running: _SharedSnapshot | None = None
+        self._shared: dict[tuple[str, bool, tuple[str, ...]], _SharedSnapshot] = {}
 
     # -- state -------------------------------------------------------------------------
 
@@ -125,13 +179,14 @@ class VmController:
                 "total_s": round(last.total_s, 3), "store": last.store,
             },
             "schedule": None if self.scheduler is None else self.scheduler.status(),
+            "snapshots_in_progress": self.snapshots_in_progress(),
         }
 
     def set_state(self, state: str, force: bool = False) -> None:
         """'Paused' or 'Resumed' (Firecracker's names); repeating one is a no-op.
         After an unconfirmed handover only a forced 'Resumed' runs the guest here."""
         if state not in ("Paused", "Resumed"):
-            raise BadRequest(f"state {state!r} is not one of 'Paused', 'Resumed'")
+            raise BadRequest(f"state {shown(state)} is not one of 'Paused', 'Resumed'")
         self.refuse_while_migrating()
         with self._lock:
             self._require_running()
@@ -192,22 +247,67 @@ class VmController:
                 self._repositories[url] = repo
             return repo
 
-    def snapshot(self, url: str, *, full: bool = False, tags: list[str] | tuple[str, ...] = ()) -> SnapshotInfo:
+    def check_repository(self, url: str) -> None:
+        """Refuse (400) a repository that does not open, creating it if it is new:
+        a schedule is accepted only when its repositories can take snapshots."""
+        try:
+            self.repository(url)
+        except OperationFailed as exc:
+            raise BadRequest(f"{exc}; the schedule was not changed") from None
+
+    def snapshot(self, url: str, *, full: bool = False, tags: list[str] | tuple[str, ...] = ()) -> SnapshotTaken:
         """Take a snapshot into `url` while the guest runs (it pauses only to copy
-        what changed). A failure loses nothing: the next snapshot there carries
+        what changed), or share the one an identical request waits for (module
+        docstring). A failure loses nothing: the next snapshot there carries
         every page dirtied since the last one that succeeded."""
         self.refuse_while_migrating()
-        with self._lock:
-            self._require_running()
-            self._refuse_while_unconfirmed()
-            if self._paused_by_operator:
-                raise Conflict(f"VM {self.machine.name} is paused by the operator; resume it "
-                               f"(PUT /vm/state {{\"state\": \"Resumed\"}}) before a snapshot")
-            repo = self.repository(url)
-            try:
-                return self.machine.snapshot(repo, tags=list(tags), full=full)
-            except SnapvisorError as exc:
-                raise OperationFailed(f"snapshot into {url} failed: {exc}") from None
+        key = (url, full, tuple(tags))
+        with self._snapshots_lock:
+            shared = self._shared.get(key)
+            leads = shared is None
+            if leads:
+                shared = self._shared[key] = _SharedSnapshot(url, time.time())
+            shared.requests += 1
+        if not leads:
+            return shared.result()
+        try:
+            with self._lock:
+                with self._snapshots_lock:
+                    # Started: requests from now on wait for the snapshot after this one.
+                    del self._shared[key]
+                    self._running = shared
+                try:
+                    taken = self._snapshot_now(url, full, tags, shared.requests)
+                finally:
+                    with self._snapshots_lock:
+                        self._running = None
+        except ControlError as exc:
+            shared.fail(exc)
+            raise
+        except BaseException as exc:  # a bug: the requests sharing it must not wait for ever
+            shared.fail(OperationFailed(f"snapshot into {url} failed: internal error: {type(exc).__name__}: {exc}"))
+            raise
+        shared.succeed(taken)
+        return taken
+
+    def _snapshot_now(self, url: str, full: bool, tags: list[str] | tuple[str, ...], requests: int) -> SnapshotTaken:
+        self._require_running()
+        self._refuse_while_unconfirmed()
+        if self._paused_by_operator:
+            raise Conflict(f"VM {self.machine.name} is paused by the operator; resume it "
+                           f"(PUT /vm/state {{\"state\": \"Resumed\"}}) before a snapshot")
+        repo = self.repository(url)
+        try:
+            info = self.machine.snapshot(repo, tags=list(tags), full=full)
+        except SnapvisorError as exc:
+            raise OperationFailed(f"snapshot into {url} failed: {exc}") from None
+        return SnapshotTaken(info, self.machine.last_snapshot, requests)
+
+    def snapshots_in_progress(self) -> dict:
+        """The snapshot being taken and those waiting for it, for GET /vm."""
+        with self._snapshots_lock:
+            return {"running": None if self._running is None else self._running.to_json(),
+                    "waiting": [w.to_json() for w in self._shared.values()]}
 
     # -- migration -------------------------------------------------------------------
 

@@ -6,6 +6,17 @@ from __future__ import annotations
 from snapvisor.errors import SnapvisorError
 
 
+def cut(text: str, limit: int = 80) -> str:
+    """`text` cut to `limit` characters for an error message (a request may send
+    64 KiB where a word was expected)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """`value` as an error message quotes it: its repr, cut to `limit` characters."""
+    return cut(repr(value), limit)
+
+
 class ControlError(SnapvisorError):
     """A control request was refused or failed; the VM is unaffected."""
 
@@ -37,8 +48,20 @@ class Conflict(ControlError):
     status = 409
 
 
+class RequestTimeout(ControlError):
+    """The client did not send its whole request in time; the connection is closed."""
+
+    status = 408
+
+
 class PayloadTooLarge(ControlError):
     status = 413
+
+
+class TooManyConnections(ControlError):
+    """More clients are connected than the server serves at once."""
+
+    status = 429
 
 
 class OperationFailed(ControlError):

@@ -7,6 +7,12 @@ good snapshot in that repository, so the retry that succeeds carries all of them
 Back-off starts at one second and doubles up to `max(every, 30 s)`: a short
 schedule does not hammer a store that is down, a long one retries well before
 its next regular run.
+
+A change of schedule takes effect at once, also while a scheduled snapshot is
+under way: the change arms every timer from the new settings, and the snapshot
+that was running is recorded when it ends but re-arms no timer (each change
+starts a new generation, and only a run of the current one re-arms), and it is
+pruned by the retention in force then, not by the one it started under.
 """
 
 from __future__ import annotations
@@ -17,9 +23,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Callable
 
-from snapvisor.control.controller import VmController, validate_repo_url, validate_tags
-from snapvisor.control.errors import BadRequest, Conflict
-from snapvisor.humanize import duration, parse_duration
+from snapvisor.control.controller import VmController, validate_tags
+from snapvisor.control.errors import BadRequest, Conflict, shown
+from snapvisor.control.repo_url import validate_repo_url
+from snapvisor.control.wire import duration_from_json
+from snapvisor.humanize import duration
 from snapvisor.store import KeepPolicy
 
 FIRST_RETRY_S = 1.0
@@ -27,6 +35,7 @@ MIN_BACKOFF_CAP_S = 30.0
 MIN_EVERY_S = 0.5
 MAX_REPOS = 8
 KEEP_RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
+MAX_KEEP_WITHIN_S = 100 * 366 * 86400
 
 
 @dataclass(frozen=True)
@@ -39,7 +48,7 @@ class Schedule:
     def __post_init__(self) -> None:
         if not isinstance(self.every, (int, float)) or isinstance(self.every, bool) or not \
                 MIN_EVERY_S <= self.every <= 366 * 86400:
-            raise BadRequest(f"every must be between {MIN_EVERY_S} s and a year, not {self.every!r}")
+            raise BadRequest(f"every must be between {MIN_EVERY_S} s and a year, not {shown(self.every)}")
         if not self.repos or len(self.repos) > MAX_REPOS:
             raise BadRequest(f"a schedule needs 1 to {MAX_REPOS} repositories")
         for url in self.repos:
@@ -56,20 +65,13 @@ class Schedule:
         unknown = set(body) - {"every", "repos", "keep", "tags"}
         if unknown:
             raise BadRequest(f"unknown field(s) {sorted(unknown)}; a schedule has every, repos, keep, tags")
-        every = body.get("every")
-        if isinstance(every, str):
-            try:
-                every = parse_duration(every)
-            except ValueError as exc:
-                raise BadRequest(f"every: {exc}") from None
-        elif not isinstance(every, (int, float)) or isinstance(every, bool):
-            raise BadRequest("every must be a duration string ('15m') or a number of seconds")
+        every = duration_from_json("every", body.get("every"))
         repos = body.get("repos")
         if not isinstance(repos, list):
             raise BadRequest("repos must be a list of repository URLs")
         keep = body.get("keep")
         tags = body.get("tags", [])
-        return cls(float(every), tuple(repos), keep_policy_from_json(keep) if keep is not None else None,
+        return cls(every, tuple(repos), keep_policy_from_json(keep) if keep is not None else None,
                    tuple(validate_tags(tags)))
 
     def to_json(self) -> dict:
@@ -91,10 +93,12 @@ def keep_policy_from_json(body: object) -> KeepPolicy:
         counts[rule] = value
     within = body.get("within")
     if within is not None:
-        try:
-            within = timedelta(seconds=parse_duration(within))
-        except (ValueError, AttributeError) as exc:
-            raise BadRequest(f"keep.within: {exc}") from None
+        if not isinstance(within, str):
+            raise BadRequest("keep.within must be a duration string such as '2d'")
+        seconds = duration_from_json("keep.within", within)
+        if seconds > MAX_KEEP_WITHIN_S:
+            raise BadRequest(f"keep.within must be at most 100 years, not {shown(within)}")
+        within = timedelta(seconds=seconds)
     return KeepPolicy(**counts, within=within)
 
 
@@ -124,10 +128,12 @@ class TargetStatus:
     last_error_at: float | None = None
     last_prune: dict | None = None
     last_prune_error: str | None = None
+    running_since: float | None = None  # time.time() the snapshot under way started
 
     def to_json(self) -> dict:
         return {
-            "repo": self.repo, "next_run": _iso(time.time() + self.next_run - time.monotonic()), "snapshots": self.snapshots,
+            "repo": self.repo, "next_run": _iso(time.time() + self.next_run - time.monotonic()),
+            "running_since": _iso(self.running_since), "snapshots": self.snapshots,
             "failures": self.failures, "consecutive_failures": self.consecutive_failures,
             "last_success": _iso(self.last_success), "last_snapshot": self.last_snapshot,
             "last_error": self.last_error, "last_error_at": _iso(self.last_error_at),
@@ -145,6 +151,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._schedule: Schedule | None = None
         self._targets: dict[str, TargetStatus] = {}
+        self._generation = 0  # counts set_schedule() calls
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="snapshot-scheduler", daemon=True)
         controller.scheduler = self
@@ -170,6 +177,7 @@ class Scheduler:
         from now, and repositories that stay keep their history."""
         with self._cond:
             self._schedule = schedule
+            self._generation += 1
             now = time.monotonic()
             old = self._targets
             self._targets = {}
@@ -203,24 +211,33 @@ class Scheduler:
                     if delay is not None and delay <= 0:
                         break
                     self._cond.wait(delay)
-                schedule = self._schedule
+                if not self.controller.machine.vm.running:
+                    return
+                schedule, generation = self._schedule, self._generation
+                target.running_since = time.time()
             assert schedule is not None
-            if not self.controller.machine.vm.running:
-                return
-            self._run_one(schedule, target)
+            try:
+                self._run_one(schedule, generation, target)
+            finally:
+                with self._cond:
+                    target.running_since = None
 
-    def _run_one(self, schedule: Schedule, target: TargetStatus) -> None:
+    def _current(self, generation: int) -> bool:
+        """Whether no change of schedule came since `generation` (hold _cond)."""
+        return generation == self._generation
+
+    def _run_one(self, schedule: Schedule, generation: int, target: TargetStatus) -> None:
         started = time.monotonic()
         try:
-            info = self.controller.snapshot(target.repo, tags=schedule.tags)
+            info = self.controller.snapshot(target.repo, tags=schedule.tags).info
         except Conflict as exc:
             # Paused by the operator or stopped: not a store failure, try at the next run.
-            self._record_failure(target, str(exc), started + schedule.every, count=False)
+            self._record_failure(target, str(exc), generation, started + schedule.every, count=False)
             return
         except Exception as exc:  # noqa: BLE001 - nothing a store does may end the schedule
             backoff = min(FIRST_RETRY_S * 2 ** target.consecutive_failures,
                           max(schedule.every, MIN_BACKOFF_CAP_S))
-            self._record_failure(target, _describe(exc), time.monotonic() + backoff, count=True)
+            self._record_failure(target, _describe(exc), generation, time.monotonic() + backoff, count=True)
             self._tell(f"scheduled snapshot into {target.repo} failed ({target.consecutive_failures} in a row): "
                        f"{target.last_error}; retrying in {duration(backoff)}, no dirty page is lost")
             return
@@ -232,11 +249,15 @@ class Scheduler:
             target.consecutive_failures = 0
             target.last_success = time.time()
             target.last_snapshot = info.id
-            # On time: the next run is one interval after this one started, unless
-            # that has passed already (a slow upload), then right after this one.
-            target.next_run = max(started + schedule.every, time.monotonic())
-        if schedule.keep is not None:
-            self._prune(target, schedule.keep)
+            if self._current(generation):
+                # On time: the next run is one interval after this one started, unless
+                # that has passed already (a slow upload), then right after this one.
+                target.next_run = max(started + schedule.every, time.monotonic())
+            # Retention as the settings in force now say: a change while the snapshot
+            # ran may have altered it, or ended the schedule (then nothing is pruned).
+            in_force = self._schedule if self._targets.get(target.repo) is target else None
+        if in_force is not None and in_force.keep is not None:
+            self._prune(target, in_force.keep)
 
     def _prune(self, target: TargetStatus, keep: KeepPolicy) -> None:
         try:
@@ -258,14 +279,15 @@ class Scheduler:
             except Exception:  # noqa: BLE001 - a closed stderr must not stop the schedule
                 pass
 
-    def _record_failure(self, target: TargetStatus, message: str, next_run: float, count: bool) -> None:
+    def _record_failure(self, target: TargetStatus, message: str, generation: int, next_run: float,
+                        count: bool) -> None:
         with self._cond:
             target.last_error = message
             target.last_error_at = time.time()
             if count:
                 target.failures += 1
                 target.consecutive_failures += 1
-            if target.repo in self._targets:
+            if self._current(generation):
                 target.next_run = next_run
 
 

@@ -13,11 +13,11 @@ from snapvisor.store import KeepPolicy
 
 
 def test_schedule_from_json_round_trip() -> None:
-    schedule = Schedule.from_json({"every": "15m", "repos": ["s3://b/p", "/srv/repo"],
+    schedule = Schedule.from_json({"every": "15m", "repos": ["s3://backups/p", "/srv/repo"],
                                    "keep": {"last": 4, "daily": 7, "within": "2d"}, "tags": ["auto"]})
-    assert schedule.every == 900 and schedule.repos == ("s3://b/p", "/srv/repo") and schedule.tags == ("auto",)
+    assert schedule.every == 900 and schedule.repos == ("s3://backups/p", "/srv/repo") and schedule.tags == ("auto",)
     assert schedule.keep == KeepPolicy(last=4, daily=7, within=timedelta(days=2))
-    assert schedule.to_json() == {"every_s": 900.0, "repos": ["s3://b/p", "/srv/repo"], "tags": ["auto"],
+    assert schedule.to_json() == {"every_s": 900.0, "repos": ["s3://backups/p", "/srv/repo"], "tags": ["auto"],
                                   "keep": {"last": 4, "daily": 7, "within": "172800s"}}
     assert Schedule.from_json({"every": 30, "repos": ["/r"]}).keep is None
     assert keep_policy_from_json({"yearly": -1}) == KeepPolicy(yearly=-1)
