@@ -83,6 +83,14 @@ def _check_nets(nets: Sequence[NetConfig]) -> None:
                                  f"(or leave mac= out for a random one)")
 
 
+def _open_tap(stack: ExitStack, net: NetConfig, missing_hint: str) -> Tap:
+    tap = Tap.open(net.tap, net.create, missing_hint)
+    stack.callback(tap.close)
+    if tap.created:
+        log.warning("created tap %s (up, no address); it goes away when this VM exits", tap.name)
+    return tap
+
+
 def _host_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
@@ -118,6 +126,8 @@ class _Parts:
         missing_tap_hint: str = "",
     ) -> None:
         _check_nets(nets)
+        # Taps first: a bad tap is an operator's mistake, told before anything else is made.
+        taps = [_open_tap(stack, net, missing_tap_hint) for net in nets]
         self.kvm = Kvm.open()
         stack.callback(self.kvm.close)
         _check_resources(self.kvm, vcpu_count, mem_size)
@@ -146,8 +156,8 @@ class _Parts:
         for index, disk in enumerate(disks):
             self._attach_disk(stack, index, disk)
         self.nets: list[dict] = []  # as the VM's config records them
-        for index, net in enumerate(nets):
-            self._attach_net(stack, len(disks) + index, f"eth{index}", net, announce, missing_tap_hint)
+        for index, (net, tap) in enumerate(zip(nets, taps)):
+            self._attach_net(stack, len(disks) + index, f"eth{index}", net, tap, announce)
         self.serial_input = SerialInputPump(serial_in, self.serial) if serial_in is not None else None
 
         supported_msrs = self.kvm.get_msr_index_list()
@@ -172,14 +182,8 @@ class _Parts:
         self.devices[f"virtio-blk-{name}"] = transport
         self.disk_names.append(name)
 
-    def _attach_net(
-        self, stack: ExitStack, index: int, name: str, net: NetConfig, announce: bool, missing_tap_hint: str
-    ) -> None:
+    def _attach_net(self, stack: ExitStack, index: int, name: str, net: NetConfig, tap: Tap, announce: bool) -> None:
         mac = net.mac or random_mac()
-        tap = Tap.open(net.tap, net.create, missing_tap_hint)
-        stack.callback(tap.close)
-        if tap.created:
-            log.warning("created tap %s (up, no address); it goes away when this VM exits", tap.name)
         base, irq = mmio_window(index)
         device = VirtioNet(name, tap, parse_mac(mac), announce_on_restore=announce)
         stack.callback(device.close)

@@ -159,12 +159,17 @@ class Pinger:
         return out
 
     def ping(self, timeout: float = 5.0, address: str = GUEST_ADDRESS) -> bool:
-        """One echo request; True once its reply arrives within `timeout`."""
-        seq = self.send(address)
+        """An echo request every half second until one is answered (True) or
+        `timeout` passes: the first may be lost while the guest is not there yet
+        (the host's ARP gives up on it)."""
         deadline = time.monotonic() + timeout
-        while (reply := self._next_reply(deadline)) is not None:
-            if reply[0] == seq:
-                return True
+        sent: set[int] = set()
+        while time.monotonic() < deadline:
+            sent.add(self.send(address))
+            wait_until = min(deadline, time.monotonic() + 0.5)
+            while (reply := self._next_reply(wait_until)) is not None:
+                if reply[0] in sent:
+                    return True
         return False
 
     def close(self) -> None:
