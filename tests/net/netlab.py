@@ -19,6 +19,7 @@ import os
 import secrets
 import socket
 import struct
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -79,6 +80,10 @@ class TapHost:
         self.processes: list[Process] = []
         ip("netns", "add", self.ns)
         ip("-n", self.ns, "link", "set", "lo", "up")
+        # No IPv6 here: its router and multicast chatter would land in the guest's queues.
+        for key in ("all", "default"):
+            subprocess.run(["ip", "netns", "exec", self.ns, "sysctl", "-qw", f"net.ipv6.conf.{key}.disable_ipv6=1"],
+                           check=True, capture_output=True, timeout=30)
 
     def add_tap(self, name: str, address: str | None = HOST_ADDRESS) -> str:
         ip("-n", self.ns, "tuntap", "add", name, "mode", "tap")
