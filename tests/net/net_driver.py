@@ -11,7 +11,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from netlab import TapHost, inside
+from netlab import TapHost, inside, ip
 from snapvisor.vmm.devices.tap import Tap
 from snapvisor.vmm.devices.virtio.mmio import (
     STATUS_ACKNOWLEDGE,
@@ -168,6 +168,7 @@ class NetRig:
 
 def make_net_rig(host: TapHost, tap_name: str = "svrig0") -> NetRig:
     host.add_tap(tap_name, address=None)
+    ip("-n", host.ns, "link", "set", tap_name, "mtu", "9000")  # room for frames larger than a guest buffer
     with inside(host.ns):
         tap = Tap.open(tap_name)
     kvm = Kvm.open()

@@ -27,7 +27,7 @@ from typing import Iterator
 
 # The namespace and process helpers of the live-migration lab.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "migrate"))
-from migrate_lab import REPO_ROOT, Process, ip, netns_available  # noqa: E402
+from migrate_lab import REPO_ROOT, Process, ip, netns_available  # noqa: E402,F401 (ip: for users of this module)
 
 HOST_ADDRESS = "198.51.100.1"
 GUEST_ADDRESS = "198.51.100.2"
