@@ -92,10 +92,10 @@ class TapHost:
         ip("-n", self.ns, "link", "set", name, "up")
         return name
 
-    def run(self, label: str, args: list[str]) -> Process:
-        """`snapvisor ARGS` in this namespace."""
+    def run(self, label: str, args: list[str], prefix: list[str] = ()) -> Process:
+        """`snapvisor ARGS` in this namespace (through `prefix`, say setpriv)."""
         env = dict(os.environ, PYTHONPATH=os.environ.get("PYTHONPATH", str(REPO_ROOT)))
-        process = Process(["ip", "netns", "exec", self.ns, sys.executable, "-m", "snapvisor", *args], env,
+        process = Process(["ip", "netns", "exec", self.ns, *prefix, sys.executable, "-m", "snapvisor", *args], env,
                           self.workdir, label)
         self.processes.append(process)
         return process
