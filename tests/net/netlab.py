@@ -74,11 +74,15 @@ def inside(ns: str) -> Iterator[None]:
 class TapHost:
     """One "host": a namespace with taps for VMs, and snapvisor processes run in it."""
 
-    def __init__(self, workdir: Path, label: str) -> None:
-        self.ns = f"svn{secrets.token_hex(3)}{label}"
+    def __init__(self, workdir: Path, label: str, ns: str | None = None) -> None:
+        """A new namespace, or taps in existing namespace `ns` (a migration lab's
+        host), which close() then leaves to its owner."""
+        self.ns = ns or f"svn{secrets.token_hex(3)}{label}"
+        self.owned = ns is None
         self.workdir = workdir
         self.processes: list[Process] = []
-        ip("netns", "add", self.ns)
+        if self.owned:
+            ip("netns", "add", self.ns)
         ip("-n", self.ns, "link", "set", "lo", "up")
         # No IPv6 here: its router and multicast chatter would land in the guest's queues.
         for key in ("all", "default"):
@@ -114,7 +118,8 @@ class TapHost:
     def close(self) -> None:
         for process in self.processes:
             process.close()
-        ip("netns", "del", self.ns)
+        if self.owned:
+            ip("netns", "del", self.ns)
 
 
 def _checksum(data: bytes) -> int:

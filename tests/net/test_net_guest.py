@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from netlab import ETH_P_RARP, GUEST_ADDRESS, Pinger, TapHost, guest_cmdline, wait_for_console
-from migrate_lab import Process, assert_healthy, rounds
+from migrate_lab import Process, Switch, assert_healthy, rounds
 
 pytestmark = pytest.mark.kvm
 MAC = "02:5e:00:00:00:2a"
@@ -177,3 +177,51 @@ def test_snapshot_during_a_ping_flood_restores_onto_another_tap(testguest: Path,
     assert_healthy(console_b)
     assert b"snapvisor-testguest" not in console_b, "the restore booted the guest again"
     assert rounds(console_b), console_b[-500:]
+
+
+def test_live_migration_keeps_answering_and_announces_on_the_new_side(testguest: Path, tap_hosts,
+                                                                      tmp_path: Path) -> None:
+    """Hosts A and B (namespaces on a bridge, as in tests/migrate), each with its
+    own tap svtap0: the guest answers on A, moves to B while being pinged, answers
+    there, and B's tap sees its MAC announced."""
+    assert tap_hosts  # the same requirements (root, ip, /dev/net/tun); this lab cleans up itself
+    switch = Switch(tmp_path)
+    made: list = []
+    try:
+        a_host, b_host = switch.host("a", "192.0.2.10"), switch.host("b", "192.0.2.20")
+        made += [a_host, b_host]
+        a, b = TapHost(tmp_path, "a", ns=a_host.ns), TapHost(tmp_path, "b", ns=b_host.ns)
+        made += [a, b]
+        a.add_tap("svtap0")
+        b.add_tap("svtap0")
+        # A generous --timeout: the ping flood and a loaded host slow the sender's first round.
+        receiver = b_host.run("receiver", ["receive", "--listen", "192.0.2.20:7000", "--json", "--timeout", "20s"])
+        receiver.wait_for_stderr("waiting for a migration", 30)
+        sock = tmp_path / "a.sock"
+        vm = start_vm(a, testguest, "svtap0", "--api-sock", str(sock), "--name", "web")
+        wait_for_socket(sock, vm)
+        sniffer = b.sniffer("svtap0", ETH_P_RARP)
+        flood = Flood(a.pinger())
+        try:
+            mover = a_host.run("migrate", ["migrate", "--api-sock", str(sock), "--to", "192.0.2.20:7000", "--json"])
+            assert mover.wait(120) == 0, mover.stderr()
+        finally:
+            flood.stop()
+            flood.pinger.close()
+        assert flood.answered, "the guest did not answer on A"
+        seen = announces(sniffer, 30)
+        sniffer.close()
+        pinger = b.pinger()
+        try:
+            assert pinger.ping(30), receiver.stderr()
+        finally:
+            pinger.close()
+        assert len(seen) == 5, seen
+        assert vm.wait(30) == 0, vm.stderr()  # A's VM ended: it runs on B now
+        console_b = wait_for_console(receiver, b"tg: cpu=0 round=", 30)
+        assert b"snapvisor-testguest" not in console_b, "B booted the guest again instead of continuing it"
+        assert_healthy(vm.stdout() + console_b)
+    finally:
+        for part in reversed(made):
+            part.close()
+        switch.close()
