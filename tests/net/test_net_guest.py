@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from netlab import ETH_P_RARP, GUEST_ADDRESS, Pinger, TapHost, guest_cmdline, wait_for_console
+from netlab import ETH_P_RARP, Pinger, TapHost, guest_cmdline, wait_for_console
 from migrate_lab import Process, Switch, assert_healthy, rounds
 
 pytestmark = pytest.mark.kvm
@@ -181,9 +181,9 @@ def test_snapshot_during_a_ping_flood_restores_onto_another_tap(testguest: Path,
 
 def test_live_migration_keeps_answering_and_announces_on_the_new_side(testguest: Path, tap_hosts,
                                                                       tmp_path: Path) -> None:
-    """Hosts A and B (namespaces on a bridge, as in tests/migrate), each with its
-    own tap svtap0: the guest answers on A, moves to B while being pinged, answers
-    there, and B's tap sees its MAC announced."""
+    """Hosts A and B (namespaces on a bridge, as in tests/migrate), each with a tap
+    of its own (svtap0 on A, svtapb on B: --net-override): the guest answers on A,
+    moves to B while being pinged, answers there, and B's tap sees its MAC announced."""
     assert tap_hosts  # the same requirements (root, ip, /dev/net/tun); this lab cleans up itself
     switch = Switch(tmp_path)
     made: list = []
@@ -193,14 +193,15 @@ def test_live_migration_keeps_answering_and_announces_on_the_new_side(testguest:
         a, b = TapHost(tmp_path, "a", ns=a_host.ns), TapHost(tmp_path, "b", ns=b_host.ns)
         made += [a, b]
         a.add_tap("svtap0")
-        b.add_tap("svtap0")
+        b.add_tap("svtapb")
         # A generous --timeout: the ping flood and a loaded host slow the sender's first round.
-        receiver = b_host.run("receiver", ["receive", "--listen", "192.0.2.20:7000", "--json", "--timeout", "20s"])
+        receiver = b_host.run("receiver", ["receive", "--listen", "192.0.2.20:7000", "--json", "--timeout", "20s",
+                                           "--net-override", "svtap0=svtapb"])
         receiver.wait_for_stderr("waiting for a migration", 30)
         sock = tmp_path / "a.sock"
         vm = start_vm(a, testguest, "svtap0", "--api-sock", str(sock), "--name", "web")
         wait_for_socket(sock, vm)
-        sniffer = b.sniffer("svtap0", ETH_P_RARP)
+        sniffer = b.sniffer("svtapb", ETH_P_RARP)
         flood = Flood(a.pinger())
         try:
             mover = a_host.run("migrate", ["migrate", "--api-sock", str(sock), "--to", "192.0.2.20:7000", "--json"])

@@ -109,7 +109,7 @@ FRAME = MAC + bytes.fromhex("02aabbccdd02") + struct.pack("!H", 0x88B5) + bytes(
 )
 def test_transmit_refuses_what_the_guest_may_not_send(rig: NetRig, packet: bytes, features: int) -> None:
     started(rig, VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | features)
-    head, written = rig.transmit(packet)
+    _, written = rig.transmit(packet)
     assert written == 0 and rig.device.stats.tx_dropped == 1 and rig.device.stats.tx_frames == 0
     assert rig.sniffed(0.3) == []
     assert not rig.reg(Reg.STATUS) & STATUS_NEEDS_RESET  # the device goes on: the next frame is sent

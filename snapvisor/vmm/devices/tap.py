@@ -94,7 +94,12 @@ class Tap:
             raise TapError(_attach_failure(name, exc)) from None
         tap = cls(name, fd, created=not exists)
         if tap.created:
-            _bring_up(name)
+            try:
+                _bring_up(name)
+            except OSError as exc:
+                tap.close()
+                raise TapError(f"created tap {name} but cannot bring it up: {os.strerror(exc.errno or 0)}; "
+                               f"create it yourself (`ip tuntap add {name} mode tap && ip link set {name} up`)") from None
         return tap
 
     def set_offloads(self, flags: int) -> None:
