@@ -22,7 +22,7 @@ from snapvisor.image.lazy import LazyMemory
 from snapvisor.image.lazydisk import LazyDisks
 from snapvisor.image.state_codec import decode_state
 from snapvisor.store import Repository, Snapshot
-from snapvisor.vmm.builder import NetRestoreOptions, build_microvm_from_state
+from snapvisor.vmm.builder import NetRestoreOptions, build_microvm_from_state, check_net_restore
 from snapvisor.vmm.exit_status import ExitStatus
 from snapvisor.vmm.kvm import Kvm, ffi
 from snapvisor.vmm.memory import GuestMemory
@@ -119,6 +119,7 @@ def restore_vm(
     snapshot = repo.get_snapshot(snapshot_id)
     state = check_restorable(snapshot)
     images = _disk_image_paths(snapshot, state, disk_dir, disk_paths)
+    check_net_restore(state["config"], net)
     lazy_memory: list[LazyMemory] = []
     built: list[Vm] = []
 

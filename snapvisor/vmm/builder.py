@@ -17,8 +17,8 @@ from snapvisor.vmm.devices.console import SerialInputPump
 from snapvisor.vmm.devices.i8042 import COMMAND_PORT, I8042
 from snapvisor.vmm.devices.power import POWER_OFF_PORT, PowerOffPort
 from snapvisor.vmm.devices.serial import COM1_IRQ, COM1_PORT, PORT_COUNT, Serial, SerialOutput
+from snapvisor.vmm.devices.tap import Tap, require_tap
 from snapvisor.vmm.devices.virtio.block import VirtioBlock
-from snapvisor.vmm.devices.tap import Tap
 from snapvisor.vmm.devices.virtio.mmio import MMIO_WINDOW, VirtioMmioTransport, kernel_cmdline_option, mmio_window
 from snapvisor.vmm.devices.virtio.net import NetConfigError, VirtioNet, format_mac, parse_mac, random_mac
 from snapvisor.vmm.errors import VmConfigError, VmStateError
@@ -281,6 +281,13 @@ def _net_configs(config: dict, options: NetRestoreOptions) -> list[NetConfig]:
         raise NetConfigError(f"--net-override names tap {', '.join(unknown)}, which the VM does not use "
                              f"(its taps: {', '.join(saved) or 'none'})")
     return [NetConfig(options.taps.get(net["tap"], net["tap"]), net["mac"]) for net in config.get("nets", [])]
+
+
+def check_net_restore(config: dict, net: NetRestoreOptions | None) -> None:
+    """Before a restore writes anything: every override names a tap of the VM, and
+    every tap the restored VM will use exists here."""
+    for nic in _net_configs(config, net or NetRestoreOptions()):
+        require_tap(nic.tap, missing_hint=_missing_tap_hint(config))
 
 
 def _missing_tap_hint(config: dict) -> str:

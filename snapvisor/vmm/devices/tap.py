@@ -61,6 +61,19 @@ def check_tap_name(name: str) -> None:
         raise TapError(f"{name!r} is not a usable interface name: 1 to 15 characters, no '/', ',', '=', ':' or spaces")
 
 
+def require_tap(name: str, create: bool = False, missing_hint: str = "") -> bool:
+    """Whether tap `name` exists (False: it is to be created); TapError if it is
+    missing and may not be created, or the name is not usable."""
+    check_tap_name(name)
+    exists = interface_exists(name)
+    if not exists and not create:
+        raise TapError(
+            f"tap {name} does not exist on this host: create it (`ip tuntap add {name} mode tap && "
+            f"ip link set {name} up`)" + (f", {missing_hint}" if missing_hint else "")
+        )
+    return exists
+
+
 class Tap:
     def __init__(self, name: str, fd: int, created: bool) -> None:
         self.name = name
@@ -71,13 +84,7 @@ class Tap:
     @classmethod
     def open(cls, name: str, create: bool = False, missing_hint: str = "") -> "Tap":
         """Attach to tap `name`; with `create`, create it if it does not exist."""
-        check_tap_name(name)
-        exists = interface_exists(name)
-        if not exists and not create:
-            raise TapError(
-                f"tap {name} does not exist on this host: create it (`ip tuntap add {name} mode tap && "
-                f"ip link set {name} up`)" + (f", {missing_hint}" if missing_hint else "")
-            )
+        exists = require_tap(name, create, missing_hint)
         try:
             fd = os.open(TUN_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
