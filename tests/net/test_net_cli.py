@@ -67,12 +67,14 @@ def test_no_permission_for_dev_net_tun_is_explained(testguest: Path, tap_hosts) 
 
 def test_create_makes_a_missing_tap_and_says_so(testguest: Path, tap_hosts) -> None:
     host = tap_hosts("create")
+    host.add_tap("svthere")
     vm = host.run("vm", ["run", "--kernel", str(testguest), "--mem", "32M", "--cmdline", guest_cmdline(),
-                         "--net", "tap=svmade,create"])
+                         "--net", "tap=svmade,create", "--net", "tap=svthere,create"])
     wait_for_console(vm, b"tg: net ok", 60)
     assert "created tap svmade (up, no address); it goes away when this VM exits" in vm.stderr()
+    assert "svthere" not in vm.stderr()  # it existed: used as it is
     with inside(host.ns):
         assert interface_exists("svmade")
     vm.close()
     with inside(host.ns):
-        assert not interface_exists("svmade")
+        assert not interface_exists("svmade") and interface_exists("svthere")

@@ -67,10 +67,12 @@ def announces(sniffer: socket.socket, within: float) -> list[float]:
     return seen
 
 
-def test_guest_answers_ping_through_a_tap(testguest: Path, tap_hosts) -> None:
+def test_guest_answers_ping_through_a_tap(testguest: Path, tap_hosts, tmp_path: Path) -> None:
     host = tap_hosts("a")
     host.add_tap("svtap0")
-    vm = start_vm(host, testguest, "svtap0")
+    disk = tmp_path / "disk.img"  # a disk first: the network device is the second virtio-mmio device
+    disk.write_bytes(bytes(1 << 20))
+    vm = start_vm(host, testguest, "svtap0", "--disk", str(disk))
     pinger = host.pinger()
     try:
         payload = bytes(range(256)) * 2  # a larger echo: the guest copies it back whole
