@@ -13,7 +13,8 @@ import threading
 import numpy as np
 import pytest
 
-from net_driver import HDR, MAC, NetRig, close_net_rig, make_net_rig, STATUS_ALL_OK
+from net_driver import HDR, MAC, STATUS_ALL_OK, NetRig, close_net_rig, make_net_rig
+from netlab import ip
 from snapvisor.vmm.devices.tap import TUN_OFFLOADS
 from snapvisor.vmm.devices.virtio.mmio import STATUS_NEEDS_RESET, VIRTIO_F_VERSION_1, Reg
 from snapvisor.vmm.devices.virtio.net import (
@@ -165,3 +166,14 @@ def test_a_pause_never_shows_a_half_written_frame(rig: NetRig) -> None:
         stop.set()
         pourer.join()
     assert checked > 10
+
+
+def test_a_tap_deleted_under_the_vm_stops_receiving_without_harm(rig: NetRig) -> None:
+    started(rig)
+    rig.post_rx([(RX_BUFFERS, 2048)])
+    ip("-n", rig.host.ns, "link", "del", rig.tap_name)
+    rig.wait_for(lambda: rig.device.receive_error is not None)
+    assert rig.device.receive_error.startswith(f"tap {rig.tap_name} failed:")
+    # Sending fails quietly too: counted, the queue goes on, nothing is raised into the VMM.
+    assert rig.transmit(bytes(HDR) + FRAME)[1] == 0
+    assert rig.device.stats.tx_errors == 1 and not rig.reg(Reg.STATUS) & STATUS_NEEDS_RESET

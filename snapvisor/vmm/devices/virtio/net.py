@@ -25,6 +25,7 @@ so switches and neighbours learn where the guest now is.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import select
@@ -40,6 +41,7 @@ from snapvisor.vmm.devices.virtio.queue import Virtqueue
 from snapvisor.vmm.errors import VmConfigError
 from snapvisor.vmm.memory import GuestMemory
 
+log = logging.getLogger("snapvisor.vmm")
 DEVICE_ID_NET = 1
 STATE_VERSION = 1
 RX_QUEUE, TX_QUEUE = 0, 1
@@ -147,6 +149,7 @@ class VirtioNet:
         self._closed = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._thread: threading.Thread | None = None
+        self.receive_error: str | None = None  # why receiving stopped, if it did
 
     def read_config(self, offset: int, size: int) -> int:
         return int.from_bytes(self._config[offset : offset + size].ljust(size, b"\0"), "little")
@@ -236,6 +239,15 @@ class VirtioNet:
             pass  # already awake
 
     def _receive_loop(self) -> None:
+        try:
+            self._receive()
+        except OSError as exc:
+            # The tap went away under the VM (`ip link del`): the guest keeps running,
+            # receives nothing more, and what it sends is counted as tx_errors.
+            self.receive_error = f"tap {self.tap.name} failed: {os.strerror(exc.errno or 0)}"
+            log.warning("%s; %s receives nothing more", self.receive_error, self.name)
+
+    def _receive(self) -> None:
         poller = select.poll()
         poller.register(self._wake_r, select.POLLIN)
         watching_tap = False
