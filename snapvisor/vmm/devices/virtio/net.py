@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from snapvisor.vmm.devices.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_SIZE, Tap
+from snapvisor.vmm.devices.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_OFFLOADS, VNET_HDR_SIZE, Tap
 from snapvisor.vmm.devices.virtio.mmio import VIRTIO_F_VERSION_1
 from snapvisor.vmm.devices.virtio.queue import Virtqueue
 from snapvisor.vmm.errors import VmConfigError
@@ -63,8 +63,9 @@ GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_ECN = 0, 1, 4, 0x80
 _HDR = struct.Struct("<BBHHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers
 
 ETH_HEADER = 14
-# The largest frame either way: a 64 KiB TCP segment with its Ethernet header
-# (what a TSO guest or a GRO'ing tap may pass), after the vnet header.
+# The largest frame either way, after the vnet header: a 64 KiB TCP segment with
+# its Ethernet and VLAN headers (what a TSO guest or a GRO'ing tap may pass; the
+# limit Firecracker uses too).
 MAX_FRAME = 65550
 MAX_PACKET = VNET_HDR_SIZE + MAX_FRAME
 
@@ -133,7 +134,7 @@ class VirtioNet:
         self.tap = tap
         self.mac = mac
         self.features = VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS
-        if tap.offloads == TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6:
+        if tap.offloads == TUN_OFFLOADS:
             self.features |= OFFLOAD_FEATURES
         self._config = mac + struct.pack("<H", LINK_UP)
         self.negotiated = 0
@@ -182,7 +183,7 @@ class VirtioNet:
         if not VNET_HDR_SIZE + ETH_HEADER <= length <= MAX_PACKET:
             self.stats.tx_dropped += 1
             return
-        # The header is copied before it is checked: the guest may rewrite its memory meanwhile.
+        # Copied before the header is checked: the guest may rewrite its memory meanwhile.
         packet = bytearray(length)
         offset = 0
         for b in buffers:
@@ -205,12 +206,11 @@ class VirtioNet:
             return False
         if flags & HDR_F_NEEDS_CSUM and not self.negotiated & VIRTIO_NET_F_CSUM:
             return False
-        gso = gso_type & ~GSO_ECN
         if gso_type & GSO_ECN:
-            return False  # ECN offload is not offered
-        if gso == GSO_NONE:
+            return False  # ECN segmentation is not offered
+        if gso_type == GSO_NONE:
             return True
-        wanted = {GSO_TCPV4: VIRTIO_NET_F_HOST_TSO4, GSO_TCPV6: VIRTIO_NET_F_HOST_TSO6}.get(gso)
+        wanted = {GSO_TCPV4: VIRTIO_NET_F_HOST_TSO4, GSO_TCPV6: VIRTIO_NET_F_HOST_TSO6}.get(gso_type)
         return wanted is not None and bool(self.negotiated & wanted) and bool(flags & HDR_F_NEEDS_CSUM)
 
     # --- receive (its own thread) ----------------------------------------------------
