@@ -6,6 +6,7 @@ frame half-written into guest memory)."""
 from __future__ import annotations
 
 import os
+import socket
 import struct
 import sys
 import threading
@@ -14,13 +15,14 @@ import numpy as np
 import pytest
 
 from net_driver import HDR, MAC, STATUS_ALL_OK, NetRig, close_net_rig, make_net_rig
-from netlab import ip
+from netlab import GUEST_ADDRESS, HOST_ADDRESS, inside, ip
 from snapvisor.vmm.devices.tap import TUN_OFFLOADS
 from snapvisor.vmm.devices.virtio.mmio import STATUS_NEEDS_RESET, VIRTIO_F_VERSION_1, Reg
 from snapvisor.vmm.devices.virtio.net import (
     MAX_PACKET,
     OFFLOAD_FEATURES,
     VIRTIO_NET_F_CSUM,
+    VIRTIO_NET_F_GUEST_CSUM,
     VIRTIO_NET_F_HOST_TSO4,
     VIRTIO_NET_F_MAC,
 )
@@ -177,3 +179,19 @@ def test_a_tap_deleted_under_the_vm_stops_receiving_without_harm(rig: NetRig) ->
     # Sending fails quietly too: counted, the queue goes on, nothing is raised into the VMM.
     assert rig.transmit(bytes(HDR) + FRAME)[1] == 0
     assert rig.device.stats.tx_errors == 1 and not rig.reg(Reg.STATUS) & STATUS_NEEDS_RESET
+
+
+@pytest.mark.parametrize("guest_csum", [False, True], ids=["no-offload", "guest-csum"])
+def test_the_tap_offloads_only_what_the_guest_negotiated(rig: NetRig, guest_csum: bool) -> None:
+    """A UDP datagram from the host's stack reaches the guest with its checksum
+    left to the guest (NEEDS_CSUM) only when the guest took VIRTIO_NET_F_GUEST_CSUM."""
+    features = VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | (VIRTIO_NET_F_GUEST_CSUM if guest_csum else 0)
+    started(rig, features)
+    ip("-n", rig.host.ns, "addr", "add", f"{HOST_ADDRESS}/24", "dev", rig.tap_name)
+    ip("-n", rig.host.ns, "neigh", "add", GUEST_ADDRESS, "lladdr", MAC.hex(":"), "dev", rig.tap_name)
+    rig.post_rx([(RX_BUFFERS, 2048)])
+    with inside(rig.host.ns), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.sendto(b"checksum me" * 20, (GUEST_ADDRESS, 9))
+    rig.wait_for(lambda: rig.used_idx(rig.rx) == 1)
+    header = rig.memory.read(RX_BUFFERS, HDR)
+    assert bool(header[0] & 1) == guest_csum, header.hex()
