@@ -21,7 +21,7 @@ from snapvisor.image.lazydisk import LazyDisks
 from snapvisor.image.restore import restore_vm
 from snapvisor.store import Repository, SnapshotInfo
 from snapvisor.store.reader import Progress, reporting_progress
-from snapvisor.vmm.builder import VmConfig, build_microvm_for_boot
+from snapvisor.vmm.builder import NetConfig, NetRestoreOptions, VmConfig, build_microvm_for_boot
 from snapvisor.vmm.devices.blockfile import DiskConfig
 from snapvisor.vmm.exit_status import ExitStatus
 from snapvisor.vmm.vm import Vm
@@ -60,9 +60,11 @@ class VM:
         serial_out: BinaryIO | int | None = None,
         serial_in: BinaryIO | int | None = None,
         disks: list[str | Path | DiskConfig] = (),
+        nets: list[NetConfig] = (),
     ) -> "VM":
         """`disks`: raw image files (paths, or DiskConfig for read-only ones),
-        attached as virtio-blk vda, vdb, ... and captured with every snapshot."""
+        attached as virtio-blk vda, vdb, ... and captured with every snapshot;
+        `nets`: virtio-net eth0, eth1, ... on host taps."""
         config = VmConfig(
             kernel=Path(kernel),
             initrd=Path(initrd) if initrd else None,
@@ -72,6 +74,7 @@ class VM:
             serial_out=serial_out,
             serial_in=serial_in,
             disks=[disk if isinstance(disk, DiskConfig) else DiskConfig(Path(disk)) for disk in disks],
+            nets=list(nets),
         )
         vm = build_microvm_for_boot(config)
         machine = cls(vm, name or f"vm-{secrets.token_hex(3)}")
@@ -145,6 +148,7 @@ def restore(
     disk_dir: str | Path | None = None,
     disk_paths: dict[str, str | Path] | None = None,
     progress: Progress | None = None,
+    net: NetRestoreOptions | None = None,
 ) -> VM:
     """A new VM from `snapshot_id` (an id or a unique prefix); with `lazy`, the
     guest starts before its memory and disks are read, and they stream in behind
@@ -159,7 +163,7 @@ def restore(
     with reporting_progress(progress):
         restored = restore_vm(
             repository, snapshot_id, lazy=lazy, serial_out=serial_out, serial_in=serial_in,
-            disk_dir=disk_dir, disk_paths=disk_paths,
+            disk_dir=disk_dir, disk_paths=disk_paths, net=net,
         )
     machine = VM(restored.vm, name or restored.snapshot.info.vm, restored.lazy, restored.lazy_disks)
     machine._snapshotter.adopt_parent(repository, restored.snapshot.id)

@@ -31,6 +31,7 @@ from snapvisor.cli.common import (
     sigterm,
     subcommand,
 )
+from snapvisor.cli.net import NET_HELP, add_net_restore_flags, net_option, net_restore_options
 
 
 def _add_timeout_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -61,6 +62,7 @@ def _add_receive(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser
     parser.add_argument("--disk-dir", type=Path, metavar="DIR",
                         help="write the VM's disks here as new sparse images (vda.img, ...) and attach them; "
                              "needed when the VM has disks")
+    add_net_restore_flags(parser)
     _add_migration_flags(parser)
     add_operation_flags(parser, restoring=False, name_default="the migrating VM's own name")
     parser.set_defaults(handler=_receive)
@@ -82,7 +84,8 @@ def _receive(args: argparse.Namespace) -> int:
         log_to_stderr(f"migration from {peer} started")
 
     received = receive(listener, repos=repos, serial_out=sys.stdout.fileno(), accept_timeout_s=args.wait,
-                       io_timeout_s=args.timeout, on_connect=connected, disk_dir=args.disk_dir, name=args.name)
+                       io_timeout_s=args.timeout, on_connect=connected, disk_dir=args.disk_dir, name=args.name,
+                       net=net_restore_options(args))
     machine = received.machine
     report = {"vm": machine.name, "downtime_s": received.downtime_s, "build_s": received.build_s,
               "pages": received.pages, "bytes_received": received.bytes_received}
@@ -148,6 +151,8 @@ def _add_migrate(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser
     boot.add_argument("--vcpus", type=positive_int, default=1, metavar="N", help="virtual CPUs (default: 1)")
     boot.add_argument("--disk", type=disk_option, action="append", default=[], metavar="PATH[,readonly]",
                       help="attach a raw disk image as virtio-blk (as for run); its blocks move with the VM")
+    boot.add_argument("--net", type=net_option, action="append", default=[], metavar="tap=NAME[,mac=MAC][,create]",
+                      help=NET_HELP + " (as for run; the receiver needs a tap of that name or --net-override)")
     add_operation_flags(parser, restoring=False, serve_api=False,
                         repo_text="a repository both hosts read (with `receive --repo`): B reads from it the "
                                   "pages of the VM's newest snapshot there instead of receiving them; with "
@@ -255,7 +260,7 @@ def _migrate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     repos = [absolute_repo(r) for r in args.repo or env_repos()]
     machine = VM.boot(args.kernel, mem=args.mem, vcpus=args.vcpus, cmdline=args.cmdline, initrd=args.initrd,
-                      name=args.name, serial_out=sys.stdout.fileno(), disks=args.disk)
+                      name=args.name, serial_out=sys.stdout.fileno(), disks=args.disk, nets=args.net)
     with machine:
         try:
             # The schedule serves the VM until it leaves; it may not snapshot it

@@ -23,6 +23,7 @@ from snapvisor.cli.common import (
     subcommand,
     terminal_input,
 )
+from snapvisor.cli.net import NET_HELP, add_net_restore_flags, net_option, net_restore_options
 
 
 @subcommand
@@ -76,6 +77,8 @@ def _add_run(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
         help="attach a raw disk image as virtio-blk (vda, vdb, ... in order; repeatable); "
         "snapshots capture it with memory",
     )
+    parser.add_argument("--net", type=net_option, action="append", default=[], metavar="tap=NAME[,mac=MAC][,create]",
+                        help=NET_HELP)
     add_operation_flags(parser, restoring=False)
     parser.set_defaults(handler=_run)
 
@@ -95,6 +98,7 @@ def _run(args: argparse.Namespace) -> int:
             serial_out=sys.stdout.fileno(),
             serial_in=serial_in,
             disks=args.disk,
+            nets=args.net,
         )
         with build_microvm_for_boot(config) as vm, operated(vm, args, args.repo or env_repos()) as controller:
             vm.start()
@@ -155,6 +159,7 @@ def _add_restore(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser
     parser.add_argument("--disk-dir", type=Path, metavar="DIR",
                         help="write the snapshot's disks here as sparse images (vda.img, ...) and attach them; "
                              "needed when the snapshot has disks")
+    add_net_restore_flags(parser)
     add_operation_flags(parser, restoring=True)
     parser.set_defaults(handler=_restore)
 
@@ -169,7 +174,7 @@ def _restore(args: argparse.Namespace) -> int:
         with humanize.Activity(f"restoring {args.snapshot_id} from {url}") as activity:
             machine = restore(url, args.snapshot_id, lazy=args.lazy, name=args.name,
                               serial_out=sys.stdout.fileno(), serial_in=serial_in, start=False,
-                              disk_dir=args.disk_dir, progress=activity)
+                              disk_dir=args.disk_dir, progress=activity, net=net_restore_options(args))
         with machine, operated(machine, args, [url]) as controller:
             machine.vm.start()
             return run_to_exit(machine, controller)

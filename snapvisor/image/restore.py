@@ -22,7 +22,7 @@ from snapvisor.image.lazy import LazyMemory
 from snapvisor.image.lazydisk import LazyDisks
 from snapvisor.image.state_codec import decode_state
 from snapvisor.store import Repository, Snapshot
-from snapvisor.vmm.builder import build_microvm_from_state
+from snapvisor.vmm.builder import NetRestoreOptions, build_microvm_from_state, check_net_restore
 from snapvisor.vmm.exit_status import ExitStatus
 from snapvisor.vmm.kvm import Kvm, ffi
 from snapvisor.vmm.memory import GuestMemory
@@ -110,13 +110,16 @@ def restore_vm(
     serial_in: BinaryIO | int | None = None,
     disk_dir: Path | str | None = None,
     disk_paths: Mapping[str, Path | str] | None = None,
+    net: NetRestoreOptions | None = None,
 ) -> RestoredVm:
     """Each disk of the snapshot is written as a new sparse image, to
     `disk_paths[name]` or else `disk_dir/<name>.img` (vda.img, ...), and attached;
-    with `lazy`, the images are created empty and fill in behind the guest."""
+    with `lazy`, the images are created empty and fill in behind the guest. Each
+    network device attaches to its tap, or the one `net.taps` puts in its place."""
     snapshot = repo.get_snapshot(snapshot_id)
     state = check_restorable(snapshot)
     images = _disk_image_paths(snapshot, state, disk_dir, disk_paths)
+    check_net_restore(state["config"], net)
     lazy_memory: list[LazyMemory] = []
     built: list[Vm] = []
 
@@ -153,7 +156,7 @@ def restore_vm(
                 write_sparse_image(reader, path)
             written.append(path)
         built.append(build_microvm_from_state(
-            state, serial_out=serial_out, serial_in=serial_in, memory_fill=fill, disk_paths=images
+            state, serial_out=serial_out, serial_in=serial_in, memory_fill=fill, disk_paths=images, net=net
         ))
         if lazy and images:
             attached = attached_disks(built[0])

@@ -37,7 +37,7 @@ from snapvisor.migrate.stream import DEFAULT_IO_TIMEOUT_S, STATE_HEADER, Channel
 from snapvisor.migrate.warm import warm_up
 from snapvisor.store import Repository
 from snapvisor.store.pagehash import PAGE_SIZE
-from snapvisor.vmm.builder import PreparedMicrovm, build_microvm_from_state
+from snapvisor.vmm.builder import NetRestoreOptions, PreparedMicrovm, build_microvm_from_state
 from snapvisor.vmm.memory import GuestMemory
 from snapvisor.vmm.vm import Vm
 
@@ -253,6 +253,7 @@ def receive(
     on_connect: Callable[[str], None] | None = None,
     disk_dir: Path | str | None = None,
     name: str | None = None,
+    net: NetRestoreOptions | None = None,
 ) -> Received:
     """Accept one migration on `listener` (a listening socket or HOST:PORT) and
     return the VM, already running here. When one of `repos` is the sender's
@@ -284,7 +285,7 @@ def receive(
         offered_name = offer["vm"]
         staging = _Staging(layout, Path(disk_dir) if disk_dir is not None else None)
         # Creating the VM now keeps it out of the downtime; its RAM is the staging area.
-        prepared = PreparedMicrovm(config, serial_out, serial_in, disk_paths=staging.disk_paths)
+        prepared = PreparedMicrovm(config, serial_out, serial_in, disk_paths=staging.disk_paths, net=net)
         staging.attach_memory(prepared.memory)
         cpuid_here = host_cpuid()  # asked now: it opens /dev/kvm, which is slow for the downtime
         warm_up()

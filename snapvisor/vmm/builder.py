@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from contextlib import ExitStack
@@ -16,8 +17,10 @@ from snapvisor.vmm.devices.console import SerialInputPump
 from snapvisor.vmm.devices.i8042 import COMMAND_PORT, I8042
 from snapvisor.vmm.devices.power import POWER_OFF_PORT, PowerOffPort
 from snapvisor.vmm.devices.serial import COM1_IRQ, COM1_PORT, PORT_COUNT, Serial, SerialOutput
+from snapvisor.vmm.devices.tap import Tap, require_tap
 from snapvisor.vmm.devices.virtio.block import VirtioBlock
 from snapvisor.vmm.devices.virtio.mmio import MMIO_WINDOW, VirtioMmioTransport, kernel_cmdline_option, mmio_window
+from snapvisor.vmm.devices.virtio.net import NetConfigError, VirtioNet, format_mac, parse_mac, random_mac
 from snapvisor.vmm.errors import VmConfigError, VmStateError
 from snapvisor.vmm.exit_status import ExitStatus
 from snapvisor.vmm.irqchip import Irqchip
@@ -34,7 +37,25 @@ from snapvisor.vmm.vm import STATE_VERSION, Vm
 # boundary, inside the MMIO hole, away from the LAPIC/IOAPIC).
 KVM_TSS_ADDRESS = 0xFFFBD000
 MIN_MEM_SIZE = 2 << 20
-MAX_DISKS = 16  # IOAPIC pins 5..20
+log = logging.getLogger("snapvisor.vmm")
+MAX_VIRTIO_DEVICES = 16  # disks and network devices: IOAPIC pins 5..20
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """A virtio-net device on host tap `tap`; `mac` None: a random local one."""
+
+    tap: str
+    mac: str | None = None
+    create: bool = False  # create the tap if it does not exist
+
+
+@dataclass(frozen=True)
+class NetRestoreOptions:
+    """How a restored or arriving VM's network devices attach on this host."""
+
+    taps: Mapping[str, str] = field(default_factory=dict)  # tap named in the snapshot -> tap here
+    announce: bool = True  # announce each guest MAC (RARP) once the VM runs
 
 
 @dataclass
@@ -48,6 +69,28 @@ class VmConfig:
     serial_in: BinaryIO | int | None = None  # None: no console input
     prefault_memory: bool = False  # MAP_POPULATE guest RAM: slower start, faster first touch
     disks: list[DiskConfig] = field(default_factory=list)  # virtio-blk vda, vdb, ... in this order
+    nets: list[NetConfig] = field(default_factory=list)  # virtio-net eth0, eth1, ... after the disks
+
+
+def _check_nets(nets: Sequence[NetConfig]) -> None:
+    """Before anything is opened: MACs well-formed, no tap or MAC given twice."""
+    taps = [net.tap for net in nets]
+    for tap in taps:
+        if taps.count(tap) > 1:
+            raise NetConfigError(f"tap {tap} is given to two network devices: give each its own tap")
+    macs = [parse_mac(net.mac) for net in nets if net.mac is not None]
+    for mac in macs:
+        if macs.count(mac) > 1:
+            raise NetConfigError(f"MAC {format_mac(mac)} is given to two network devices: give each its own MAC "
+                                 f"(or leave mac= out for a random one)")
+
+
+def _open_tap(stack: ExitStack, net: NetConfig, missing_hint: str) -> Tap:
+    tap = Tap.open(net.tap, net.create, missing_hint)
+    stack.callback(tap.close)
+    if tap.created:
+        log.warning("created tap %s (up, no address); it goes away when this VM exits", tap.name)
+    return tap
 
 
 def _host_memory() -> int:
@@ -80,7 +123,13 @@ class _Parts:
         backing: Mapping[str, FileBacking] | None = None,
         prefault: bool = False,
         disks: Sequence[DiskConfig] = (),
+        nets: Sequence[NetConfig] = (),
+        announce: bool = False,
+        missing_tap_hint: str = "",
     ) -> None:
+        _check_nets(nets)
+        # Taps first: a bad tap is an operator's mistake, told before anything else is made.
+        taps = [_open_tap(stack, net, missing_tap_hint) for net in nets]
         self.kvm = Kvm.open()
         stack.callback(self.kvm.close)
         _check_resources(self.kvm, vcpu_count, mem_size)
@@ -102,11 +151,15 @@ class _Parts:
         self.pio_bus.register(POWER_OFF_PORT, 1, self.power)
         self.pio_bus.register(COMMAND_PORT, 1, self.i8042)
         self.devices = {"serial": self.serial, "power": self.power, "i8042": self.i8042}
-        if len(disks) > MAX_DISKS:
-            raise VmConfigError(f"{len(disks)} disks requested; a VM can have at most {MAX_DISKS}")
+        if len(disks) + len(nets) > MAX_VIRTIO_DEVICES:
+            raise VmConfigError(f"{len(disks)} disks and {len(nets)} network devices requested; a VM can have "
+                                f"at most {MAX_VIRTIO_DEVICES} together")
         self.disk_names: list[str] = []
         for index, disk in enumerate(disks):
             self._attach_disk(stack, index, disk)
+        self.nets: list[dict] = []  # as the VM's config records them
+        for index, (net, tap) in enumerate(zip(nets, taps)):
+            self._attach_net(stack, len(disks) + index, f"eth{index}", net, tap, announce)
         self.serial_input = SerialInputPump(serial_in, self.serial) if serial_in is not None else None
 
         supported_msrs = self.kvm.get_msr_index_list()
@@ -130,6 +183,16 @@ class _Parts:
         self.mmio_bus.register(base, MMIO_WINDOW, transport)
         self.devices[f"virtio-blk-{name}"] = transport
         self.disk_names.append(name)
+
+    def _attach_net(self, stack: ExitStack, index: int, name: str, net: NetConfig, tap: Tap, announce: bool) -> None:
+        mac = net.mac or random_mac()
+        base, irq = mmio_window(index)
+        device = VirtioNet(name, tap, parse_mac(mac), announce_on_restore=announce)
+        stack.callback(device.close)
+        transport = VirtioMmioTransport(device, self.memory, lambda: self._pulse_irq(irq))
+        self.mmio_bus.register(base, MMIO_WINDOW, transport)
+        self.devices[f"virtio-net-{name}"] = transport
+        self.nets.append({"name": name, "tap": net.tap, "mac": mac})
 
     def _pulse_irq(self, irq: int) -> None:
         # An edge, as an irqfd would give: the driver learns the cause from InterruptStatus.
@@ -175,10 +238,12 @@ def build_microvm_for_boot(cfg: VmConfig) -> Vm:
     """A VM with the kernel loaded and every vCPU at its reset/entry state; not started."""
     with ExitStack() as stack:
         parts = _Parts(
-            stack, cfg.vcpus, cfg.mem_size, cfg.serial_out, cfg.serial_in, prefault=cfg.prefault_memory, disks=cfg.disks
+            stack, cfg.vcpus, cfg.mem_size, cfg.serial_out, cfg.serial_in, prefault=cfg.prefault_memory,
+            disks=cfg.disks, nets=cfg.nets,
         )
-        # Linux (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES) and the test guest find disks here.
-        cmdline = " ".join([cfg.cmdline] + [kernel_cmdline_option(i) for i in range(len(cfg.disks))])
+        # Linux (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES) and the test guest find disks and NICs here.
+        devices = len(cfg.disks) + len(cfg.nets)
+        cmdline = " ".join([cfg.cmdline] + [kernel_cmdline_option(i) for i in range(devices)])
         boot = load_kernel(
             parts.memory, Path(cfg.kernel), Path(cfg.initrd) if cfg.initrd else None, cmdline, cfg.vcpus
         )
@@ -196,6 +261,7 @@ def build_microvm_for_boot(cfg: VmConfig) -> Vm:
                     {"name": name, "path": str(disk.path), "readonly": disk.readonly}
                     for name, disk in zip(parts.disk_names, cfg.disks)
                 ],
+                "nets": parts.nets,
             }
         )
         stack.pop_all()
@@ -209,9 +275,32 @@ def _disk_configs(config: dict, disk_paths: Mapping[str, Path] | None) -> list[D
     ]
 
 
+def _net_configs(config: dict, options: NetRestoreOptions) -> list[NetConfig]:
+    """The saved network devices, each on its tap or the one `options` puts in its place."""
+    saved = [net["tap"] for net in config.get("nets", [])]
+    unknown = sorted(set(options.taps) - set(saved))
+    if unknown:
+        raise NetConfigError(f"--net-override names tap {', '.join(unknown)}, which the VM does not use "
+                             f"(its taps: {', '.join(saved) or 'none'})")
+    return [NetConfig(options.taps.get(net["tap"], net["tap"]), net["mac"]) for net in config.get("nets", [])]
+
+
+def check_net_restore(config: dict, net: NetRestoreOptions | None) -> None:
+    """Before a restore writes anything: every override names a tap of the VM, and
+    every tap the restored VM will use exists here."""
+    for nic in _net_configs(config, net or NetRestoreOptions()):
+        require_tap(nic.tap, missing_hint=_missing_tap_hint(config))
+
+
+def _missing_tap_hint(config: dict) -> str:
+    taps = [net["tap"] for net in config.get("nets", [])]
+    return f"or attach the VM to another tap (--net-override {taps[0] if taps else 'OLD'}=NEWTAP)"
+
+
 def _shape(config: dict) -> tuple:
     """What parts a VM with `config` is made of (not where its files are)."""
-    return (config["vcpus"], config["mem_size"], [(d["name"], d["readonly"]) for d in config.get("disks", [])])
+    return (config["vcpus"], config["mem_size"], [(d["name"], d["readonly"]) for d in config.get("disks", [])],
+            [net["mac"] for net in config.get("nets", [])])
 
 
 class PreparedMicrovm:
@@ -227,12 +316,16 @@ class PreparedMicrovm:
         serial_out: BinaryIO | int | None = None,
         serial_in: BinaryIO | int | None = None,
         disk_paths: Mapping[str, Path] | None = None,
+        net: NetRestoreOptions | None = None,
     ) -> None:
         self.config = config
         self.disks = _disk_configs(config, disk_paths)
+        net = net or NetRestoreOptions()
+        self.nets = _net_configs(config, net)
         self.stack = ExitStack()
         try:
-            self.parts = _Parts(self.stack, config["vcpus"], config["mem_size"], serial_out, serial_in, disks=self.disks)
+            self.parts = _Parts(self.stack, config["vcpus"], config["mem_size"], serial_out, serial_in, disks=self.disks,
+                                nets=self.nets, announce=net.announce, missing_tap_hint=_missing_tap_hint(config))
         except BaseException:
             self.stack.close()
             raise
@@ -253,13 +346,15 @@ def build_microvm_from_state(
     memory_backing: Mapping[str, FileBacking] | None = None,
     disk_paths: Mapping[str, Path] | None = None,
     prepared: "PreparedMicrovm | None" = None,
+    net: NetRestoreOptions | None = None,
 ) -> Vm:
     """A paused-equivalent VM (not started) with the same layout as `state`,
     guest RAM filled by `memory_fill` (or mapped from `memory_backing`), each
-    disk attached from `disk_paths[name]` (default: the path it had), and
-    every part restored; `vm.start()` continues where the guest was. With
+    disk attached from `disk_paths[name]` (default: the path it had), each
+    network device to its tap or the one `net.taps` names instead, and every
+    part restored; `vm.start()` continues where the guest was. With
     `prepared`, its parts (and guest RAM as already filled) are used instead of
-    new ones, and the serial, backing and disk arguments are not used."""
+    new ones, and the serial, backing, disk and net arguments are not used."""
     state = upgraded("VM", state, STATE_VERSION)
     config = state["config"]
     with ExitStack() as stack:
@@ -269,11 +364,14 @@ def build_microvm_from_state(
                     f"the prepared VM {_shape(prepared.config)} does not fit the saved state {_shape(config)}"
                 )
             stack.push(prepared.stack)  # closed with the rest if restoring fails
-            parts, disks = prepared.parts, prepared.disks
+            parts, disks, nets = prepared.parts, prepared.disks, prepared.nets
         else:
             disks = _disk_configs(config, disk_paths)
+            net = net or NetRestoreOptions()
+            nets = _net_configs(config, net)
             parts = _Parts(
-                stack, config["vcpus"], config["mem_size"], serial_out, serial_in, backing=memory_backing, disks=disks
+                stack, config["vcpus"], config["mem_size"], serial_out, serial_in, backing=memory_backing, disks=disks,
+                nets=nets, announce=net.announce, missing_tap_hint=_missing_tap_hint(config),
             )
         memory_state = upgraded("guest memory", state["memory"], MEMORY_STATE_VERSION)
         saved_layout = [(r["name"], r["gpa"], r["size"]) for r in memory_state["regions"]]
@@ -294,6 +392,7 @@ def build_microvm_from_state(
                 raise VmStateError(str(exc)) from None
         config = dict(config)
         config["disks"] = [{**saved, "path": str(disk.path)} for saved, disk in zip(config.get("disks", []), disks)]
+        config["nets"] = [{**saved, "tap": nic.tap} for saved, nic in zip(config.get("nets", []), nets)]
         vm = parts.assemble(config)
         stack.pop_all()
         return vm

@@ -135,6 +135,12 @@ class Vm:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
         if self._serial_input is not None:
             self._serial_input.start()
+        for device in self._io_devices():
+            device.start_io()
+
+    def _io_devices(self) -> list[Any]:
+        """Devices that may write guest memory from threads of their own (net RX)."""
+        return [device for device in self.devices.values() if hasattr(device, "pause_io")]
 
     @property
     def running(self) -> bool:
@@ -157,6 +163,8 @@ class Vm:
                 vcpu.kick()
             remaining = deadline - time.monotonic()
             if self._control.wait_all_parked(min(KICK_RETRY_S, max(remaining, 0))):
+                for device in self._io_devices():
+                    device.pause_io()  # and no device writes guest memory either
                 return
             if remaining <= 0:
                 raise VmRuntimeError(f"the vCPUs did not pause within {timeout} s")
@@ -164,6 +172,8 @@ class Vm:
     def resume(self) -> None:
         if not self._control.paused:
             return
+        for device in self._io_devices():
+            device.resume_io()
         self._control.release()
 
     def request_exit(self, status: ExitStatus) -> None:

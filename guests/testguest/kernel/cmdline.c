@@ -67,6 +67,8 @@ const char *cmdline_value(const char *s, const char *name)
 
 void cmdline_parse(const char *s, struct kparams *kp)
 {
+	const char *s0 = s;
+
 	*kp = (struct kparams){ .mem_mib = 16, .seed = 1, .rounds = 3, .cpus = 1, .verify = 1,
 				.disk_blocks = 256, .disk_writes = 8, .disk_verify = 1 };
 	while (*s) {
@@ -90,6 +92,7 @@ void cmdline_parse(const char *s, struct kparams *kp)
 	if (!kp->disk_verify)
 		kp->disk_verify = 1;
 	kp->exit_status &= 0xff;
+	kp->net = cmdline_value(s0, "tg.ip") != 0;
 	if (kp->disk_blocks > MAX_DISK_BLOCKS)
 		kp->disk_blocks = MAX_DISK_BLOCKS;
 }

@@ -140,6 +140,8 @@ irq0:
 	out %al, $0x20
 	decq tick_countdown(%rip)
 	jz 1f
+	cmpb $0, net_up(%rip)
+	jnz 1f
 	pop %rax
 	iretq
 1:	push %rcx
@@ -150,7 +152,7 @@ irq0:
 	push %r9
 	push %r10
 	push %r11
-	call tick_line /* re-arms tick_countdown */
+	call irq0_work /* the tick line (re-arms tick_countdown), the network poll */
 	pop %r11
 	pop %r10
 	pop %r9

@@ -59,7 +59,7 @@ void bootinfo_read(struct boot_info *bi, enum boot_kind kind, u64 info);
 /* cmdline.c */
 struct kparams {
 	u64 mem_mib, seed, rate, rounds, exit_status, cpus, verify, pages, ticks, corrupt;
-	u64 disk, disk_blocks, disk_writes, disk_seq, disk_verify, work;
+	u64 disk, disk_blocks, disk_writes, disk_seq, disk_verify, work, net;
 };
 void cmdline_parse(const char *cmdline, struct kparams *kp);
 u64 parse_u64(const char *s);
@@ -87,6 +87,15 @@ u64 virtio_mmio_base(const char *cmdline);
 u64 disk_init(u64 base);
 u64 disk_io(u64 write, u64 sector, u64 sectors, u64 buf);
 
+/* virtio_net.c: answers ARP and ICMP echo for tg.ip, polled from the BSP's timer tick */
+extern volatile u8 net_up;
+int net_init(const char *cmdline);
+void net_poll(void);
+
+/* lib.c */
+void *memset(void *d, int c, u64 n);
+void *memcpy(void *d, const void *s, u64 n);
+
 /* timer.c */
 extern u64 tick_line_every;
 void pic_pit_init(u64 tick_line_every);
@@ -111,5 +120,6 @@ struct trap_frame {
 };
 void trap(struct trap_frame *f);
 void tick_line(void);
+void irq0_work(void);
 
 #endif

@@ -73,6 +73,17 @@ static void disk_setup(const struct kparams *kp)
 	power_off(EXIT_CONFIG);
 }
 
+/* tg.ip=a.b.c.d: answer ARP and ping on the first virtio-net device. */
+static void net_setup(void)
+{
+	if (net_init(boot_info.cmdline)) {
+		console_write("tg: net ok\n", 11);
+		return;
+	}
+	console_write("tg: ERROR no usable network device for tg.ip\n", 45);
+	power_off(EXIT_CONFIG);
+}
+
 static u64 ram_top(void)
 {
 	u64 top = 0;
@@ -99,7 +110,8 @@ static void bsp_init(enum boot_kind kind, u64 info)
 
 	idt_init();
 	paging_init(ram_top());
-	if (kp.disk)
+	/* every virtio-mmio window lies in the first one's 2 MiB page */
+	if (kp.disk || kp.net)
 		paging_map_mmio(virtio_mmio_base(boot_info.cmdline));
 	for (u32 c = 0; c < kp.cpus; c++)
 		tss_init(c);
@@ -119,6 +131,8 @@ static void bsp_init(enum boot_kind kind, u64 info)
 		power_off(EXIT_CONFIG);
 	if (kp.disk)
 		disk_setup(&kp);
+	if (kp.net)
+		net_setup();
 
 	pic_pit_init(kp.ticks);
 	while (!tg_ticks)

@@ -75,3 +75,12 @@ void tick_line(void)
 	line_kv(&l, "ticks", tg_ticks);
 	print_line(&l);
 }
+
+/* From irq0 when there is more to do than counting the tick. */
+void irq0_work(void)
+{
+	if (!tick_countdown)
+		tick_line();
+	if (net_up)
+		net_poll();
+}

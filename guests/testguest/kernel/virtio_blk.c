@@ -3,46 +3,11 @@
  * status), and the VMM completes it before the QueueNotify write returns. Only
  * CPU 0 uses it. The device is found like Linux finds it, from
  * "virtio_mmio.device=<size>@<base>:<irq>" on the command line. */
-#include "kernel.h"
+#include "virtio_mmio.h"
 
-#define VIRTIO_MAGIC 0x74726976
 #define VIRTIO_ID_BLOCK 2
 #define QSIZE 8
 
-/* register offsets */
-#define R_MAGIC 0x000
-#define R_VERSION 0x004
-#define R_DEVICE_ID 0x008
-#define R_DEVICE_FEATURES 0x010
-#define R_DEVICE_FEATURES_SEL 0x014
-#define R_DRIVER_FEATURES 0x020
-#define R_DRIVER_FEATURES_SEL 0x024
-#define R_QUEUE_SEL 0x030
-#define R_QUEUE_NUM_MAX 0x034
-#define R_QUEUE_NUM 0x038
-#define R_QUEUE_READY 0x044
-#define R_QUEUE_NOTIFY 0x050
-#define R_STATUS 0x070
-#define R_QUEUE_DESC 0x080
-#define R_QUEUE_DRIVER 0x090
-#define R_QUEUE_DEVICE 0x0a0
-#define R_CONFIG 0x100
-
-#define S_ACKNOWLEDGE 1
-#define S_DRIVER 2
-#define S_DRIVER_OK 4
-#define S_FEATURES_OK 8
-#define S_NEEDS_RESET 64
-
-#define DESC_F_NEXT 1
-#define DESC_F_WRITE 2
-#define AVAIL_F_NO_INTERRUPT 1
-
-struct desc {
-	u64 addr;
-	u32 len;
-	u16 flags, next;
-};
 struct avail {
 	u16 flags, idx, ring[QSIZE], used_event;
 };
@@ -67,18 +32,12 @@ static u64 capacity; /* 512-byte sectors */
 
 static u32 reg_read(u32 off)
 {
-	return *(volatile u32 *)(regs + off);
+	return mmio_read32(regs, off);
 }
 
 static void reg_write(u32 off, u32 v)
 {
-	*(volatile u32 *)(regs + off) = v;
-}
-
-static void reg_write64(u32 off, u64 v)
-{
-	reg_write(off, (u32)v);
-	reg_write(off + 4, (u32)(v >> 32));
+	mmio_write32(regs, off, v);
 }
 
 /* The device's register base from the command line, or 0. */
@@ -117,9 +76,9 @@ u64 disk_init(u64 base)
 	if (reg_read(R_QUEUE_NUM_MAX) < QSIZE)
 		goto fail;
 	reg_write(R_QUEUE_NUM, QSIZE);
-	reg_write64(R_QUEUE_DESC, (u64)descs);
-	reg_write64(R_QUEUE_DRIVER, (u64)&avail);
-	reg_write64(R_QUEUE_DEVICE, (u64)&used);
+	mmio_write64(regs, R_QUEUE_DESC, (u64)descs);
+	mmio_write64(regs, R_QUEUE_DRIVER, (u64)&avail);
+	mmio_write64(regs, R_QUEUE_DEVICE, (u64)&used);
 	avail.flags = AVAIL_F_NO_INTERRUPT; /* polled */
 	reg_write(R_QUEUE_READY, 1);
 	if (reg_read(R_QUEUE_READY) != 1)

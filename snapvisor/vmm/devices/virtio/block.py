@@ -51,7 +51,7 @@ class VirtioBlock:
     def read_config(self, offset: int, size: int) -> int:
         return int.from_bytes(self._config[offset : offset + size].ljust(size, b"\0"), "little")
 
-    def process(self, memory: GuestMemory, queue: Virtqueue) -> bool:
+    def process(self, memory: GuestMemory, index: int, queue: Virtqueue) -> bool:
         used = False
         while (chain := queue.pop(memory)) is not None:
             queue.push(memory, chain.head, self._serve(memory, chain))

@@ -73,7 +73,11 @@ class Reg:
 
 
 class VirtioDevice(Protocol):
-    """What a device type (block, ...) gives the transport."""
+    """What a device type (block, net) gives the transport. A device may also have
+    `activate(driver_features)`, called when the driver sets DRIVER_OK (and after a
+    restore of a driver-OK device), and, if it moves data on its own (net RX),
+    `start_io(serve)`, `pause_io()` and `resume_io()`: the VM calls them when it
+    starts, pauses and resumes (see start_io below)."""
 
     device_id: int
     features: int  # device feature bits, VIRTIO_F_VERSION_1 included
@@ -81,8 +85,8 @@ class VirtioDevice(Protocol):
 
     def read_config(self, offset: int, size: int) -> int: ...
 
-    def process(self, memory: GuestMemory, queue: Virtqueue) -> bool:
-        """Serve every available chain of `queue`; True if any was used.
+    def process(self, memory: GuestMemory, index: int, queue: Virtqueue) -> bool:
+        """Serve every available chain of `queue` (number `index`); True if any was used.
         Raises QueueError for a malformed queue."""
         ...
 
@@ -211,8 +215,16 @@ class VirtioMmioTransport:
             # Accept only features we offered, and only a virtio 1.x driver.
             if self.driver_features & ~self.device.features or not self.driver_features & VIRTIO_F_VERSION_1:
                 value &= ~STATUS_FEATURES_OK
+        was_ok = self.driver_ok
         # NEEDS_RESET is the device's to set; only a reset (writing 0) clears it.
         self.status = (value & ~STATUS_NEEDS_RESET) | (self.status & STATUS_NEEDS_RESET)
+        if self.driver_ok and not was_ok:
+            self._activate()
+
+    def _activate(self) -> None:
+        activate = getattr(self.device, "activate", None)
+        if activate is not None:
+            activate(self.driver_features)
 
     def _set_queue_ready(self, queue: Virtqueue, ready: bool) -> None:
         if not ready:
@@ -232,11 +244,21 @@ class VirtioMmioTransport:
         return self.status & (wanted | STATUS_NEEDS_RESET | STATUS_FAILED) == wanted
 
     def _notify(self, index: int) -> None:
+        self._serve(index, self.device.process)
+
+    def serve_queue(self, index: int, work: Callable[[GuestMemory, int, Virtqueue], bool]) -> None:
+        """Run `work` on queue `index` as a QueueNotify would, from a device's own
+        thread (net RX): under the register lock, only on a driver-OK device and a
+        ready queue; a malformed queue sets DEVICE_NEEDS_RESET, used buffers interrupt."""
+        with self._lock:
+            self._serve(index, work)
+
+    def _serve(self, index: int, work: Callable[[GuestMemory, int, Virtqueue], bool]) -> None:
         if not self.driver_ok or index >= len(self.queues) or not self.queues[index].ready:
             return
         queue = self.queues[index]
         try:
-            used = self.device.process(self._memory, queue)
+            used = work(self._memory, index, queue)
         except (QueueError, GuestMemoryError):
             self._needs_reset()
             return
@@ -251,6 +273,25 @@ class VirtioMmioTransport:
         if self.status & STATUS_DRIVER_OK:
             self.interrupt_status |= INT_CONFIG_CHANGE
             self._raise_irq()
+
+    # --- devices that move data on their own (net RX) -------------------------------------
+    def start_io(self) -> None:
+        """The VM started: the device may deliver, through serve_queue()."""
+        start = getattr(self.device, "start_io", None)
+        if start is not None:
+            start(self.serve_queue)
+
+    def pause_io(self) -> None:
+        """The VM paused: returns once the device has finished what it was writing
+        into guest memory and will write nothing more until resume_io()."""
+        pause = getattr(self.device, "pause_io", None)
+        if pause is not None:
+            pause()
+
+    def resume_io(self) -> None:
+        resume = getattr(self.device, "resume_io", None)
+        if resume is not None:
+            resume()
 
     def close(self) -> None:
         self.device.close()
@@ -287,6 +328,8 @@ class VirtioMmioTransport:
                     except QueueError as exc:
                         raise ValueError(f"saved virtqueue is unusable: {exc}") from None
             self.device.restore(state["device"])
+            if self.driver_ok:
+                self._activate()
 
 
 def _set_half(current: int, value: int, high: bool) -> int:

@@ -84,6 +84,13 @@ class Virtqueue:
     # --- the device side of the rings ------------------------------------------------
     def pop(self, memory: GuestMemory) -> Chain | None:
         """The next available chain, or None when the driver has offered no more."""
+        chain = self.peek(memory)
+        if chain is not None:
+            self.next_avail = (self.next_avail + 1) & 0xFFFF
+        return chain
+
+    def peek(self, memory: GuestMemory) -> Chain | None:
+        """The next available chain, left available (net RX looks before it fills)."""
         avail_idx = self._read_u16(memory, self.avail_addr + 2)
         pending = (avail_idx - self.next_avail) & 0xFFFF
         if pending == 0:
@@ -92,7 +99,6 @@ class Virtqueue:
             raise QueueError(f"available index {avail_idx} is {pending} entries ahead of {self.next_avail}")
         slot = self.next_avail % self.size
         head = self._read_u16(memory, self.avail_addr + 4 + 2 * slot)
-        self.next_avail = (self.next_avail + 1) & 0xFFFF
         return self._walk(memory, head)
 
     def _walk(self, memory: GuestMemory, head: int) -> Chain:
