@@ -16,8 +16,12 @@ from snapvisor.vmm.devices.acpi_sleep import PORT_COUNT as SLEEP_PORT_COUNT
 from snapvisor.vmm.devices.acpi_sleep import SLEEP_CONTROL_PORT, AcpiSleepRegisters
 from snapvisor.vmm.devices.blockfile import BlockFile, DiskConfig
 from snapvisor.vmm.devices.console import SerialInputPump
-from snapvisor.vmm.devices.i8042 import COMMAND_PORT, I8042
+from snapvisor.vmm.devices.i8042 import DATA_PORT, I8042
+from snapvisor.vmm.devices.i8042 import PORT_RANGE as I8042_PORT_RANGE
 from snapvisor.vmm.devices.power import POWER_OFF_PORT, PowerOffPort
+from snapvisor.vmm.devices.rtc import INDEX_PORT as RTC_PORT
+from snapvisor.vmm.devices.rtc import PORT_COUNT as RTC_PORT_COUNT
+from snapvisor.vmm.devices.rtc import CmosRtc
 from snapvisor.vmm.devices.serial import COM1_IRQ, COM1_PORT, PORT_COUNT, Serial, SerialOutput
 from snapvisor.vmm.devices.virtio.block import VirtioBlock
 from snapvisor.vmm.devices.virtio.mmio import MMIO_WINDOW, VirtioMmioTransport, kernel_cmdline_option, mmio_window
@@ -38,7 +42,7 @@ MIN_MEM_SIZE = 2 << 20
 MAX_DISKS = 16  # IOAPIC pins 5..20
 # Devices newer than some saved states: a state without one restores it at
 # power-on (the guest that was saved never touched it).
-DEVICES_ADDED_LATER = frozenset({"acpi_sleep"})
+DEVICES_ADDED_LATER = frozenset({"acpi_sleep", "rtc"})
 
 
 @dataclass
@@ -101,13 +105,23 @@ class _Parts:
         output = SerialOutput(sys.stdout.fileno() if serial_out is None else serial_out)
         self.serial = Serial(output, lambda level: self.irqchip.set_irq_line(COM1_IRQ, level))
         self.power = PowerOffPort(lambda code: self._exit(ExitStatus(code, "poweroff", f"the guest powered off with status {code}")))
-        self.i8042 = I8042(lambda: self._exit(ExitStatus(0, "reset", "the guest reset the machine through the i8042")))
+        self.i8042 = I8042(
+            lambda: self._exit(ExitStatus(0, "reset", "the guest reset the machine through the i8042")), self._pulse_irq
+        )
         self.pio_bus.register(COM1_PORT, PORT_COUNT, self.serial)
         self.pio_bus.register(POWER_OFF_PORT, 1, self.power)
         self.acpi_sleep = AcpiSleepRegisters(lambda: self._exit(ExitStatus(0, "poweroff", "the guest powered off (ACPI S5)")))
-        self.pio_bus.register(COMMAND_PORT, 1, self.i8042)
+        self.pio_bus.register(DATA_PORT, I8042_PORT_RANGE, self.i8042)
         self.pio_bus.register(SLEEP_CONTROL_PORT, SLEEP_PORT_COUNT, self.acpi_sleep)
-        self.devices = {"serial": self.serial, "power": self.power, "i8042": self.i8042, "acpi_sleep": self.acpi_sleep}
+        self.rtc = CmosRtc()
+        self.pio_bus.register(RTC_PORT, RTC_PORT_COUNT, self.rtc)
+        self.devices = {
+            "serial": self.serial,
+            "power": self.power,
+            "i8042": self.i8042,
+            "acpi_sleep": self.acpi_sleep,
+            "rtc": self.rtc,
+        }
         if len(disks) > MAX_DISKS:
             raise VmConfigError(f"{len(disks)} disks requested; a VM can have at most {MAX_DISKS}")
         self.disk_names: list[str] = []
