@@ -14,6 +14,7 @@ import pytest
 from flat_guest import elf_image, in_byte, out_al, out_byte, power_off, spin
 from snapvisor.vmm.builder import VmConfig, build_microvm_for_boot, build_microvm_from_state
 from snapvisor.vmm.devices import i8042, rtc
+from snapvisor.vmm.errors import VmStateError
 
 pytestmark = pytest.mark.kvm
 MiB = 1 << 20
@@ -168,3 +169,22 @@ def test_i8042_state_survives_save_and_restore(tmp_path: Path) -> None:
         assert controller.read(0, 1) == 0x55
         controller.write(4, 1, 0x20)
         assert controller.read(0, 1) == 0x30
+
+
+def test_a_state_saved_before_these_devices_restores_them_at_power_on(tmp_path: Path) -> None:
+    """Snapshots taken by a snapvisor without the RTC and the ACPI sleep registers
+    (and with a stateless i8042) still restore; those devices start as powered on."""
+    kernel = tmp_path / "k.elf"
+    kernel.write_bytes(elf_image(spin()))
+    with build_microvm_for_boot(VmConfig(kernel=kernel, mem_size=16 * MiB, serial_out=io.BytesIO())) as vm:
+        vm.start()
+        vm.pause()
+        state = vm.save_state()
+    del state["devices"]["rtc"], state["devices"]["acpi_sleep"]
+    state["devices"]["i8042"] = {"version": 1}
+    with build_microvm_from_state(state, serial_out=io.BytesIO()) as restored:
+        assert restored.devices["rtc"].offset_s == 0
+        assert restored.devices["i8042"].save()["ctr"] == i8042.POWER_ON_CTR
+    del state["devices"]["serial"]
+    with pytest.raises(VmStateError, match="the saved state has no serial device"):
+        build_microvm_from_state(state, serial_out=io.BytesIO())
