@@ -92,6 +92,17 @@ def test_rtc_time_set_by_the_guest_moves_with_the_host_clock(tmp_path: Path) -> 
         assert seconds in (expected.tm_sec, (expected.tm_sec + 1) % 60)
 
 
+def test_rtc_field_written_without_set_moves_the_clock_at_once() -> None:
+    clock = rtc.CmosRtc()
+    now = time.gmtime()
+    if (now.tm_mon, now.tm_mday) == (2, 29):
+        pytest.skip("no 29 February next year")
+    clock.write(0, 1, rtc.YEAR)
+    clock.write(1, 1, int(f"{(now.tm_year + 1) % 100}", 16))  # BCD
+    next_year = calendar.timegm((now.tm_year + 1,) + tuple(now[1:6]) + (0, 0, 0))
+    assert abs(clock.offset_s - (next_year - calendar.timegm(now))) <= 1
+
+
 @pytest.mark.parametrize(
     "fields",
     [{rtc.MONTH: 0x13}, {rtc.DAY: 0x31, rtc.MONTH: 0x02}, {rtc.HOURS: 0x24}, {rtc.SECONDS: 0x5A}],
