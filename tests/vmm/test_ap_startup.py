@@ -11,20 +11,13 @@ from pathlib import Path
 import pytest
 
 from flat_guest import elf_image, snapvisor_note, spin
+from test_vm_pause_restore import copy_memory_from
 from snapvisor.vmm.builder import VmConfig, build_microvm_for_boot, build_microvm_from_state
 from snapvisor.vmm.kvm import bindings as b
-from snapvisor.vmm.memory import GuestMemory
 
 pytestmark = pytest.mark.kvm
 MiB = 1 << 20
 RESET_CS, RESET_RIP = 0xF000, 0xFFF0  # where an x86 CPU comes out of reset
-
-
-def _copy_from(source: GuestMemory):
-    def fill(target: GuestMemory) -> None:
-        for src, dst in zip(source.regions, target.regions):
-            dst.view[:] = src.view
-    return fill
 
 
 def _ap_state(vm) -> tuple[int, int, int]:
@@ -42,7 +35,7 @@ def test_aps_wait_for_sipi_in_their_reset_state_and_round_trip(tmp_path: Path) -
         vm.pause()
         state = vm.save_state()
         assert state["vcpus"][1]["mp_state"] == b.KVM_MP_STATE_UNINITIALIZED
-        with build_microvm_from_state(state, serial_out=io.BytesIO(), memory_fill=_copy_from(vm.memory)) as restored:
+        with build_microvm_from_state(state, serial_out=io.BytesIO(), memory_fill=copy_memory_from(vm.memory)) as restored:
             assert _ap_state(restored) == (b.KVM_MP_STATE_UNINITIALIZED, RESET_CS, RESET_RIP)
             restored.start()
             restored.pause()

@@ -166,4 +166,4 @@ class CmosRtc:
             raise ValueError("the saved CMOS RTC time fields are not valid")
         self.offset_s, self.index, self.nmi_disabled = offset, index, bool(state.get("nmi_disabled"))
         self.cmos = bytearray(cmos)
-        self.held = dict(zip(_TIME_FIELDS, held)) if held is not None else None
+        self.held = dict(zip(_TIME_FIELDS, held, strict=True)) if held is not None else None
