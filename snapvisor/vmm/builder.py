@@ -11,11 +11,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Mapping, Sequence
 
+from snapvisor.vmm.acpi import MmioDevice
 from snapvisor.vmm.bus import MmioBus, PioBus
-from snapvisor.vmm.devices.blockfile import BlockFile, DiskConfig
+from snapvisor.vmm.devices.acpi_sleep import PORT_COUNT as SLEEP_PORT_COUNT
+from snapvisor.vmm.devices.acpi_sleep import SLEEP_CONTROL_PORT, AcpiSleepRegisters
+from snapvisor.vmm.devices.blockfile import BlockFile, DiskConfig, check_disk_image
 from snapvisor.vmm.devices.console import SerialInputPump
-from snapvisor.vmm.devices.i8042 import COMMAND_PORT, I8042
+from snapvisor.vmm.devices.i8042 import DATA_PORT, I8042
+from snapvisor.vmm.devices.i8042 import PORT_RANGE as I8042_PORT_RANGE
 from snapvisor.vmm.devices.power import POWER_OFF_PORT, PowerOffPort
+from snapvisor.vmm.devices.rtc import INDEX_PORT as RTC_PORT
+from snapvisor.vmm.devices.rtc import PORT_COUNT as RTC_PORT_COUNT
+from snapvisor.vmm.devices.rtc import CmosRtc
 from snapvisor.vmm.devices.serial import COM1_IRQ, COM1_PORT, PORT_COUNT, Serial, SerialOutput
 from snapvisor.vmm.devices.tap import Tap, require_tap
 from snapvisor.vmm.devices.virtio.block import VirtioBlock
@@ -26,7 +33,7 @@ from snapvisor.vmm.exit_status import ExitStatus
 from snapvisor.vmm.irqchip import Irqchip
 from snapvisor.vmm.kvm import Kvm, VcpuFd, ffi
 from snapvisor.vmm.kvm import bindings as b
-from snapvisor.vmm.loader import load_kernel
+from snapvisor.vmm.loader import check_boot_files, load_kernel
 from snapvisor.vmm.memory import PAGE_SIZE, FileBacking, GuestMemory
 from snapvisor.vmm.memory import STATE_VERSION as MEMORY_STATE_VERSION
 from snapvisor.vmm.persist import upgraded
@@ -56,6 +63,9 @@ class NetRestoreOptions:
 
     taps: Mapping[str, str] = field(default_factory=dict)  # tap named in the snapshot -> tap here
     announce: bool = True  # announce each guest MAC (RARP) once the VM runs
+# Devices newer than some saved states: a state without one restores it at
+# power-on (the guest that was saved never touched it).
+DEVICES_ADDED_LATER = frozenset({"acpi_sleep", "rtc"})
 
 
 @dataclass
@@ -97,10 +107,15 @@ def _host_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _check_resources(kvm: Kvm, vcpus: int, mem_size: int) -> None:
+def _check_vcpus(kvm: Kvm, vcpus: int) -> None:
     max_vcpus = kvm.check_extension(b.KVM_CAP_NR_VCPUS) or 4
     if not 1 <= vcpus <= max_vcpus:
-        raise VmConfigError(f"{vcpus} vCPUs requested; this host's KVM supports 1 to {max_vcpus} per VM")
+        raise VmConfigError(
+            f"{vcpus} vCPUs requested; this host's KVM supports 1 to {max_vcpus} per VM: ask for that many (--vcpus)"
+        )
+
+
+def _check_memory(mem_size: int) -> None:
     if mem_size < MIN_MEM_SIZE or mem_size % PAGE_SIZE:
         raise VmConfigError(f"memory size {mem_size} bytes is not usable: it must be at least 2 MiB and a multiple of 4 KiB")
     if mem_size > _host_memory():
@@ -127,12 +142,18 @@ class _Parts:
         announce: bool = False,
         missing_tap_hint: str = "",
     ) -> None:
+        _check_memory(mem_size)
+        if len(disks) + len(nets) > MAX_VIRTIO_DEVICES:
+            raise VmConfigError(f"{len(disks)} disks and {len(nets)} network devices requested; a VM can have "
+                                f"at most {MAX_VIRTIO_DEVICES} together")
+        for disk in disks:
+            check_disk_image(disk)
         _check_nets(nets)
-        # Taps first: a bad tap is an operator's mistake, told before anything else is made.
+        # Taps before KVM: a bad tap is an operator's mistake, told before anything is made.
         taps = [_open_tap(stack, net, missing_tap_hint) for net in nets]
         self.kvm = Kvm.open()
         stack.callback(self.kvm.close)
-        _check_resources(self.kvm, vcpu_count, mem_size)
+        _check_vcpus(self.kvm, vcpu_count)
         self.vm_fd = self.kvm.create_vm()
         stack.callback(self.vm_fd.close)
         self.vm_fd.set_tss_addr(KVM_TSS_ADDRESS)
@@ -146,15 +167,25 @@ class _Parts:
         output = SerialOutput(sys.stdout.fileno() if serial_out is None else serial_out)
         self.serial = Serial(output, lambda level: self.irqchip.set_irq_line(COM1_IRQ, level))
         self.power = PowerOffPort(lambda code: self._exit(ExitStatus(code, "poweroff", f"the guest powered off with status {code}")))
-        self.i8042 = I8042(lambda: self._exit(ExitStatus(0, "reset", "the guest reset the machine through the i8042")))
+        self.i8042 = I8042(
+            lambda: self._exit(ExitStatus(0, "reset", "the guest reset the machine through the i8042")), self._pulse_irq
+        )
         self.pio_bus.register(COM1_PORT, PORT_COUNT, self.serial)
         self.pio_bus.register(POWER_OFF_PORT, 1, self.power)
-        self.pio_bus.register(COMMAND_PORT, 1, self.i8042)
-        self.devices = {"serial": self.serial, "power": self.power, "i8042": self.i8042}
-        if len(disks) + len(nets) > MAX_VIRTIO_DEVICES:
-            raise VmConfigError(f"{len(disks)} disks and {len(nets)} network devices requested; a VM can have "
-                                f"at most {MAX_VIRTIO_DEVICES} together")
+        self.acpi_sleep = AcpiSleepRegisters(lambda: self._exit(ExitStatus(0, "poweroff", "the guest powered off (ACPI S5)")))
+        self.pio_bus.register(DATA_PORT, I8042_PORT_RANGE, self.i8042)
+        self.pio_bus.register(SLEEP_CONTROL_PORT, SLEEP_PORT_COUNT, self.acpi_sleep)
+        self.rtc = CmosRtc()
+        self.pio_bus.register(RTC_PORT, RTC_PORT_COUNT, self.rtc)
+        self.devices = {
+            "serial": self.serial,
+            "power": self.power,
+            "i8042": self.i8042,
+            "acpi_sleep": self.acpi_sleep,
+            "rtc": self.rtc,
+        }
         self.disk_names: list[str] = []
+        self.mmio_devices: list[MmioDevice] = []  # for the ACPI DSDT
         for index, disk in enumerate(disks):
             self._attach_disk(stack, index, disk)
         self.nets: list[dict] = []  # as the VM's config records them
@@ -181,6 +212,7 @@ class _Parts:
         base, irq = mmio_window(index)
         transport = VirtioMmioTransport(VirtioBlock(name, image), self.memory, lambda: self._pulse_irq(irq))
         self.mmio_bus.register(base, MMIO_WINDOW, transport)
+        self.mmio_devices.append(MmioDevice(base, MMIO_WINDOW, irq))
         self.devices[f"virtio-blk-{name}"] = transport
         self.disk_names.append(name)
 
@@ -191,6 +223,7 @@ class _Parts:
         stack.callback(device.close)
         transport = VirtioMmioTransport(device, self.memory, lambda: self._pulse_irq(irq))
         self.mmio_bus.register(base, MMIO_WINDOW, transport)
+        self.mmio_devices.append(MmioDevice(base, MMIO_WINDOW, irq))
         self.devices[f"virtio-net-{name}"] = transport
         self.nets.append({"name": name, "tap": net.tap, "mac": mac})
 
@@ -235,17 +268,28 @@ def _msrs_readable(vcpu_fd: VcpuFd, indices: list[int]) -> list[int]:
 
 
 def build_microvm_for_boot(cfg: VmConfig) -> Vm:
-    """A VM with the kernel loaded and every vCPU at its reset/entry state; not started."""
+    """A VM with the kernel loaded and every vCPU at its reset/entry state; not started.
+    Bad input (kernel, initrd, memory size, disks, vCPU count) is refused before
+    any VM exists."""
+    # Kernels built with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES and the test guest find
+    # disks and NICs here; other kernels find them in the ACPI DSDT.
+    devices = len(cfg.disks) + len(cfg.nets)
+    cmdline = " ".join([cfg.cmdline] + [kernel_cmdline_option(i) for i in range(devices)])
+    initrd = Path(cfg.initrd) if cfg.initrd else None
+    _check_memory(cfg.mem_size)
+    check_boot_files(Path(cfg.kernel), initrd, cmdline, cfg.mem_size)
     with ExitStack() as stack:
         parts = _Parts(
             stack, cfg.vcpus, cfg.mem_size, cfg.serial_out, cfg.serial_in, prefault=cfg.prefault_memory,
             disks=cfg.disks, nets=cfg.nets,
         )
-        # Linux (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES) and the test guest find disks and NICs here.
-        devices = len(cfg.disks) + len(cfg.nets)
-        cmdline = " ".join([cfg.cmdline] + [kernel_cmdline_option(i) for i in range(devices)])
         boot = load_kernel(
-            parts.memory, Path(cfg.kernel), Path(cfg.initrd) if cfg.initrd else None, cmdline, cfg.vcpus
+            parts.memory,
+            Path(cfg.kernel),
+            initrd,
+            cmdline,
+            cfg.vcpus,
+            parts.mmio_devices,
         )
         for vcpu in parts.vcpus:
             enters = vcpu.index == 0 or boot.all_vcpus_at_entry
@@ -385,6 +429,8 @@ def build_microvm_from_state(
             vcpu.restore(vcpu_state)
         for name, device in parts.devices.items():
             if name not in state["devices"]:
+                if name in DEVICES_ADDED_LATER:
+                    continue
                 raise VmStateError(f"the saved state has no {name} device")
             try:
                 device.restore(state["devices"][name])

@@ -62,6 +62,7 @@ PTE_WRITABLE = 1 << 1
 PTE_HUGE = 1 << 7
 
 # boot_params (zero page) offsets, Documentation/arch/x86/zero-page.rst
+BP_ACPI_RSDP_ADDR = 0x070
 BP_EXT_RAMDISK_IMAGE = 0x0C0
 BP_EXT_RAMDISK_SIZE = 0x0C4
 BP_EXT_CMD_LINE_PTR = 0x0C8
@@ -152,24 +153,34 @@ def e820_map(memory: GuestMemory) -> list[tuple[int, int, int]]:
     return entries
 
 
-def write_cmdline(memory: GuestMemory, cmdline: str, limit: int = CMDLINE_MAX) -> int:
+def encode_cmdline(cmdline: str, limit: int = CMDLINE_MAX) -> bytes:
+    """The NUL-terminated command line; ValueError if the kernel cannot take it."""
     encoded = cmdline.encode()
     if b"\0" in encoded:
         raise ValueError("the kernel command line may not contain NUL bytes")
     if len(encoded) + 1 > limit:
-        raise ValueError(f"the kernel command line is {len(encoded)} bytes; this kernel takes at most {limit - 1}")
-    memory.write(CMDLINE_ADDR, encoded + b"\0")
-    return len(encoded)
+        raise ValueError(
+            f"the kernel command line is {len(encoded)} bytes; this kernel takes at most {limit - 1}: shorten it"
+        )
+    return encoded + b"\0"
+
+
+def write_cmdline(memory: GuestMemory, cmdline: str, limit: int = CMDLINE_MAX) -> int:
+    encoded = encode_cmdline(cmdline, limit)
+    memory.write(CMDLINE_ADDR, encoded)
+    return len(encoded) - 1
 
 
 def build_zero_page(
     memory: GuestMemory,
     setup_header: bytes,
     initrd: tuple[int, int] | None,
+    acpi_rsdp: int = 0,
 ) -> None:
     """Write boot_params at ZERO_PAGE_ADDR. `setup_header` is the kernel's own
     header (bytes from 0x1f1 of a bzImage) or b"" for an ELF kernel, in which
-    case a minimal valid header is synthesised."""
+    case a minimal valid header is synthesised. `acpi_rsdp` (0: none) saves
+    Linux (5.0 and later) the scan for the RSDP."""
     page = bytearray(ZERO_PAGE_SIZE)
     page[BP_SETUP_HEADER : BP_SETUP_HEADER + len(setup_header)] = setup_header
     struct.pack_into("<H", page, BP_BOOT_FLAG, BOOT_FLAG)
@@ -177,6 +188,7 @@ def build_zero_page(
     page[BP_TYPE_OF_LOADER] = LOADER_TYPE_UNDEFINED
     struct.pack_into("<I", page, BP_CMD_LINE_PTR, CMDLINE_ADDR)
     struct.pack_into("<I", page, BP_EXT_CMD_LINE_PTR, CMDLINE_ADDR >> 32)
+    struct.pack_into("<Q", page, BP_ACPI_RSDP_ADDR, acpi_rsdp)
     if not setup_header:
         struct.pack_into("<I", page, BP_KERNEL_ALIGNMENT, 0x1000000)
         struct.pack_into("<I", page, BP_CMDLINE_SIZE, CMDLINE_MAX - 1)
