@@ -4,6 +4,8 @@ cannot be read) and changes nothing; `create` makes a missing tap and says so.""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -60,7 +62,16 @@ def test_a_bad_network_device_gives_a_clear_error(testguest: Path, tap_hosts, ne
 def test_no_permission_for_dev_net_tun_is_explained(testguest: Path, tap_hosts) -> None:
     host = tap_hosts("perm")
     host.add_tap("svtap0")
-    got, stderr = run_net(host, testguest, "nobody", "tap=svtap0", prefix=tuple(NOBODY))
+    # The kernel is checked before the taps: give nobody a copy it can read.
+    readable = Path(tempfile.mkdtemp(prefix="snapvisor-nobody-"))
+    readable.chmod(0o755)
+    guest = readable / testguest.name
+    shutil.copyfile(testguest, guest)
+    guest.chmod(0o644)
+    try:
+        got, stderr = run_net(host, guest, "nobody", "tap=svtap0", prefix=tuple(NOBODY))
+    finally:
+        shutil.rmtree(readable)
     assert got == 1 and "Traceback" not in stderr, stderr
     assert "no permission to open /dev/net/tun for tap svtap0: run snapvisor as root or with CAP_NET_ADMIN" in stderr
 

@@ -8,6 +8,7 @@ import pytest
 
 from snapvisor.vmm.devices import serial as uart
 from snapvisor.vmm.devices.serial import Serial, SerialOutput
+from snapvisor.vmm.errors import VmStateError
 
 
 class IrqLine:
@@ -106,5 +107,5 @@ def test_save_restore_round_trip(port: Serial, out: io.BytesIO, line: IrqLine) -
 
 def test_restore_refuses_other_versions(port: Serial) -> None:
     state = port.save() | {"version": 99}
-    with pytest.raises(ValueError, match="version 99"):
+    with pytest.raises(VmStateError, match="serial state version 99 was written by a newer snapvisor"):
         port.restore(state)

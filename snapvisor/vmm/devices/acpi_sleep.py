@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from snapvisor.vmm.persist import upgraded
+
 SLEEP_CONTROL_PORT = 0x504
 SLEEP_STATUS_PORT = 0x505
 PORT_COUNT = 2
@@ -39,5 +41,4 @@ class AcpiSleepRegisters:
         return {"version": STATE_VERSION}
 
     def restore(self, state: dict) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"ACPI sleep register state version {state.get('version')} is not {STATE_VERSION}")
+        state = upgraded("ACPI sleep register", state, STATE_VERSION)

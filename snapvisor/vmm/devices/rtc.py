@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import calendar
 import time
+
+from snapvisor.vmm.persist import upgraded
 INDEX_PORT = 0x70
 PORT_COUNT = 2
 NMI_DISABLE = 1 << 7
@@ -154,8 +156,7 @@ class CmosRtc:
         }
 
     def restore(self, state: dict) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"CMOS RTC state version {state.get('version')} is not {STATE_VERSION}")
+        state = upgraded("CMOS RTC", state, STATE_VERSION)
         cmos, offset, index, held = state.get("cmos"), state.get("offset_s"), state.get("index"), state.get("held")
         if not (isinstance(cmos, bytes) and len(cmos) == CMOS_SIZE and isinstance(offset, int)
                 and isinstance(index, int) and 0 <= index <= INDEX_MASK):
