@@ -10,7 +10,13 @@ from datetime import datetime, timezone
 
 from snapvisor.store import format as fmt
 from snapvisor.store.backend import ObjectStore, open_backend
-from snapvisor.store.errors import ObjectNotFound, RepositoryError
+from snapvisor.store.errors import (
+    CorruptObject,
+    ObjectNotFound,
+    RepositoryError,
+    SnapshotNotFound,
+    UnreadableManifest,
+)
 from snapvisor.store.index import Index, load_index
 from snapvisor.store.index_cache import IndexCache
 from snapvisor.store.locks import EXCLUSIVE, SHARED, LockManager
@@ -165,19 +171,45 @@ class Repository:
             try:
                 data = self.store.get(key)
             except ObjectNotFound:
-                raise RepositoryError(f"snapshot {snapshot_id} not found in {self.store.url}; "
-                                      f"`snapvisor ls` lists the ones there") from None
-            manifest = self._manifests[snapshot_id] = decode_manifest(key, data)
+                raise SnapshotNotFound(f"snapshot {snapshot_id} not found in {self.store.url}; "
+                                       f"`snapvisor ls` lists the ones there") from None
+            try:
+                manifest = decode_manifest(key, data)
+            except RepositoryError as e:
+                problem = e.problem if isinstance(e, CorruptObject) else str(e)
+                raise UnreadableManifest(
+                    f"snapshot {snapshot_id} cannot be read: its manifest {key} is damaged ({problem}); "
+                    f"copy that object back from another copy of the repository, or give the snapshot "
+                    f"up with `snapvisor forget {snapshot_id[:12]}`") from None
+            self._manifests[snapshot_id] = manifest
         return manifest
 
     def snapshot_ids(self) -> list[str]:
         return sorted(info.key[len(fmt.SNAPSHOT_PREFIX):]
                       for info in self.store.list(fmt.SNAPSHOT_PREFIX))
 
-    def list_snapshots(self) -> list[SnapshotInfo]:
+    def read_manifests(self) -> tuple[list[Manifest], dict[str, str]]:
+        """The manifest of every snapshot that reads, and the ids of those that do not
+        (id -> the error, which says what to do). A snapshot forgotten meanwhile is
+        in neither."""
+        def read(snapshot_id: str) -> Manifest | str | None:
+            try:
+                return self._manifest(snapshot_id)
+            except SnapshotNotFound:
+                return None
+            except UnreadableManifest as e:
+                return str(e)
+
         ids = self.snapshot_ids()
         with ThreadPoolExecutor(max_workers=self.io_threads) as pool:
-            manifests = list(pool.map(self._manifest, ids))
+            results = list(pool.map(read, ids))
+        manifests = [r for r in results if isinstance(r, Manifest)]
+        unreadable = {i: r for i, r in zip(ids, results) if isinstance(r, str)}
+        return manifests, unreadable
+
+    def list_snapshots(self) -> list[SnapshotInfo]:
+        """The snapshots whose manifests read, oldest first (read_manifests names the others)."""
+        manifests, _ = self.read_manifests()
         return sorted((m.info for m in manifests), key=lambda i: (i.time, i.id))
 
     def resolve(self, id_or_prefix: str) -> str:
