@@ -329,3 +329,35 @@ def _repair_index(args: argparse.Namespace) -> int:
         for line in result.unreadable_packs:
             print(f"cannot index: {line}")
     return EXIT_DAMAGED if result.unreadable_packs else 0
+
+
+@subcommand
+def _add_unlock(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    parser = subparsers.add_parser(
+        "unlock", help="remove stale locks",
+        description="Remove the repository's stale locks: those whose process on this host is gone, "
+                    "those not refreshed within the lock lifetime (30 minutes; holders refresh every "
+                    "5), and damaged ones. Snapshots, gc and verify already ignore stale locks and "
+                    "remove them when they take theirs. With --all, remove live locks too: only when "
+                    "no snapvisor on any host uses the repository, since gc could then delete data "
+                    "that a running snapshot is about to reference.",
+        epilog=EXIT_CODES_HELP, formatter_class=HelpFormatter)
+    add_repo_flag(parser)
+    parser.add_argument("--all", action="store_true", help="remove every lock, live ones included")
+    add_json_flag(parser)
+    parser.set_defaults(handler=_unlock)
+
+
+def _unlock(args: argparse.Namespace) -> int:
+    with open_repo(args) as repo:
+        if args.all:
+            print("warning: removing every lock, live ones included: a snapshot or gc running now is no "
+                  "longer protected from the other", file=sys.stderr)
+        removed = repo.unlock(everything=args.all)
+    if args.json:
+        print_json([{"key": lock.key, "lock": lock.why} for lock in removed])
+        return 0
+    for lock in removed:
+        print(f"removed {lock.why}")
+    print(f"{len(removed)} lock(s) removed")
+    return 0

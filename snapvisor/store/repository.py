@@ -19,7 +19,7 @@ from snapvisor.store.errors import (
 )
 from snapvisor.store.index import Index, load_index
 from snapvisor.store.index_cache import IndexCache
-from snapvisor.store.locks import EXCLUSIVE, SHARED, LockManager
+from snapvisor.store.locks import EXCLUSIVE, SHARED, LockManager, StaleLock
 from snapvisor.store.manifest import Manifest, SnapshotInfo, decode_manifest, snapshot_key
 from snapvisor.store.reader import Snapshot
 from snapvisor.store.retention import KeepPolicy, PruneResult, apply_policy
@@ -267,6 +267,11 @@ class Repository:
 
         with self.locks.acquire(EXCLUSIVE, "repair-index", wait=self.lock_wait):
             return repair_index(self, dry_run)
+
+    def unlock(self, everything: bool = False) -> list[StaleLock]:
+        """Remove the stale locks (those of processes gone or not refreshed within the
+        lock lifetime), or with `everything` every lock; returns what was removed."""
+        return self.locks.remove_all() if everything else self.locks.remove_stale()
 
     def verify(self, read_data: bool = False):
         from snapvisor.store.verify import verify_repository
