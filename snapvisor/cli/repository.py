@@ -214,17 +214,22 @@ def _prune(args: argparse.Namespace) -> int:
                          "it would forget every snapshot")
     with open_repo(args) as repo:
         result = repo.prune(policy, dry_run=args.dry_run, vm=args.vm)
+        _, unreadable = repo.read_manifests()  # not judged, kept: `forget` gives them up
+    for why in (unreadable[i] for i in sorted(unreadable)):
+        print(f"damaged: {why}", file=sys.stderr)
     if args.json:
         print_json({"dry_run": result.dry_run, "keep": [s.id for s in result.keep],
-                     "remove": [s.id for s in result.remove], "reasons": result.reasons})
-        return 0
+                     "remove": [s.id for s in result.remove], "reasons": result.reasons,
+                     "damaged": sorted(unreadable)})
+        return EXIT_DAMAGED if unreadable else 0
     for snap in sorted(result.keep + result.remove, key=lambda s: (s.vm, s.time)):
         reasons = result.reasons.get(snap.id)
         verdict = f"keep    ({', '.join(reasons)})" if reasons else ("would forget" if args.dry_run else "forgot")
         print(f"{snap.short_id}  {humanize.timestamp(snap.time)}  {snap.vm}  {verdict}")
     print(f"{len(result.keep)} kept, {len(result.remove)} {'to forget (dry run)' if args.dry_run else 'forgotten'}"
-          + ("; run `snapvisor gc` to reclaim their space" if result.remove and not args.dry_run else ""))
-    return 0
+          + ("; run `snapvisor gc` to reclaim their space" if result.remove and not args.dry_run else "")
+          + (f"; {len(unreadable)} damaged, not judged" if unreadable else ""))
+    return EXIT_DAMAGED if unreadable else 0
 
 
 @subcommand

@@ -31,6 +31,12 @@ DEFAULT_FRAME_PAGES = 64        # 256 KiB compression frames
 DEFAULT_MAP_BLOCK_PAGES = 64    # one map block per 256 KiB of guest memory
 
 
+def _config_lost(url: str, problem: str) -> str:
+    return (f"the repository at {url} cannot be opened: its `config` object is {problem}; snapshots and "
+            f"data are not affected: copy `config` back from another copy of the repository (it holds "
+            f"the repository's id and parameters, and is never rewritten)")
+
+
 class Repository:
     def __init__(self, store: ObjectStore, config: dict, *, threads: int | None = None,
                  io_threads: int | None = None, lock_wait: float = 30.0):
@@ -76,15 +82,19 @@ class Repository:
         try:
             data = store.get(fmt.CONFIG_KEY)
         except ObjectNotFound:
+            if any(True for _ in store.list(fmt.SNAPSHOT_PREFIX)):
+                raise RepositoryError(_config_lost(store.url, "missing")) from None
             raise RepositoryError(f"no snapvisor repository at {store.url} (no 'config' object); "
                                   f"the first snapshot written into it creates it (`snapvisor snapshot`, "
                                   f"`snapvisor run --snapshot-every`, or Repository.init from Python)") from None
-        config = fmt.decode_json(fmt.CONFIG_KEY, data, CONFIG_KIND)
+        try:
+            config = fmt.decode_json(fmt.CONFIG_KEY, data, CONFIG_KIND)
+        except CorruptObject as e:
+            raise RepositoryError(_config_lost(store.url, f"damaged: {e.problem}")) from None
         for name, kind in (("pack_size", int), ("frame_pages", int), ("map_block_pages", int),
                            ("zstd_level", int), ("page_size", int)):
             if not isinstance(config.get(name), kind):
-                raise RepositoryError(f"{fmt.CONFIG_KEY} of {store.url} is corrupt: {name!r} "
-                                      f"missing or not a number")
+                raise RepositoryError(_config_lost(store.url, f"damaged: {name!r} missing or not a number"))
         if config["page_size"] != fmt.PAGE_SIZE or config.get("hash") != "sha256":
             raise RepositoryError(f"{store.url} uses page size {config['page_size']} / hash "
                                   f"{config.get('hash')!r}, which this snapvisor cannot read")
