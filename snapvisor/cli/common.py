@@ -17,6 +17,7 @@ from snapvisor.errors import SnapvisorError
 
 if TYPE_CHECKING:
     from snapvisor.control import VmController
+    from snapvisor.migrate.tls import Protection
 
 _SUBCOMMANDS: list[Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]] = []
 
@@ -226,7 +227,7 @@ def add_tls_flags(parser: argparse.ArgumentParser) -> None:
                             "crosses the network in clear, and any peer that reaches the port is accepted")
 
 
-def migration_protection(args: argparse.Namespace):
+def migration_protection(args: argparse.Namespace) -> "Protection":
     """The migration Protection the --tls-* / --insecure flags ask for (built once
     per command: the certificate files are read, and the --insecure warning printed, once)."""
     if getattr(args, "protection", None) is not None:
@@ -248,7 +249,6 @@ def migration_protection(args: argparse.Namespace):
                           "anyone who reaches the port can read or inject a VM")
     args.protection = protection
     return protection
-
 
 
 def schedule_from_args(args: argparse.Namespace, repos: list[str]):

@@ -133,7 +133,7 @@ def describe_tls_error(exc: BaseException, peer_role: str) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
         code = exc.verify_code
         if code in _UNKNOWN_CA:
-            why = f"its certificate is not signed by the CA of --tls-ca (unknown CA)"
+            why = "its certificate is not signed by the CA of --tls-ca (unknown CA)"
         elif code in _EXPIRED:
             why = "its certificate has expired or is not valid yet"
         elif code in _WRONG_NAME:
