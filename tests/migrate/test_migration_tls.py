@@ -75,11 +75,16 @@ def test_a_vm_moves_over_tls_and_its_memory_never_crosses_in_clear(
     """The same move, over TLS and (as the control that the wiretap sees pages at
     all) in plaintext with --insecure, through a recording proxy in the switch.
     The sender dials the proxy, so over TLS it names B's certificate with
-    --tls-server-name."""
+    --tls-server-name. Over TLS, a peer without a certificate tries first: B
+    refuses it and still takes the real migration."""
     a, b = hosts
     tls = security == "tls"
     receiver = start_receiver(b, security=tuple(pki.b.flags()) if tls else ("--insecure",))
     vm, sock = start_served(a, testguest, security=tuple(pki.a.flags()) if tls else ("--insecure",))
+    if tls:
+        # A peer without a certificate first: refused, and the receiver waits on for the real sender.
+        assert _raw_tls_client(a, pki).wait(60) != 0
+        receiver.wait_for_stderr("no client certificate", 30)
     with CutProxy(a.lab.ns, (SWITCH_ADDRESS, PROXY_PORT), (B_ADDRESS, PORT), None, record=True) as tap:
         mover = ask_to_migrate(a, sock, f"{SWITCH_ADDRESS}:{PROXY_PORT}", "migrate", "--json",
                                *(["--tls-server-name", B_ADDRESS] if tls else []))
