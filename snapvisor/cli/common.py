@@ -216,8 +216,9 @@ def add_operation_flags(parser: argparse.ArgumentParser, restoring: bool, serve_
 def add_tls_flags(parser: argparse.ArgumentParser) -> None:
     """How this host's migrations (in, out, and those asked for through its API) are protected."""
     group = parser.add_argument_group(
-        "migration security", "Migrations between hosts run over mutual TLS 1.3: both hosts have a certificate "
-        "signed by one CA (docs/migration.md). Without TLS only loopback addresses are allowed, unless --insecure.")
+        "migration security", "Migrations between hosts run over mutual TLS 1.3: both hosts have a\n"
+        "certificate signed by one CA (docs/migration.md). Without TLS only loopback\n"
+        "addresses are allowed, unless --insecure.")
     group.add_argument("--tls-cert", type=Path, metavar="PEM", help="this host's certificate (PEM; may hold the chain)")
     group.add_argument("--tls-key", type=Path, metavar="PEM", help="the private key of --tls-cert (PEM)")
     group.add_argument("--tls-ca", type=Path, metavar="PEM",
