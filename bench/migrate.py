@@ -4,7 +4,8 @@
 
 A 1 GiB test guest (512 MiB working set, every page non-zero) dirtying memory at
 several rates is moved between two processes on this machine's loopback link:
-`snapvisor migrate` -> `snapvisor receive`, and `qemu-system-x86_64` (source, QMP
+`snapvisor migrate` -> `snapvisor receive` (plaintext, and over mutual TLS 1.3 with a
+CA and host certificate made for the run), and `qemu-system-x86_64` (source, QMP
 `migrate`) -> `qemu-system-x86_64 -incoming tcp:...` (downtime limit 50 ms,
 bandwidth cap lifted, otherwise QEMU's defaults). For each: total time, downtime
 and bytes sent. snapvisor's downtime runs from the sender's pause to the guest's
@@ -32,7 +33,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "migrate"))
 from snapshot import _qmp as qmp_connect  # noqa: E402  (QMP client shared with the snapshot benchmark)
+from tls_certs import Ca  # noqa: E402  (the migration tests' certificate maker)
 
 from snapvisor.testguest import build  # noqa: E402
 
@@ -86,16 +89,18 @@ def stop(*processes: subprocess.Popen) -> None:
         process.wait(30)
 
 
-def bench_snapvisor(elf: Path, rate: int, workdir: Path) -> dict:
+def bench_snapvisor(elf: Path, rate: int, workdir: Path, tls: list[str] | None = None) -> dict:
+    """One move; `tls`: the --tls-* flags both ends get (None: plaintext on loopback)."""
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    b_out, b_err = workdir / f"sv-b-{rate}.out", workdir / f"sv-b-{rate}.err"
-    a_out, a_err = workdir / f"sv-a-{rate}.out", workdir / f"sv-a-{rate}.err"
+    case = f"{'tls' if tls else 'plain'}-{rate}"
+    b_out, b_err = workdir / f"sv-b-{case}.out", workdir / f"sv-b-{case}.err"
+    a_out, a_err = workdir / f"sv-a-{case}.out", workdir / f"sv-a-{case}.err"
     receiver = subprocess.Popen([sys.executable, "-m", "snapvisor", "receive", "--listen", f"127.0.0.1:{port}",
-                                 "--json"], stdout=b_out.open("wb"), stderr=b_err.open("wb"), env=env)
+                                 "--json", *(tls or [])], stdout=b_out.open("wb"), stderr=b_err.open("wb"), env=env)
     sender = subprocess.Popen([sys.executable, "-m", "snapvisor", "migrate", "--to", f"127.0.0.1:{port}",
                                "--kernel", str(elf), "--mem", f"{MEM_MIB}M", "--cmdline", guest_cmdline(rate),
-                               "--on-signal", "--json", "--downtime-ms", str(DOWNTIME_TARGET_MS)],
+                               "--on-signal", "--json", "--downtime-ms", str(DOWNTIME_TARGET_MS), *(tls or [])],
                               stdout=a_out.open("wb"), stderr=a_err.open("wb"), env=env)
     try:
         wait_for(b_err, lambda d: b"waiting for a migration" in d, 30, "snapvisor receiver", receiver)
@@ -185,17 +190,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="only the 10 MiB/s rate")
     parser.add_argument("--rates", default="0,10,50", help="dirty rates in MiB/s (default: 0,10,50)")
+    parser.add_argument("--no-qemu", action="store_true", help="only snapvisor (plaintext and TLS)")
     args = parser.parse_args()
     rates = [10] if args.quick else [int(r) for r in args.rates.split(",")]
     elf = build()
-    qemu = shutil.which("qemu-system-x86_64")
+    qemu = None if args.no_qemu else shutil.which("qemu-system-x86_64")
     load_at_start = [round(x, 2) for x in os.getloadavg()]
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-migrate-") as tmp:
         workdir = Path(tmp)
         accel = qemu_accel(qemu, elf, workdir) if qemu else None
+        host = Ca(workdir, "bench").issue("host", "127.0.0.1")  # both ends on this machine: one certificate
+        tls = ["--tls-cert", str(host.cert), "--tls-key", str(host.key), "--tls-ca", str(host.ca)]
         for rate in rates:
-            row: dict = {"dirty_mib_s": rate, "snapvisor": bench_snapvisor(elf, rate, workdir)}
+            row: dict = {"dirty_mib_s": rate, "snapvisor": bench_snapvisor(elf, rate, workdir),
+                         "snapvisor_tls": bench_snapvisor(elf, rate, workdir, tls)}
+            plain, secure = row["snapvisor"], row["snapvisor_tls"]
+            row["tls_over_plaintext"] = {
+                "downtime": round(secure["downtime_ms"] / max(plain["downtime_ms"], 1e-3), 2),
+                "total_time": round(secure["total_s"] / max(plain["total_s"], 1e-6), 2),
+            }
             if qemu:
                 row["qemu"] = bench_qemu(qemu, accel, elf, rate, workdir)
                 sv, qm = row["snapvisor"], row["qemu"]
@@ -222,6 +236,9 @@ def main() -> None:
         "results": results,
         "targets": {
             "downtime_under_50ms_at_10": None if ten is None else ten["snapvisor"]["downtime_ms"] < 50,
+            "tls_downtime_under_50ms_at_every_rate": all(r["snapvisor_tls"]["downtime_ms"] < 50 for r in results),
+            "tls_total_time_within_1.15x_of_plaintext_at_every_rate": all(
+                r["tls_over_plaintext"]["total_time"] <= 1.15 for r in results),
             "downtime_below_qemu_at_every_rate": all(
                 r["snapvisor"]["downtime_ms"] < r["qemu"]["downtime_ms"] for r in results if "qemu" in r) if qemu else None,
         },

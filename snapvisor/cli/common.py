@@ -17,6 +17,7 @@ from snapvisor.errors import SnapvisorError
 
 if TYPE_CHECKING:
     from snapvisor.control import VmController
+    from snapvisor.migrate.tls import Protection
 
 _SUBCOMMANDS: list[Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]] = []
 
@@ -209,6 +210,46 @@ def add_operation_flags(parser: argparse.ArgumentParser, restoring: bool, serve_
     if not restoring:
         add_repo_flag(parser, action="append", text=repo_text)
     add_keep_flags(parser, "after each scheduled snapshot")
+    add_tls_flags(parser)
+
+
+def add_tls_flags(parser: argparse.ArgumentParser) -> None:
+    """How this host's migrations (in, out, and those asked for through its API) are protected."""
+    group = parser.add_argument_group(
+        "migration security", "Migrations between hosts run over mutual TLS 1.3: both hosts have a\n"
+        "certificate signed by one CA (docs/migration.md). Without TLS only loopback\n"
+        "addresses are allowed, unless --insecure.")
+    group.add_argument("--tls-cert", type=Path, metavar="PEM", help="this host's certificate (PEM; may hold the chain)")
+    group.add_argument("--tls-key", type=Path, metavar="PEM", help="the private key of --tls-cert (PEM)")
+    group.add_argument("--tls-ca", type=Path, metavar="PEM",
+                       help="the CA certificate the other host's certificate must chain to")
+    group.add_argument("--insecure", action="store_true",
+                       help="allow migrations without TLS to and from non-loopback addresses: the VM's memory "
+                            "crosses the network in clear, and any peer that reaches the port is accepted")
+
+
+def migration_protection(args: argparse.Namespace) -> "Protection":
+    """The migration Protection the --tls-* / --insecure flags ask for (built once
+    per command: the certificate files are read, and the --insecure warning printed, once)."""
+    if getattr(args, "protection", None) is not None:
+        return args.protection
+    from snapvisor.migrate.tls import TLS_FLAGS, MigrationTls, Protection, TlsFiles
+
+    files = {"--tls-cert": args.tls_cert, "--tls-key": args.tls_key, "--tls-ca": args.tls_ca}
+    missing = [flag for flag, value in files.items() if value is None]
+    if 0 < len(missing) < len(files):
+        raise UsageError(f"TLS needs all of {TLS_FLAGS}: {', '.join(missing)} missing")
+    if not missing and args.insecure:
+        raise UsageError(f"--insecure turns TLS off: give either {TLS_FLAGS}, or --insecure")
+    if not missing:
+        protection = Protection(tls=MigrationTls(TlsFiles(*files.values())))
+    else:
+        protection = Protection(insecure=args.insecure)
+        if args.insecure:
+            log_to_stderr("warning: --insecure: migrations of this host are neither authenticated nor encrypted; "
+                          "anyone who reaches the port can read or inject a VM")
+    args.protection = protection
+    return protection
 
 
 def schedule_from_args(args: argparse.Namespace, repos: list[str]):
@@ -249,7 +290,8 @@ def operated(vm, args: argparse.Namespace, repos: list[str]) -> Iterator["VmCont
         machine = VM(vm, args.name or f"vm-{os.urandom(3).hex()}")
     from snapvisor.control import serve
 
-    with serve(machine, api_sock=args.api_sock, schedule=schedule, log=log_to_stderr) as controller:
+    with serve(machine, api_sock=args.api_sock, schedule=schedule, log=log_to_stderr,
+               protection=migration_protection(args)) as controller:
         yield controller
 
 

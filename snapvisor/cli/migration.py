@@ -24,6 +24,7 @@ from snapvisor.cli.common import (
     interrupted,
     log_to_stderr,
     memory_size,
+    migration_protection,
     operated,
     positive_int,
     print_json,
@@ -73,8 +74,9 @@ def _receive(args: argparse.Namespace) -> int:
 
     from snapvisor.migrate import listen, receive
 
-    listener = listen(args.listen)
-    log_to_stderr(f"waiting for a migration on {args.listen}")
+    protection = migration_protection(args)
+    listener = listen(args.listen, protection)
+    log_to_stderr(f"waiting for a migration on {args.listen}" + (" (TLS)" if protection.tls else ""))
     repos = [absolute_repo(r) for r in args.repo or env_repos()]
 
     def connected(peer: str) -> None:
@@ -85,7 +87,8 @@ def _receive(args: argparse.Namespace) -> int:
 
     received = receive(listener, repos=repos, serial_out=sys.stdout.fileno(), accept_timeout_s=args.wait,
                        io_timeout_s=args.timeout, on_connect=connected, disk_dir=args.disk_dir, name=args.name,
-                       net=net_restore_options(args))
+                       net=net_restore_options(args), protection=protection,
+                       on_refused=lambda why: log_to_stderr(f"{why}; still waiting"))
     machine = received.machine
     report = {"vm": machine.name, "downtime_s": received.downtime_s, "build_s": received.build_s,
               "pages": received.pages, "bytes_received": received.bytes_received}
@@ -138,6 +141,8 @@ def _add_migrate(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser
     parser.add_argument("--no-auto-converge", action="store_true",
                         help="never throttle a guest that dirties memory faster than the link carries it")
     _add_timeout_flag(parser)
+    parser.add_argument("--tls-server-name", metavar="NAME",
+                        help="the name the receiver's TLS certificate must have (default: the host of --to)")
     add_json_flag(parser)
     boot = parser.add_argument_group("boot form (with --kernel)")
     when = boot.add_mutually_exclusive_group()
@@ -163,7 +168,7 @@ def _add_migrate(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser
 
 # What `migrate --api-sock` takes; every other flag belongs to the boot form.
 _RUNNING_VM_FLAGS = {"to", "api_sock", "kernel", "downtime_ms", "max_time", "no_auto_converge", "repo", "json",
-                     "timeout", "handler"}
+                     "timeout", "tls_server_name", "handler"}
 
 
 def _ask_to_migrate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -183,7 +188,7 @@ def _ask_to_migrate(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         with humanize.Activity(f"migrating to {args.to}"):
             stats = api.migrate(args.to, downtime_ms=args.downtime_ms, max_time=args.max_time,
                                 auto_converge=not args.no_auto_converge, repo=repos[0] if repos else None,
-                                timeout=args.timeout)
+                                timeout=args.timeout, tls_server_name=args.tls_server_name)
     except ControlError as exc:
         if exc.status == 502 and api.vm()["state"] == "HandoverUnconfirmed":
             exc.exit_code = EXIT_HANDOVER_UNCONFIRMED
@@ -257,8 +262,11 @@ def _migrate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     from snapvisor.machine import VM
     from snapvisor.migrate import HandoverUnconfirmed, MigrationError, migrate
+    from snapvisor.migrate.stream import parse_address
 
     repos = [absolute_repo(r) for r in args.repo or env_repos()]
+    protection = migration_protection(args)
+    protection.check_address(parse_address(args.to)[0], f"migrating to {args.to}")  # before the VM boots
     machine = VM.boot(args.kernel, mem=args.mem, vcpus=args.vcpus, cmdline=args.cmdline, initrd=args.initrd,
                       name=args.name, serial_out=sys.stdout.fileno(), disks=args.disk, nets=args.net)
     with machine:
@@ -277,7 +285,8 @@ def _migrate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             try:
                 stats = migrate(machine, args.to, repo=repos[0] if repos else None, downtime_ms=args.downtime_ms,
                                 max_time_s=args.max_time, auto_converge=not args.no_auto_converge,
-                                io_timeout_s=args.timeout)
+                                io_timeout_s=args.timeout, protection=protection,
+                                server_name=args.tls_server_name)
             except MigrationError as exc:
                 if isinstance(exc, HandoverUnconfirmed):
                     # This form has no API socket to resume through: SIGUSR1 resumes.

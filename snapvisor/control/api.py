@@ -9,7 +9,8 @@
                       or {"every": null} to turn it off
     PUT  /actions     {"action": "shutdown"}
     PUT  /migrate     {"to": "HOST:PORT", "downtime_ms": 50, "max_time": "2m", "auto_converge": true,
-                       "repo": URL, "timeout": "20s"}   -> the migration's stats, once the VM runs there
+                       "repo": URL, "timeout": "20s",
+                       "tls_server_name": NAME}   -> the migration's stats, once the VM runs there
 
 Every answer, to whatever bytes arrive, is a status line and JSON (wire.py);
 errors are {"error": "<what and how to fix it>"} with a 4xx status for a bad
@@ -31,7 +32,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
-from snapvisor.control.controller import VmController, validate_address, validate_tags
+from snapvisor.control.controller import VmController, validate_address, validate_server_name, validate_tags
 from snapvisor.control.errors import (BadRequest, ControlError, MethodNotAllowed, NotFound, TooManyConnections,
                                       cut, shown)
 from snapvisor.control.repo_url import validate_repo_url
@@ -187,7 +188,10 @@ class _Handler(socketserver.BaseRequestHandler):
         # Imported here: processes that only use ApiClient (snapvisor.control) need none of it.
         from snapvisor.migrate.sender import DEFAULT_DOWNTIME_MS, DEFAULT_IO_TIMEOUT_S, DEFAULT_MAX_TIME_S
 
-        _fields(body, {"to", "downtime_ms", "max_time", "auto_converge", "repo", "timeout"}, {"to"})
+        # Certificates and keys are the VM process's own (its --tls-* flags): a request
+        # can only say which name the receiver's certificate must have.
+        _fields(body, {"to", "downtime_ms", "max_time", "auto_converge", "repo", "timeout", "tls_server_name"},
+                {"to"})
         to = validate_address(body["to"])
         downtime_ms = body.get("downtime_ms", DEFAULT_DOWNTIME_MS)
         if not _is_number(downtime_ms) or not 0 < downtime_ms <= MAX_DOWNTIME_MS:
@@ -203,8 +207,10 @@ class _Handler(socketserver.BaseRequestHandler):
         if not isinstance(auto_converge, bool):
             raise BadRequest("auto_converge must be true or false")
         repo = validate_repo_url(body["repo"]) if "repo" in body else None
+        server_name = validate_server_name(body["tls_server_name"]) if "tls_server_name" in body else None
         stats = self.controller.migrate(to, downtime_ms=float(downtime_ms), max_time_s=float(max_time),
-                                        io_timeout_s=float(timeout), auto_converge=auto_converge, repo=repo)
+                                        io_timeout_s=float(timeout), auto_converge=auto_converge, repo=repo,
+                                        tls_server_name=server_name)
         return 200, stats.as_dict()
 
 

@@ -106,13 +106,16 @@ class ApiClient:
         self.request("PUT", "/actions", {"action": "shutdown"})
 
     def migrate(self, to: str, *, downtime_ms: float | None = None, max_time: str | float | None = None,
-                auto_converge: bool = True, repo: str | None = None, timeout: str | float | None = None) -> dict:
+                auto_converge: bool = True, repo: str | None = None, timeout: str | float | None = None,
+                tls_server_name: str | None = None) -> dict:
         """Move the VM to `snapvisor receive` at `to`; returns the migration's stats
-        once it runs there. `timeout`: how long the connection may stall. None
+        once it runs there. `timeout`: how long the connection may stall;
+        `tls_server_name`: the name the receiver's certificate has, when not the host
+        of `to` (the VM process's --tls-* flags say whether TLS is used). None
         leaves a setting at the server's default."""
         body: dict = {"to": to, "auto_converge": auto_converge}
         for key, value in (("downtime_ms", downtime_ms), ("max_time", max_time), ("repo", repo),
-                           ("timeout", timeout)):
+                           ("timeout", timeout), ("tls_server_name", tls_server_name)):
             if value is not None:
                 body[key] = value
         return self.request("PUT", "/migrate", body)

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from snapvisor.image.capture import CaptureStats
     from snapvisor.machine import VM
     from snapvisor.migrate import MigrationStats
+    from snapvisor.migrate.tls import Protection
     from snapvisor.vmm.exit_status import ExitStatus
 
 MAX_TAGS = 16
@@ -58,6 +59,14 @@ def validate_address(to: object) -> str:
         raise BadRequest(f"to must be the receiver's HOST:PORT (192.0.2.20:7000, [2001:db8::2]:7000), "
                          f"port 1 to 65535, not {shown(to)}")
     return text
+
+
+def validate_server_name(name: object) -> str:
+    """The name the receiver's TLS certificate must have: a host name or IP address."""
+    if not (isinstance(name, str) and _HOST.fullmatch(name)):
+        raise BadRequest(f"tls_server_name must be the host name or IP address in the receiver's certificate, "
+                         f"not {shown(name)}")
+    return name
 
 
 # The regions of a snapshot that hold a disk (image/disks.py REGION_PREFIX; importing
@@ -132,8 +141,10 @@ class _SharedSnapshot:
 class VmController:
     """Operations on one running `snapvisor.machine.VM`."""
 
-    def __init__(self, machine: "VM") -> None:
+    def __init__(self, machine: "VM", protection: "Protection | None" = None) -> None:
         self.machine = machine
+        # How this VM's migrations are protected: the process's --tls-* flags, never a request's.
+        self.protection = protection
         self.scheduler: "Scheduler | None" = None
         self.started_at = time.time()
         self._lock = threading.Lock()
@@ -312,11 +323,12 @@ class VmController:
     # -- migration -------------------------------------------------------------------
 
     def migrate(self, to: str, *, downtime_ms: float, max_time_s: float, io_timeout_s: float,
-                auto_converge: bool = True, repo: str | None = None) -> "MigrationStats":
+                auto_converge: bool = True, repo: str | None = None,
+                tls_server_name: str | None = None) -> "MigrationStats":
         """Move the running VM to `snapvisor receive` at `to` (snapvisor.migrate.migrate).
         On success it has stopped here with status 'migrated'; on failure OperationFailed
         says why, and the VM runs on here, or stays paused in HandoverUnconfirmed."""
-        from snapvisor.migrate import HandoverUnconfirmed, migrate
+        from snapvisor.migrate import HandoverUnconfirmed, Protection, migrate
 
         if not self._migration.acquire(blocking=False):
             raise Conflict(f"VM {self.machine.name} is already migrating to {self._migrating_to}")
@@ -332,7 +344,8 @@ class VmController:
                                    f"(PUT /vm/state {{\"state\": \"Resumed\"}}) before migrating it")
                 try:
                     return migrate(self.machine, to, repo=repo, downtime_ms=downtime_ms, max_time_s=max_time_s,
-                                   auto_converge=auto_converge, io_timeout_s=io_timeout_s)
+                                   auto_converge=auto_converge, io_timeout_s=io_timeout_s,
+                                   protection=self.protection or Protection(), server_name=tls_server_name)
                 except HandoverUnconfirmed as exc:
                     # The guest may run at `to`: paused here until the operator resumes
                     # it by force; no snapshot (which resumes what it paused) runs it.

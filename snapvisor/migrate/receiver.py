@@ -34,6 +34,7 @@ from snapvisor.migrate.errors import MigrationError, StreamError
 from snapvisor.migrate.handover import Event, Handover
 from snapvisor.migrate.pages import Layout, PageBatch, apply_batch, decompress_pages
 from snapvisor.migrate.stream import DEFAULT_IO_TIMEOUT_S, STATE_HEADER, Channel, Msg, decode_json, parse_address
+from snapvisor.migrate.tls import Protection, TlsRefused
 from snapvisor.migrate.warm import warm_up
 from snapvisor.store import Repository
 from snapvisor.store.pagehash import PAGE_SIZE
@@ -228,8 +229,10 @@ def _build(state: dict, staging: _Staging, prepared: PreparedMicrovm, name: str,
     return build_microvm_from_state(state, prepared=prepared)
 
 
-def listen(address: str) -> socket.socket:
+def listen(address: str, protection: Protection = Protection()) -> socket.socket:
+    """A socket listening on `address`; plaintext only where `protection` allows it."""
     host, port = parse_address(address)
+    protection.check_address(host, f"listening on {address}")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -240,6 +243,24 @@ def listen(address: str) -> socket.socket:
         sock.close()
         raise MigrationError(f"cannot listen on {address}: {exc.strerror or exc}") from None
     return sock
+
+
+def _accept(sock: socket.socket, protection: Protection, accept_timeout_s: float | None, io_timeout_s: float,
+            on_refused: Callable[[str], None] | None) -> tuple[socket.socket, str]:
+    """The next connection whose TLS handshake (if any) succeeds, and its peer."""
+    deadline = None if accept_timeout_s is None else time.monotonic() + accept_timeout_s
+    while True:
+        sock.settimeout(None if deadline is None else max(deadline - time.monotonic(), 1e-3))
+        try:
+            conn, address = sock.accept()
+        except socket.timeout:
+            raise MigrationError(f"no migration arrived within {accept_timeout_s:g} s") from None
+        peer = f"{address[0]}:{address[1]}"
+        try:
+            return protection.accept(conn, peer, io_timeout_s), peer
+        except TlsRefused as exc:
+            # Nothing of the migration was read: the listener stays for a peer that can prove who it is.
+            (on_refused or log.warning)(str(exc))
 
 
 def receive(
@@ -254,22 +275,27 @@ def receive(
     disk_dir: Path | str | None = None,
     name: str | None = None,
     net: NetRestoreOptions | None = None,
+    protection: Protection = Protection(),
+    on_refused: Callable[[str], None] | None = None,
 ) -> Received:
     """Accept one migration on `listener` (a listening socket or HOST:PORT) and
     return the VM, already running here. When one of `repos` is the sender's
     repository, pages of its base snapshot are read from there instead of the network.
     The VM's disks are written as new images `disk_dir/<name>.img`. The VM keeps
-    the sender's name unless `name` gives another (its name in snapshots)."""
-    sock = listen(listener) if isinstance(listener, str) else listener
-    sock.settimeout(accept_timeout_s)
+    the sender's name unless `name` gives another (its name in snapshots).
+
+    With TLS in `protection`, only a sender whose certificate chains to its CA gets
+    past the handshake; a peer that fails it is reported to `on_refused` and the
+    listener waits for the next one. Any failure after the handshake ends the call."""
+    sock = listen(listener, protection) if isinstance(listener, str) else listener
     try:
-        conn, peer = sock.accept()
-    except socket.timeout:
-        raise MigrationError(f"no migration arrived within {accept_timeout_s:g} s") from None
+        if not isinstance(listener, str):
+            protection.check_address(sock.getsockname()[0], f"receiving on {sock.getsockname()[0]}")
+        conn, peer = _accept(sock, protection, accept_timeout_s, io_timeout_s, on_refused)
     finally:
         if isinstance(listener, str):
             sock.close()
-    channel = Channel(conn, f"{peer[0]}:{peer[1]}", io_timeout_s)
+    channel = Channel(conn, peer, io_timeout_s, "sender")
     if on_connect is not None:
         on_connect(channel.peer)
     staging: _Staging | None = None

@@ -42,6 +42,7 @@ from snapvisor.migrate.handover import Event, Handover, State
 from snapvisor.migrate.pages import Layout, PageBatch, ReceiverImage, compress_pages
 from snapvisor.migrate.stream import DEFAULT_IO_TIMEOUT_S, STATE_HEADER, Channel, Msg, decode_json, frame_header
 from snapvisor.migrate.throttle import Throttle
+from snapvisor.migrate.tls import Protection
 from snapvisor.migrate.warm import warm_up
 from snapvisor.store import Repository
 from snapvisor.store.pagehash import PAGE_SIZE
@@ -293,6 +294,8 @@ def migrate(
     max_time_s: float = DEFAULT_MAX_TIME_S,
     auto_converge: bool = True,
     io_timeout_s: float = DEFAULT_IO_TIMEOUT_S,
+    protection: Protection = Protection(),
+    server_name: str | None = None,
 ) -> MigrationStats:
     """Move the running `machine` to `snapvisor receive` at `to` (HOST:PORT).
 
@@ -302,7 +305,12 @@ def migrate(
     and runs on the receiver. On a failure before GO it keeps running here and
     MigrationError says what happened; on one after GO may have gone out it stays
     paused here and HandoverUnconfirmed says so. `io_timeout_s` bounds every wait
-    on the connection. Nothing else may pause or snapshot the VM meanwhile."""
+    on the connection. Nothing else may pause or snapshot the VM meanwhile.
+
+    With TLS in `protection` the receiver's certificate must chain to its CA and
+    name `server_name` (default: the host of `to`); the handshake is done before
+    anything of the VM is sent. Without TLS, `to` must be loopback or
+    `protection.insecure` set."""
     if downtime_ms <= 0 or max_time_s <= 0:
         raise MigrationError("the downtime target and the time limit must be positive")
     if not machine.vm.running:
@@ -322,7 +330,7 @@ def migrate(
                 base_ids = base_page_ids(repository, base, layout)
                 base_offer = {"repository": repository.config["id"], "snapshot": repository.resolve(base)}
         warm_up()
-        channel = Channel.connect(to, io_timeout_s)
+        channel = Channel.connect(to, io_timeout_s, protection, server_name)
     except SnapvisorError as exc:
         # Nothing has touched the guest yet; say so as every later failure does.
         raise MigrationError(f"migration to {to} failed, the VM keeps running on this host: {exc}") from None

@@ -13,12 +13,14 @@ from __future__ import annotations
 import enum
 import json
 import socket
+import ssl
 import struct
 import zlib
 from typing import Any, Sequence
 
 from snapvisor import __version__
 from snapvisor.migrate.errors import MigrationError, StreamError
+from snapvisor.migrate.tls import Protection, TlsRefused, describe_tls_error
 
 MAGIC = b"snapvisor-migr8\0"
 VERSION = 1
@@ -28,6 +30,8 @@ STATE_HEADER = struct.Struct("<dBI")  # STATE: sender's pause time (CLOCK_MONOTO
 MAX_MESSAGE = 256 << 20
 # Without progress on a connection for this long, it is treated as cut.
 DEFAULT_IO_TIMEOUT_S = 20.0
+# First bytes of a TLS record (handshake, alert): a TLS peer met by a plaintext side.
+TLS_RECORD_TYPES = (b"\x16", b"\x15")
 
 
 class Msg(enum.IntEnum):
@@ -64,17 +68,23 @@ def _tune(sock: socket.socket, timeout: float) -> None:
 class Channel:
     """One migration connection: hello, then whole checked messages."""
 
-    def __init__(self, sock: socket.socket, peer: str, timeout: float = DEFAULT_IO_TIMEOUT_S) -> None:
+    def __init__(self, sock: socket.socket, peer: str, timeout: float = DEFAULT_IO_TIMEOUT_S,
+                 peer_role: str = "peer") -> None:
         _tune(sock, timeout)
         self.sock = sock
         self.peer = peer
+        self.peer_role = peer_role  # 'sender' or 'receiver', for errors
         self.timeout = timeout
         self.bytes_sent = 0
         self._buffer = bytearray(1 << 16)
 
     @classmethod
-    def connect(cls, address: str, timeout: float = DEFAULT_IO_TIMEOUT_S) -> "Channel":
+    def connect(cls, address: str, timeout: float = DEFAULT_IO_TIMEOUT_S, protection: Protection = Protection(),
+                server_name: str | None = None) -> "Channel":
+        """A connection to the receiver at `address`, its TLS handshake (when
+        `protection` has TLS) done; plaintext only where `protection` allows it."""
         host, port = parse_address(address)
+        protection.check_address(host, f"migrating to {address}")
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
         except OSError as exc:
@@ -82,7 +92,7 @@ class Channel:
                 f"cannot connect to {address}: {exc.strerror or exc}; is `snapvisor receive --listen {address}` "
                 f"running on the destination, and is it reachable?"
             ) from None
-        return cls(sock, address, timeout)
+        return cls(protection.connect(sock, address, host, server_name, timeout), address, timeout, "receiver")
 
     def close(self) -> None:
         self.sock.close()
@@ -91,7 +101,12 @@ class Channel:
     def hello(self) -> None:
         """Exchange magic and version; refuse any other version."""
         self._send_raw(HELLO.pack(MAGIC, VERSION, 0))
-        magic, version, _ = HELLO.unpack(self._recv_exact(HELLO.size, "hello"))
+        magic, version, _ = HELLO.unpack(self._recv_exact(
+            HELLO.size, "hello", "; it may demand TLS (--tls-cert, --tls-key and --tls-ca on both hosts)"))
+        if magic[:1] in TLS_RECORD_TYPES and magic[1:2] == b"\x03":
+            raise TlsRefused(
+                f"{self.peer} speaks TLS and this side runs without it: give this host --tls-cert, --tls-key "
+                f"and --tls-ca too (both hosts need TLS, or both --insecure)")
         if magic != MAGIC:
             raise StreamError(
                 f"{self.peer} does not speak the snapvisor migration stream (it sent {magic[:16]!r}); "
@@ -155,6 +170,8 @@ class Channel:
             for part in parts:
                 self.sock.sendall(part)
                 self.bytes_sent += memoryview(part).nbytes
+        except ssl.SSLError as exc:
+            raise self._tls_failed(exc) from None
         except socket.timeout:
             raise StreamError(
                 f"sending to {self.peer} made no progress for {self.timeout:g} s: the connection is cut or the "
@@ -166,7 +183,7 @@ class Channel:
         except OSError as exc:
             raise StreamError(f"the connection to {self.peer} broke while sending: {exc.strerror or exc}") from None
 
-    def _recv_exact(self, length: int, what: str) -> memoryview:
+    def _recv_exact(self, length: int, what: str, closed_hint: str = "") -> memoryview:
         if len(self._buffer) < length:
             self._buffer = bytearray(length)
         view = memoryview(self._buffer)[:length]
@@ -175,8 +192,11 @@ class Channel:
             while got < length:
                 n = self.sock.recv_into(view[got:])
                 if n == 0:
-                    raise StreamError(f"{self.peer} closed the connection in the middle of the migration ({what})")
+                    raise StreamError(f"{self.peer} closed the connection in the middle of the migration "
+                                      f"({what}){closed_hint}")
                 got += n
+        except ssl.SSLError as exc:
+            raise self._tls_failed(exc) from None
         except socket.timeout:
             raise StreamError(
                 f"nothing from {self.peer} for {self.timeout:g} s while waiting for the {what}: the connection is "
@@ -188,6 +208,11 @@ class Channel:
         except OSError as exc:
             raise StreamError(f"the connection to {self.peer} broke while receiving: {exc.strerror or exc}") from None
         return view
+
+    def _tls_failed(self, exc: ssl.SSLError) -> TlsRefused:
+        # TLS 1.3 finishes the client's handshake before the server checks the
+        # client's certificate: its refusal arrives as an alert on the first read.
+        return TlsRefused(f"the TLS connection with {self.peer} failed: {describe_tls_error(exc, self.peer_role)}")
 
 
 def frame_header(kind: Msg, parts: Sequence[bytes | bytearray | memoryview]) -> bytes:

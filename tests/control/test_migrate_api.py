@@ -91,3 +91,29 @@ def test_while_migrating_the_vm_is_migrating_and_other_requests_are_refused(runn
     assert api.vm()["state"] == "Running" and not (tmp_path / "repo").exists()
     assert advances(out)
     assert_healthy(out.getvalue())
+
+
+@pytest.mark.parametrize("body, error", [
+    ({"tls_key": "-----BEGIN PRIVATE KEY-----"}, "unknown field(s) ['tls_key']"),
+    ({"tls_cert": "/etc/snapvisor/host.pem"}, "unknown field(s) ['tls_cert']"),
+    ({"tls_server_name": "host b"}, "tls_server_name must be the host name or IP address"),
+    ({"tls_server_name": 7}, "tls_server_name must be the host name or IP address"),
+])
+def test_tls_material_never_comes_with_a_request(running, body: dict, error: str) -> None:
+    """Certificates and keys are the VM process's own flags: a request naming
+    them, or a malformed server name, is a 400 and the VM runs on."""
+    _, out, sock, _ = running
+    status, answer = put_json(sock, "/migrate", {"to": "192.0.2.20:7000", **body})
+    assert status == 400 and error in answer["error"], answer
+    assert ApiClient(sock).vm()["state"] == "Running" and advances(out)
+
+
+def test_a_vm_without_tls_refuses_to_migrate_to_a_network_address(running) -> None:
+    """Plaintext only on loopback: the VM's process has no --tls-* (nor --insecure)."""
+    _, out, sock, _ = running
+    status, answer = put_json(sock, "/migrate", {"to": "192.0.2.20:7000", "tls_server_name": "host-b.example"})
+    assert status == 502, answer
+    assert ("migration to 192.0.2.20:7000 failed, the VM keeps running on this host: migrating to "
+            "192.0.2.20:7000 without TLS is refused") in answer["error"], answer
+    assert "--tls-cert, --tls-key and --tls-ca" in answer["error"] and "--insecure" in answer["error"]
+    assert ApiClient(sock).vm()["state"] == "Running" and advances(out)

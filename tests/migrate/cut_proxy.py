@@ -78,7 +78,7 @@ class _Framing:
 @dataclass
 class CutProxy:
     """Listen on `listen` inside namespace `netns`, forward the one connection to
-    `upstream`, and apply `cut`. `fired` is set when the cut happened; `seen` lists,
+    `upstream`, and apply `cut` (None: only forward). `fired` is set when the cut happened; `seen` lists,
     per direction, the messages that passed (their names, in order)."""
 
     netns: str
@@ -87,6 +87,9 @@ class CutProxy:
     cut: Cut | None
     fired: threading.Event = field(default_factory=threading.Event)
     seen: dict[str, list[str]] = field(default_factory=lambda: {OUT: [], BACK: []})
+    # Every byte that passed, per direction, when `record` (what a wiretap sees).
+    record: bool = False
+    captured: dict[str, bytearray] = field(default_factory=lambda: {OUT: bytearray(), BACK: bytearray()})
     error: BaseException | None = None
 
     def __post_init__(self) -> None:
@@ -156,6 +159,8 @@ class CutProxy:
                     open_ends.discard(direction)
                     _shutdown_write(destination)
                     continue
+                if self.record:
+                    self.captured[direction] += data
                 frames = framing[direction]
                 frames.feed(data)
                 self.seen[direction] = frames.names()

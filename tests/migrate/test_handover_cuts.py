@@ -95,7 +95,7 @@ class Lab:
     def boot(self) -> Served:
         sock = self.a.workdir / f"vm{self.cases}.sock"
         process = self.a.run(f"vm{self.cases}", ["run", "--kernel", str(self.guest), "--mem", "16M", "--cmdline",
-                                                 GUEST, "--api-sock", str(sock), "--name", "mover"])
+                                                 GUEST, "--api-sock", str(sock), "--name", "mover", "--insecure"])
         wait_for_verified_rounds(process, 2, 60)
         return Served(self.a, process, sock)
 
@@ -116,7 +116,7 @@ class Lab:
     def receive(self, host: Host, port: int, label: str, timeout: str) -> Served:
         sock = host.workdir / f"{label}.sock"
         process = host.run(label, ["receive", "--listen", f"{host.address}:{port}", "--timeout", timeout,
-                                   "--api-sock", str(sock)])
+                                   "--api-sock", str(sock), "--insecure"])
         process.wait_for_stderr("waiting for a migration", 30)
         return Served(host, process, sock)
 
@@ -267,11 +267,13 @@ def test_the_boot_form_keeps_an_unconfirmed_vm_paused_until_sigusr1(lab: Lab) ->
     """`migrate --kernel` has no API socket: after a GO cut halfway it says to
     resume with SIGUSR1, keeps the guest paused until then, and goes on after it."""
     a, b = lab.a, lab.b
-    receiver = b.run("boot-receiver", ["receive", "--listen", f"{b.address}:7090", "--timeout", TIMEOUT])
+    receiver = b.run("boot-receiver", ["receive", "--listen", f"{b.address}:7090", "--timeout", TIMEOUT,
+                                       "--insecure"])
     receiver.wait_for_stderr("waiting for a migration", 30)
     with CutProxy(lab.switch.ns, (SWITCH_ADDRESS, 7490), (b.address, 7090), Cut(OUT, "GO", "inside", "reset")):
         sender = a.run("boot-sender", ["migrate", "--to", f"{SWITCH_ADDRESS}:7490", "--kernel", str(lab.guest),
-                                       "--mem", "16M", "--cmdline", GUEST, "--on-signal", "--timeout", TIMEOUT])
+                                       "--mem", "16M", "--cmdline", GUEST, "--on-signal", "--timeout", TIMEOUT,
+                                       "--insecure"])
         wait_for_verified_rounds(sender, 2, 60)
         sender.signal(signal.SIGUSR1)
         error = sender.wait_for_stderr("handover unconfirmed", 60)

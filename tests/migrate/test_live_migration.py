@@ -22,6 +22,8 @@ pytestmark = pytest.mark.kvm
 GUEST = "console=ttyS0 tg.mem=32 tg.rate=20 tg.pages=512 tg.rounds=0 tg.disk=1 tg.diskblocks=512 tg.diskwrites=16"
 DISK_ROUND = re.compile(rb"^tg: disk round=(\d+) written=\d+ verified=(\d+)", re.M)
 PORT = 7000
+# Plaintext between the lab's hosts (private addresses); test_migration_tls.py covers TLS.
+INSECURE = ("--insecure",)
 
 
 def new_disk(path: Path, size: int = 8 << 20) -> Path:
@@ -39,24 +41,26 @@ def report(process: Process) -> dict:
     raise AssertionError(f"{process.label} printed no JSON report: {process.stderr()}")
 
 
-def start_receiver(b: Host, *extra: str, label: str = "receiver") -> Process:
+def start_receiver(b: Host, *extra: str, label: str = "receiver", security: tuple[str, ...] = INSECURE) -> Process:
     """`receive --json` on B, its disks into an empty directory of its own (the
-    hosts share no files), once it listens."""
+    hosts share no files), once it listens; `security`: its --tls-* or --insecure flags."""
     disks = b.workdir / f"{label}-disks"
     disks.mkdir()
     receiver = b.run(label, ["receive", "--listen", f"{b.address}:{PORT}", "--json", "--timeout", "3s",
-                             "--disk-dir", str(disks), *extra])
+                             "--disk-dir", str(disks), *security, *extra])
     receiver.wait_for_stderr("waiting for a migration", 30)
     return receiver
 
 
-def start_served(a: Host, guest: Path, *extra: str, cmdline: str = GUEST) -> tuple[Process, Path]:
+def start_served(a: Host, guest: Path, *extra: str, cmdline: str = GUEST,
+                 security: tuple[str, ...] = INSECURE) -> tuple[Process, Path]:
     """`run --api-sock` on A with a disk, as an operator runs a VM, once its guest
-    has verified a few rounds; the process and its API socket."""
+    has verified a few rounds; the process and its API socket. `security`: the
+    --tls-* or --insecure flags its migrations use."""
     sock = a.workdir / "a.sock"
     vm = a.run("vm", ["run", "--kernel", str(guest), "--mem", "128M", "--cmdline", cmdline,
                       "--disk", str(new_disk(a.workdir / "a-disk.img")), "--api-sock", str(sock), "--name", "mover",
-                      *extra])
+                      *security, *extra])
     wait_for_verified_rounds(vm, 3, 60)
     return vm, sock
 
@@ -67,7 +71,7 @@ def start_pair(a: Host, b: Host, guest: Path, *extra_a: str) -> tuple[Process, P
     disk = new_disk(a.workdir / "a-disk.img")
     sender = a.run("sender", ["migrate", "--to", f"{b.address}:{PORT}", "--kernel", str(guest), "--mem", "128M",
                               "--cmdline", GUEST, "--disk", str(disk), "--on-signal", "--json", "--timeout", "3s",
-                              "--name", "mover", *extra_a])
+                              "--name", "mover", *INSECURE, *extra_a])
     return sender, receiver
 
 

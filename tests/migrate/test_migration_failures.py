@@ -22,10 +22,11 @@ def start_slow_migration(a: Host, b: Host, guest: Path, cmdline: str = GUEST, ra
     """A migration over a link shaped to `rate`, already in its first round."""
     a.limit(rate)
     (b.workdir / "b-disks").mkdir()
-    receiver = b.run("receiver", ["receive", "--listen", f"{b.address}:{PORT}", "--timeout", "3s",
+    receiver = b.run("receiver", ["receive", "--listen", f"{b.address}:{PORT}", "--timeout", "3s", "--insecure",
                                   "--disk-dir", str(b.workdir / "b-disks")])
     receiver.wait_for_stderr("waiting for a migration", 30)
     sender = a.run("sender", ["migrate", "--to", f"{b.address}:{PORT}", "--kernel", str(guest), "--mem", "128M",
+                              "--insecure",
                               "--cmdline", cmdline, "--disk", str(new_disk(a.workdir / "a-disk.img")),
                               "--on-signal", "--timeout", "3s", *extra])
     wait_for_verified_rounds(sender, 2, 60)

@@ -200,10 +200,10 @@ def test_live_migration_keeps_answering_and_announces_on_the_new_side(testguest:
         b.add_tap("svtapb")
         # A generous --timeout: the ping flood and a loaded host slow the sender's first round.
         receiver = b_host.run("receiver", ["receive", "--listen", "192.0.2.20:7000", "--json", "--timeout", "20s",
-                                           "--net-override", "svtap0=svtapb"])
+                                           "--net-override", "svtap0=svtapb", "--insecure"])
         receiver.wait_for_stderr("waiting for a migration", 30)
         sock = tmp_path / "a.sock"
-        vm = start_vm(a, testguest, "svtap0", "--api-sock", str(sock), "--name", "web")
+        vm = start_vm(a, testguest, "svtap0", "--api-sock", str(sock), "--name", "web", "--insecure")
         wait_for_socket(sock, vm)
         sniffer = b.sniffer("svtapb", ETH_P_RARP)
         flood = Flood(a.pinger())
