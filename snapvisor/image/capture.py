@@ -57,6 +57,18 @@ class CaptureStats:
     snapshot_id: str = ""
     full: bool = False
     pause_s: float = 0.0
+    # The pause's parts, in order: stopping the vCPUs (kick to all parked, and how
+    # many kick rounds that took), draining the dirty logs, copying the dirty pages,
+    # saving vCPU/device state, resuming. `waiting_s`: time in drain, copy and state
+    # save when the snapshot thread was not on a CPU (waiting for the GIL, or the
+    # host ran something else), so a long pause shows whether it worked or waited.
+    stop_s: float = 0.0
+    stop_kick_rounds: int = 0
+    drain_s: float = 0.0
+    copy_s: float = 0.0
+    state_s: float = 0.0
+    resume_s: float = 0.0
+    waiting_s: float = 0.0
     total_s: float = 0.0
     precopy_pages: int = 0
     paused_pages: int = 0
@@ -168,24 +180,14 @@ class Snapshotter:
             # Page faults on fresh host memory are slow: fault the copy buffers in now,
             # sized for what is left plus what the guest may dirty before the pause.
             buffers = {r.name: _prefaulted_pages(int(to_copy[r.name].sum() * 1.25) + 256) for r in regions}
-            paused_at = time.perf_counter()
-            self.vm.pause()
-            try:
-                dirty = self._drain_dirty()
-                copy_started = time.perf_counter()
-                copies = {r.name: _copy_pages(r, to_copy[r.name] | dirty[r.name], buffers[r.name]) for r in regions}
-                copy_s = time.perf_counter() - copy_started
-                state = self.vm.save_state()
-            finally:
-                self.vm.resume()
-            stats.pause_s = time.perf_counter() - paused_at
+            copies, state = self._paused_copy(regions, to_copy, buffers, stats)
             for region in regions:
                 pages, data = copies[region.name]
                 stats.paused_pages += len(pages)
                 stats.region_pages[region.name] = stats.region_pages.get(region.name, 0) + len(pages)
                 writer.put_region(region.name, region.size, data, pages=pages)
             if stats.paused_pages >= MIN_PAGES_TO_MEASURE:
-                self._copy_s_per_page = copy_s / stats.paused_pages
+                self._copy_s_per_page = stats.copy_s / stats.paused_pages
             writer.put_blob(STATE_BLOB, encode_state(state))
             meta = {"compat": compat_record(state["vcpus"][0]["cpuid"]), "kind": "full" if stats.full else "incremental"}
             info = writer.commit(vm=self.name, tags=list(tags), meta=meta)
@@ -198,6 +200,35 @@ class Snapshotter:
         stats.total_s = time.perf_counter() - started
         self.last = stats
         return info
+
+    def _paused_copy(
+        self, regions: list[_Source], to_copy: dict[str, np.ndarray], buffers: dict[str, np.ndarray], stats: CaptureStats
+    ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict]:
+        """Pause, drain, copy what is dirty, save state, resume; the parts' times go into `stats`."""
+        clock = time.perf_counter
+        paused_at = clock()
+        stats.stop_kick_rounds = self.vm.pause()
+        try:
+            cpu_started = time.thread_time()
+            drain_started = clock()
+            stats.stop_s = drain_started - paused_at
+            dirty = self._drain_dirty()
+            copy_started = clock()
+            stats.drain_s = copy_started - drain_started
+            copies = {r.name: _copy_pages(r, to_copy[r.name] | dirty[r.name], buffers[r.name]) for r in regions}
+            state_started = clock()
+            stats.copy_s = state_started - copy_started
+            state = self.vm.save_state()
+            resume_started = clock()
+            stats.state_s = resume_started - state_started
+            stats.waiting_s = max(0.0, (resume_started - drain_started) - (time.thread_time() - cpu_started))
+        finally:
+            resume_started = clock()
+            self.vm.resume()
+        resumed = clock()
+        stats.resume_s = resumed - resume_started
+        stats.pause_s = resumed - paused_at
+        return copies, state
 
     def _precopy(self, writer, regions: list[_Source], needed: dict[str, np.ndarray], counts: dict[str, int]) -> int:
         """Write the needed pages from live memory; the pause rewrites those dirtied meanwhile."""
