@@ -298,7 +298,9 @@ def _copy_pages(
     for region in regions:
         pages = np.flatnonzero(masks[region.name])
         live = np.frombuffer(region.view, dtype=np.uint8).reshape(region.pages, PAGE_SIZE)
-        if used + len(pages) <= len(buffer):
+        if len(pages) == 0:
+            copy = np.empty(0, dtype=np.uint8)  # a (0, page) slice is no buffer the store can take
+        elif used + len(pages) <= len(buffer):
             copy = buffer[used : used + len(pages)]
             used += len(pages)
         else:

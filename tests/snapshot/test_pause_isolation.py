@@ -1,4 +1,5 @@
-"""The snapshot pause does not wait on the store pipeline.
+"""The snapshot pause: it does not wait on the store pipeline, and its copy works
+for every source, one with nothing dirty included.
 
 A repository whose uploads are deliberately slow and hold the GIL (one long C
 call, as a compressor or hasher that does not release it would) keeps uploading
@@ -21,6 +22,7 @@ import snapvisor
 from snapvisor.store import Repository
 from snapvisor.store import format as fmt
 from snapvisor.store.local import LocalStore
+from snapvisor.vmm.devices.blockfile import DiskConfig
 from snapvisor.vmm.vm import Vm
 
 pytestmark = pytest.mark.kvm
@@ -73,3 +75,21 @@ def test_pause_does_not_wait_on_slow_uploads(testguest: Path, tmp_path: Path) ->
     # Generous: the pause copies a few MiB; one upload holds the GIL for far longer.
     assert stats.pause_s < min(store.hold_seconds), (stats.pause_s, min(store.hold_seconds))
     assert info.id in repo.snapshot_ids()
+
+
+def test_a_source_with_nothing_dirty_in_the_pause(testguest: Path, tmp_path: Path) -> None:
+    """The pause's copy of a source with no dirty page (here a disk the guest never
+    writes, beside RAM the guest writes) is an empty copy the store takes."""
+    image = tmp_path / "idle.img"
+    image.write_bytes(bytes(1 << 20))
+    repo = Repository.open_url(str(tmp_path / "repo"), create=True)
+    out = io.BytesIO()
+    with snapvisor.VM.boot(testguest, mem="64M", cmdline="tg.mem=4 tg.rate=1 tg.rounds=0", serial_out=out,
+                           disks=[DiskConfig(image)]) as vm:
+        wait_for_rounds(out, 1, 1)
+        vm.snapshot(repo)
+        incremental = vm.snapshot(repo)
+        stats = vm.last_snapshot
+    assert not stats.full and stats.paused_pages > 0
+    assert stats.region_pages.get("disk-vda", 0) == 0
+    assert incremental.regions["disk-vda"] == 1 << 20
