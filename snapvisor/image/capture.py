@@ -214,17 +214,17 @@ class Snapshotter:
         return info
 
     def _reserve_copy_buffer(self, to_copy: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Grow the copy buffer (guest running) until it holds what is left to copy,
-        plus a margin for what the guest dirties before the pause; returns what is
-        left, with the pages dirtied meanwhile. Faulting in a fresh buffer takes
-        ~10 us per page here and the guest dirties on during it, so it is done before
-        a last drain, not between that drain and the pause."""
+        """Drain once more, right before the pause, and grow the copy buffer (guest
+        running) until it holds what is left to copy plus a margin for what the guest
+        dirties before the pause; returns what is left. Faulting in a fresh buffer
+        takes ~10 us per page here and the guest dirties on meanwhile, so a growth is
+        followed by another drain: the last drain is always just before the pause."""
         for _ in range(COPY_BUFFER_TRIES):
+            to_copy = _union(to_copy, self._drain_dirty())
             left = _count(to_copy)
             if left + COPY_MARGIN_PAGES <= len(self._copy_buffer):
                 break
             self._copy_buffer = _prefaulted_pages(int(left * COPY_BUFFER_GROWTH) + COPY_MARGIN_PAGES)
-            to_copy = _union(to_copy, self._drain_dirty())
         return to_copy
 
     def _paused_copy(
