@@ -41,6 +41,12 @@ PRECOPY_ROUNDS = 3
 DEFAULT_COPY_S_PER_PAGE = 1e-6
 # Pauses that copied fewer pages than this say little about the cost per page.
 MIN_PAGES_TO_MEASURE = 256
+# The pause's copy buffer is grown (before the pause) to what is left to copy times
+# COPY_BUFFER_GROWTH plus COPY_MARGIN_PAGES, at most COPY_BUFFER_TRIES times per
+# snapshot: each growth is followed by a drain, which may find more.
+COPY_BUFFER_GROWTH = 1.25
+COPY_MARGIN_PAGES = 1024
+COPY_BUFFER_TRIES = 3
 # Pre-copy reads live memory in batches of this size into a private buffer, so
 # the store hashes and compresses the same bytes even if the guest writes on.
 PRECOPY_BATCH = 32 << 20
@@ -57,6 +63,20 @@ class CaptureStats:
     snapshot_id: str = ""
     full: bool = False
     pause_s: float = 0.0
+    # The pause's parts, in order: stopping the vCPUs (kick to all parked, and how
+    # many kick rounds that took), draining the dirty logs, copying the dirty pages,
+    # saving vCPU/device state, resuming. `waiting_s`: time in drain, copy and state
+    # save when the snapshot thread was not on a CPU (waiting for the GIL, or the
+    # host ran something else), so a long pause shows whether it worked or waited.
+    stop_s: float = 0.0
+    stop_kick_rounds: int = 0
+    drain_s: float = 0.0
+    copy_s: float = 0.0
+    state_s: float = 0.0
+    resume_s: float = 0.0
+    waiting_s: float = 0.0
+    # Pages the pause copied into fresh memory because the copy buffer was too small.
+    unbuffered_pages: int = 0
     total_s: float = 0.0
     precopy_pages: int = 0
     paused_pages: int = 0
@@ -104,6 +124,9 @@ class Snapshotter:
         self._lineages: dict[str, _Lineage] = {}
         self.last: CaptureStats | None = None
         self._copy_s_per_page = DEFAULT_COPY_S_PER_PAGE
+        # The pause copies into this buffer, kept from one snapshot to the next (the
+        # writer is done with the copies when the snapshot commits).
+        self._copy_buffer = np.empty((0, PAGE_SIZE), dtype=np.uint8)
         vm.memory.enable_dirty_log()
         memory = vm.memory
         self._sources = [
@@ -165,27 +188,18 @@ class Snapshotter:
                     break
                 stats.precopy_pages += self._precopy(writer, regions, to_copy, stats.region_pages)
                 to_copy = self._drain_dirty()  # what the guest wrote meanwhile
-            # Page faults on fresh host memory are slow: fault the copy buffers in now,
-            # sized for what is left plus what the guest may dirty before the pause.
-            buffers = {r.name: _prefaulted_pages(int(to_copy[r.name].sum() * 1.25) + 256) for r in regions}
-            paused_at = time.perf_counter()
-            self.vm.pause()
-            try:
-                dirty = self._drain_dirty()
-                copy_started = time.perf_counter()
-                copies = {r.name: _copy_pages(r, to_copy[r.name] | dirty[r.name], buffers[r.name]) for r in regions}
-                copy_s = time.perf_counter() - copy_started
-                state = self.vm.save_state()
-            finally:
-                self.vm.resume()
-            stats.pause_s = time.perf_counter() - paused_at
+            # The store's work waits while the VM is paused (it would compete for the
+            # GIL and the CPUs with the vCPU threads parking and with the copy).
+            with writer.held_back():
+                to_copy = self._reserve_copy_buffer(to_copy)
+                copies, state = self._paused_copy(regions, to_copy, stats)
             for region in regions:
                 pages, data = copies[region.name]
                 stats.paused_pages += len(pages)
                 stats.region_pages[region.name] = stats.region_pages.get(region.name, 0) + len(pages)
                 writer.put_region(region.name, region.size, data, pages=pages)
             if stats.paused_pages >= MIN_PAGES_TO_MEASURE:
-                self._copy_s_per_page = copy_s / stats.paused_pages
+                self._copy_s_per_page = stats.copy_s / stats.paused_pages
             writer.put_blob(STATE_BLOB, encode_state(state))
             meta = {"compat": compat_record(state["vcpus"][0]["cpuid"]), "kind": "full" if stats.full else "incremental"}
             info = writer.commit(vm=self.name, tags=list(tags), meta=meta)
@@ -198,6 +212,48 @@ class Snapshotter:
         stats.total_s = time.perf_counter() - started
         self.last = stats
         return info
+
+    def _reserve_copy_buffer(self, to_copy: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Drain once more, right before the pause, and grow the copy buffer (guest
+        running) until it holds what is left to copy plus a margin for what the guest
+        dirties before the pause; returns what is left. Faulting in a fresh buffer
+        takes ~10 us per page here and the guest dirties on meanwhile, so a growth is
+        followed by another drain: the last drain is always just before the pause."""
+        for _ in range(COPY_BUFFER_TRIES):
+            to_copy = _union(to_copy, self._drain_dirty())
+            left = _count(to_copy)
+            if left + COPY_MARGIN_PAGES <= len(self._copy_buffer):
+                break
+            self._copy_buffer = _prefaulted_pages(int(left * COPY_BUFFER_GROWTH) + COPY_MARGIN_PAGES)
+        return to_copy
+
+    def _paused_copy(
+        self, regions: list[_Source], to_copy: dict[str, np.ndarray], stats: CaptureStats
+    ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict]:
+        """Pause, drain, copy what is dirty, save state, resume; the parts' times go into `stats`."""
+        clock = time.perf_counter
+        paused_at = clock()
+        stats.stop_kick_rounds = self.vm.pause()
+        cpu_started = time.thread_time()
+        try:
+            drain_started = clock()
+            stats.stop_s = drain_started - paused_at
+            dirty = self._drain_dirty()
+            copy_started = clock()
+            stats.drain_s = copy_started - drain_started
+            copies, stats.unbuffered_pages = _copy_pages(regions, _union(to_copy, dirty), self._copy_buffer)
+            state_started = clock()
+            stats.copy_s = state_started - copy_started
+            state = self.vm.save_state()
+        finally:
+            resume_started, cpu_used = clock(), time.thread_time() - cpu_started
+            self.vm.resume()
+        resumed = clock()
+        stats.state_s = resume_started - state_started
+        stats.waiting_s = max(0.0, (resume_started - drain_started) - cpu_used)
+        stats.resume_s = resumed - resume_started
+        stats.pause_s = resumed - paused_at
+        return copies, state
 
     def _precopy(self, writer, regions: list[_Source], needed: dict[str, np.ndarray], counts: dict[str, int]) -> int:
         """Write the needed pages from live memory; the pause rewrites those dirtied meanwhile."""
@@ -227,15 +283,29 @@ def _prefaulted_pages(count: int) -> np.ndarray:
     return buffer
 
 
-def _copy_pages(region: _Source, mask: np.ndarray, buffer: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The indices of the pages set in `mask` and a private copy of them, in
-    `buffer` when it is large enough."""
-    pages = np.flatnonzero(mask)
-    live = np.frombuffer(region.view, dtype=np.uint8).reshape(region.pages, PAGE_SIZE)
-    if len(pages) == 0:
-        return pages, np.empty(0, dtype=np.uint8)
-    if len(pages) > len(buffer):
-        return pages, live[pages]
-    copy = buffer[: len(pages)]
-    gather_pages(live, pages, copy)
-    return pages, copy
+def _union(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {name: a[name] | b[name] for name in a}
+
+
+def _copy_pages(
+    regions: list[_Source], masks: dict[str, np.ndarray], buffer: np.ndarray
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], int]:
+    """Per region, the indices of the pages set in its mask and a private copy of
+    them, packed into `buffer`; pages that do not fit go to fresh memory (slow: page
+    faults), and their count is returned with the copies."""
+    copies = {}
+    used = unbuffered = 0
+    for region in regions:
+        pages = np.flatnonzero(masks[region.name])
+        live = np.frombuffer(region.view, dtype=np.uint8).reshape(region.pages, PAGE_SIZE)
+        if len(pages) == 0:
+            copy = np.empty(0, dtype=np.uint8)  # a (0, page) slice is no buffer the store can take
+        elif used + len(pages) <= len(buffer):
+            copy = buffer[used : used + len(pages)]
+            used += len(pages)
+        else:
+            copy = np.empty((len(pages), PAGE_SIZE), dtype=np.uint8)
+            unbuffered += len(pages)
+        gather_pages(live, pages, copy)
+        copies[region.name] = (pages, copy)
+    return copies, unbuffered

@@ -15,14 +15,16 @@ import numpy as np
 
 from snapvisor.store import format as fmt
 from snapvisor.store.backend import ObjectStore
+from snapvisor.store.gate import Gate
 from snapvisor.store.pagehash import ID_SIZE
 
 MAX_UPLOADS_IN_FLIGHT = 8
 
 
 class Packer:
-    def __init__(self, store: ObjectStore, pack_size: int, upload_threads: int = 4):
+    def __init__(self, store: ObjectStore, pack_size: int, upload_threads: int = 4, gate: Gate | None = None):
         self.store = store
+        self._gate = gate or Gate()  # uploads start only while it is open
         self.pack_size = pack_size
         self._uploads = ThreadPoolExecutor(max_workers=upload_threads,
                                            thread_name_prefix="snapvisor-upload")
@@ -74,7 +76,8 @@ class Packer:
         buf, size = self._buf, self._offset
         pack_id = secrets.token_bytes(16)
         self.packs.append((pack_id, size, frames, self._ids))
-        upload = self._uploads.submit(self.store.put, fmt.pack_key(pack_id), memoryview(buf)[:size])
+        upload = self._uploads.submit(self._gate.run, self.store.put, fmt.pack_key(pack_id),
+                                     memoryview(buf)[:size])
         upload.add_done_callback(lambda _: self._free.put(buf))
         self._pending.append(upload)
         self.bytes_written += size

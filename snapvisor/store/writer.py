@@ -14,6 +14,7 @@ import itertools
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,7 @@ import numpy as np
 from snapvisor.store import codec, pagehash
 from snapvisor.store import format as fmt
 from snapvisor.store.errors import RepositoryError
+from snapvisor.store.gate import Gate
 from snapvisor.store.locks import RepositoryLock
 from snapvisor.store.manifest import (RegionRef, SnapshotInfo, check_name, encode_manifest,
                                       snapshot_key)
@@ -54,7 +56,8 @@ class SnapshotWriter:
         self._lock = lock
         self._threads = threads
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="snapvisor-cpu")
-        self._packer = Packer(repo.store, repo.pack_size, repo.io_threads)
+        self._gate = Gate()  # hashing, compression and uploads run only while it is open
+        self._packer = Packer(repo.store, repo.pack_size, repo.io_threads, self._gate)
         self._known = repo.index.entries  # ids already stored (dedup source)
         self._mine: set[bytes] = set()    # ids stored by this snapshot
         self._regions: dict[str, _Region] = {}
@@ -158,6 +161,12 @@ class SnapshotWriter:
                             meta, {n: r.size for n, r in refs.items()},
                             sorted(self._blobs))
 
+    def held_back(self) -> AbstractContextManager[None]:
+        """A context in which none of this writer's background work (hashing,
+        compression, uploads) runs: what is running finishes on entry, the rest
+        waits for the exit. For a VM's pause, which it would lengthen."""
+        return self._gate.closed()
+
     def abort(self) -> None:
         """Drop the snapshot; packs already uploaded stay unreferenced until gc."""
         if not self._done:
@@ -232,7 +241,7 @@ class SnapshotWriter:
             while batches and len(hashing) <= self._threads:
                 start = batches.popleft()
                 hashing.append((start, self._pool.submit(
-                    pagehash.hash_pages, pages[start:start + HASH_BATCH_PAGES])))
+                    self._gate.run, pagehash.hash_pages, pages[start:start + HASH_BATCH_PAGES])))
 
         hash_ahead()
         while hashing:
@@ -250,7 +259,7 @@ class SnapshotWriter:
             self.stats["pages_new"] += len(new_rows)
             for f in range(0, len(new_rows), frame_pages):
                 rows = new_rows[f:f + frame_pages]
-                job = self._pool.submit(_compress_pages, pages, rows + start, level)
+                job = self._pool.submit(self._gate.run, _compress_pages, pages, rows + start, level)
                 compressing.append((job, ids[rows].tobytes(), len(rows)))
             hash_ahead()
             while compressing and (compressing[0][0].done() or len(compressing) > 64):

@@ -150,22 +150,25 @@ class Vm:
     def paused(self) -> bool:
         return self._control.paused
 
-    def pause(self, timeout: float = PAUSE_TIMEOUT_S) -> None:
+    def pause(self, timeout: float = PAUSE_TIMEOUT_S) -> int:
         """Return once every vCPU is out of KVM_RUN and parked, with any pending
         port/MMIO exit completed (KVM completes it on the KVM_RUN that the kick
-        interrupts), so the saved state is consistent."""
+        interrupts), so the saved state is consistent. Returns how many rounds of
+        kicks that took (1 unless a kick went unanswered for KICK_RETRY_S)."""
         if not self._started:
             raise VmRuntimeError("the VM has not been started")
         self._control.request_pause()
         deadline = time.monotonic() + timeout
+        rounds = 0
         while True:
+            rounds += 1
             for vcpu in self.vcpus:
                 vcpu.kick()
             remaining = deadline - time.monotonic()
             if self._control.wait_all_parked(min(KICK_RETRY_S, max(remaining, 0))):
                 for device in self._io_devices():
                     device.pause_io()  # and no device writes guest memory either
-                return
+                return rounds
             if remaining <= 0:
                 raise VmRuntimeError(f"the vCPUs did not pause within {timeout} s")
 
