@@ -86,7 +86,7 @@ class VM:
         one) while the VM keeps running; it pauses only to copy dirtied pages."""
         if self._lazy is not None:
             # Capture reads guest RAM from Python: all of it must be resident first.
-            self._lazy.wait()
+            self._lazy.wait_complete()
         return self._snapshotter.snapshot(_repository(repo, create=True), tags=tags, full=full)
 
     @property

@@ -1,8 +1,10 @@
-"""Verbs that work on a repository: `ls`, `show`, `verify`, `prune`, `gc`, `repair-index`."""
+"""Verbs that work on a repository: `ls`, `show`, `verify`, `prune`, `forget`, `gc`,
+`repair-index`, `unlock`."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from snapvisor.cli.common import (
     EXIT_CODES_HELP,
@@ -38,21 +40,28 @@ def _ls(args: argparse.Namespace) -> int:
     from snapvisor.control.controller import snapshot_json
 
     with open_repo(args) as repo:
-        snapshots = [s for s in repo.list_snapshots()
-                     if (args.vm is None or s.vm == args.vm) and (args.tag is None or args.tag in s.tags)]
+        manifests, unreadable = repo.read_manifests()
+    snapshots = sorted((m.info for m in manifests
+                        if (args.vm is None or m.info.vm == args.vm) and (args.tag is None or args.tag in m.info.tags)),
+                       key=lambda s: (s.time, s.id))
     listed = [snapshot_json(s) for s in snapshots]
     if args.json:
         print_json(listed)
-        return 0
-    rows = [("ID", "TIME", "AGE", "VM", "KIND", "MEMORY", "DISKS", "TAGS")]
-    rows += [(s.short_id, humanize.timestamp(s.time), humanize.age(s.time), s.vm, str(s.meta.get("kind", "-")),
-              humanize.size(j["memory_bytes"]), humanize.size(j["disk_bytes"]) if j["disk_bytes"] else "-",
-              ",".join(s.tags)) for s, j in zip(snapshots, listed)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-    print(f"{len(snapshots)} snapshot{'s' if len(snapshots) != 1 else ''}")
-    return 0
+    else:
+        rows = [("ID", "TIME", "AGE", "VM", "KIND", "MEMORY", "DISKS", "TAGS")]
+        rows += [(s.short_id, humanize.timestamp(s.time), humanize.age(s.time), s.vm, str(s.meta.get("kind", "-")),
+                  humanize.size(j["memory_bytes"]), humanize.size(j["disk_bytes"]) if j["disk_bytes"] else "-",
+                  ",".join(s.tags)) for s, j in zip(snapshots, listed)]
+        # A damaged manifest has no time or VM to filter or sort by: listed last, always.
+        rows += [(snapshot_id[:12], "DAMAGED", "-", "-", "-", "-", "-", "-") for snapshot_id in sorted(unreadable)]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        print(f"{len(snapshots)} snapshot{'s' if len(snapshots) != 1 else ''}"
+              + (f", {len(unreadable)} damaged" if unreadable else ""))
+    for why in (unreadable[i] for i in sorted(unreadable)):
+        print(f"damaged: {why}", file=sys.stderr)
+    return EXIT_DAMAGED if unreadable else 0
 
 
 @subcommand
@@ -164,7 +173,8 @@ def _verify(args: argparse.Namespace) -> int:
             reporting_progress(activity):
         report = repo.verify(read_data=args.read_data)
     if args.json:
-        print_json({"ok": report.ok, "errors": report.errors, "counts": report.counts})
+        print_json({"ok": report.ok, "errors": report.errors, "counts": report.counts,
+                    "damaged_snapshots": report.damaged_snapshots})
     else:
         counts = report.counts
         print(f"{counts.get('snapshots', 0)} snapshots, {counts.get('packs', 0)} packs, "
@@ -204,16 +214,45 @@ def _prune(args: argparse.Namespace) -> int:
                          "it would forget every snapshot")
     with open_repo(args) as repo:
         result = repo.prune(policy, dry_run=args.dry_run, vm=args.vm)
+        _, unreadable = repo.read_manifests()  # not judged, kept: `forget` gives them up
+    for why in (unreadable[i] for i in sorted(unreadable)):
+        print(f"damaged: {why}", file=sys.stderr)
     if args.json:
         print_json({"dry_run": result.dry_run, "keep": [s.id for s in result.keep],
-                     "remove": [s.id for s in result.remove], "reasons": result.reasons})
-        return 0
+                     "remove": [s.id for s in result.remove], "reasons": result.reasons,
+                     "damaged": sorted(unreadable)})
+        return EXIT_DAMAGED if unreadable else 0
     for snap in sorted(result.keep + result.remove, key=lambda s: (s.vm, s.time)):
         reasons = result.reasons.get(snap.id)
         verdict = f"keep    ({', '.join(reasons)})" if reasons else ("would forget" if args.dry_run else "forgot")
         print(f"{snap.short_id}  {humanize.timestamp(snap.time)}  {snap.vm}  {verdict}")
     print(f"{len(result.keep)} kept, {len(result.remove)} {'to forget (dry run)' if args.dry_run else 'forgotten'}"
-          + ("; run `snapvisor gc` to reclaim their space" if result.remove and not args.dry_run else ""))
+          + ("; run `snapvisor gc` to reclaim their space" if result.remove and not args.dry_run else "")
+          + (f"; {len(unreadable)} damaged, not judged" if unreadable else ""))
+    return EXIT_DAMAGED if unreadable else 0
+
+
+@subcommand
+def _add_forget(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    parser = subparsers.add_parser(
+        "forget", help="forget snapshots by id, damaged ones included",
+        description="Forget the given snapshots (delete their manifests); their data goes with "
+                    "`snapvisor gc`. The other snapshots are untouched: none depends on another. "
+                    "A snapshot whose manifest is damaged (`ls` marks it DAMAGED) can only be "
+                    "forgotten this way, and gc deletes nothing while it is there.",
+        epilog=EXIT_CODES_HELP, formatter_class=HelpFormatter)
+    add_repo_flag(parser)
+    parser.add_argument("snapshot_ids", nargs="+", metavar="ID", help="snapshot id or a unique prefix")
+    parser.set_defaults(handler=_forget)
+
+
+def _forget(args: argparse.Namespace) -> int:
+    with open_repo(args) as repo:
+        ids = [repo.resolve(given) for given in args.snapshot_ids]  # all known before any is deleted
+        for snapshot_id in ids:
+            repo.delete_snapshot(snapshot_id)
+            print(f"forgot {snapshot_id[:12]}")
+    print("run `snapvisor gc` to reclaim their space")
     return 0
 
 
@@ -241,15 +280,23 @@ def _gc(args: argparse.Namespace) -> int:
     with open_repo(args) as repo, humanize.Activity(f"collecting garbage in {repo.store.url}") as activity, \
             reporting_progress(activity):
         result = repo.gc(dry_run=args.dry_run)
+    blocked = EXIT_DAMAGED if result.unreadable_manifests or result.damaged_index_files else 0
     if args.json:
         print_json(asdict(result))
-        return 0
+        return blocked
     verb = "would delete" if args.dry_run else "deleted"
     print(f"{result.snapshots} snapshots use {result.packs_kept} packs; {verb} {result.packs_deleted} packs "
           f"({humanize.size(result.bytes_deleted)}); {humanize.size(result.unused_bytes_kept)} unused inside kept packs")
     if result.leftovers_removed:
         print(f"removed {result.leftovers_removed} leftover(s) of interrupted uploads")
-    return 0
+    blockers = [result.unreadable_manifests[i] for i in sorted(result.unreadable_manifests)]
+    blockers += [f"index file {key} is damaged ({why}); run `snapvisor repair-index`"
+                 for key, why in sorted(result.damaged_index_files.items())]
+    if blockers:
+        print("gc would refuse to delete anything (the figures above count only what can be read):")
+        for line in blockers:
+            print(f"damaged: {line}")
+    return blocked
 
 
 @subcommand
@@ -287,3 +334,35 @@ def _repair_index(args: argparse.Namespace) -> int:
         for line in result.unreadable_packs:
             print(f"cannot index: {line}")
     return EXIT_DAMAGED if result.unreadable_packs else 0
+
+
+@subcommand
+def _add_unlock(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    parser = subparsers.add_parser(
+        "unlock", help="remove stale locks",
+        description="Remove the repository's stale locks: those whose process on this host is gone, "
+                    "those not refreshed within the lock lifetime (30 minutes; holders refresh every "
+                    "5), and damaged ones. Snapshots, gc and verify already ignore stale locks and "
+                    "remove them when they take theirs. With --all, remove live locks too: only when "
+                    "no snapvisor on any host uses the repository, since gc could then delete data "
+                    "that a running snapshot is about to reference.",
+        epilog=EXIT_CODES_HELP, formatter_class=HelpFormatter)
+    add_repo_flag(parser)
+    parser.add_argument("--all", action="store_true", help="remove every lock, live ones included")
+    add_json_flag(parser)
+    parser.set_defaults(handler=_unlock)
+
+
+def _unlock(args: argparse.Namespace) -> int:
+    with open_repo(args) as repo:
+        if args.all:
+            print("warning: removing every lock, live ones included: a snapshot or gc running now is no "
+                  "longer protected from the other", file=sys.stderr)
+        removed = repo.unlock(everything=args.all)
+    if args.json:
+        print_json([{"key": lock.key, "lock": lock.why} for lock in removed])
+        return 0
+    for lock in removed:
+        print(f"removed {lock.why}")
+    print(f"{len(removed)} lock(s) removed")
+    return 0

@@ -66,6 +66,7 @@ class LazyMemory:
             self._uffd.register_missing(base, region.size)
             self._regions.append(_LazyRegion(region, reader, base, np.zeros(blocks, dtype=bool), has_data))
         self._fill_lock = threading.Lock()
+        self._error_lock = threading.Lock()
         # Anonymous mappings, not bytearrays: those are zeroed (every page touched)
         # when made, which costs milliseconds before the guest can start.
         self._scratch = mmap.mmap(-1, BLOCK_PAGES * PAGE_SIZE)
@@ -95,10 +96,21 @@ class LazyMemory:
         """True once all of guest RAM is resident (or the fill failed: see `error`)."""
         return self._done.wait(timeout)
 
+    def wait_complete(self) -> None:
+        """Return once all of guest RAM is resident; raise LazyRestoreError if the fill
+        failed (guest RAM then has holes that read as zeros: nothing may copy it)."""
+        self._done.wait()
+        self._check_complete()
+
+    def _check_complete(self) -> None:
+        if self.error is not None:
+            raise LazyRestoreError(f"guest memory of this lazy restore is incomplete: {self.error}")
+
     def make_resident(self, region: MemoryRegion, offset: int, length: int) -> None:
         """Fill the blocks of [offset, offset+length) of `region` now, in the calling
         thread: for VMM code (a device) that must touch guest RAM during the fill
         (GuestMemory.before_access), which would otherwise fault holding the GIL."""
+        self._check_complete()
         if self._done.is_set() or length <= 0:
             return
         lazy = next(lazy for lazy in self._regions if lazy.region is region)
@@ -107,11 +119,14 @@ class LazyMemory:
             self._fill_block(lazy, block)
 
     def close(self) -> None:
+        """After the VM is closed (no vCPU may be left waiting on a fault)."""
         self._stop.set()
         for thread in (self._handler, self._prefetcher):
             if thread.is_alive():
                 thread.join()
         self._uffd.close()
+        # Nothing holds a view of the buffers now: the reads into them are over and
+        # a failure keeps no traceback (see _fail).
         self._scratch.close()
         self._prefetch_buffer.close()
 
@@ -189,10 +204,36 @@ class LazyMemory:
                 lazy.resident[block] = True
 
     def _fail(self, exc: BaseException) -> None:
-        if self.error is None:
-            self.error = exc
-            self._on_error(exc)
+        """Stop the guest (on_error), then let go of the vCPUs waiting on faults.
+
+        The error is kept as a new exception with the message only: the original's
+        traceback holds the frames that were reading into the scratch and prefetch
+        buffers, with their views of those mappings, and close() could not unmap
+        them while it lived (BufferError). A SnapvisorError's message is for the
+        operator as it is; anything else is a bug, named as such.
+        """
+        with self._error_lock:
+            first = self.error is None
+            if first:
+                self.error = LazyRestoreError(str(exc) if isinstance(exc, SnapvisorError) else f"internal error: {exc!r}")
+        if first:
+            self._on_error(self.error)
+            self._release_waiting_vcpus()
         self._done.set()
+
+    def _release_waiting_vcpus(self) -> None:
+        """A vCPU that faulted on a page nobody will fill now waits in the kernel,
+        where no signal reaches it (it spins there on this host): the VM could
+        never stop, nor the process exit. Unregistering guest RAM wakes it; the
+        fault then maps a zero page, but the guest runs no further on it: the
+        stop that on_error requested left a kick pending, and KVM returns to us
+        before it would enter the guest again. Python code cannot read the holes
+        either: make_resident and wait_complete raise from now on."""
+        for lazy in self._regions:
+            try:
+                self._uffd.unregister(lazy.base, lazy.region.size)
+            except SnapvisorError:
+                pass  # already unregistered: the fill had finished this far
 
     def _locate(self, address: int) -> tuple[_LazyRegion, int]:
         for lazy in self._regions:

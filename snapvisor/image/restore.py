@@ -158,6 +158,10 @@ def restore_vm(
         built.append(build_microvm_from_state(
             state, serial_out=serial_out, serial_in=serial_in, memory_fill=fill, disk_paths=images, net=net
         ))
+        if lazy_memory and lazy_memory[0].error is not None:
+            # The fill failed while the VM was being built: no one was there to stop.
+            raise RestoreError(f"lazy restore of snapshot {snapshot.info.short_id} could not fetch guest "
+                               f"memory: {lazy_memory[0].error}")
         if lazy and images:
             attached = attached_disks(built[0])
             lazy_disks = LazyDisks(

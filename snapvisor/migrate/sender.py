@@ -308,7 +308,7 @@ def migrate(
     if not machine.vm.running:
         raise MigrationError(f"VM {machine.name} is not running; only a running VM can be migrated")
     if machine.lazy_memory is not None:
-        machine.lazy_memory.wait()  # pages are read from guest RAM: all must be resident
+        machine.lazy_memory.wait_complete()  # pages are read from guest RAM: all must be resident
     started = time.monotonic()
     stats = MigrationStats()
     base_offer, base_ids = None, None

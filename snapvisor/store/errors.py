@@ -3,7 +3,7 @@
 from snapvisor.errors import SnapvisorError
 
 __all__ = ["SnapvisorError", "StoreError", "ObjectNotFound", "RepositoryError", "CorruptObject",
-           "RepositoryLocked"]
+           "RepositoryLocked", "SnapshotNotFound", "UnreadableManifest"]
 
 
 class StoreError(SnapvisorError):
@@ -29,6 +29,16 @@ class CorruptObject(RepositoryError):
         super().__init__(f"{key} is corrupt: {problem}; run `snapvisor verify --read-data` "
                          f"to list every damaged object, restore from another copy of the repository")
         self.key = key
+        self.problem = problem
+
+
+class SnapshotNotFound(RepositoryError):
+    """No manifest of that id (forgotten, or never there)."""
+
+
+class UnreadableManifest(RepositoryError):
+    """A snapshot's manifest is damaged or of an unknown format: the snapshot is
+    listed as damaged, and gc deletes nothing while it is there."""
 
 
 class RepositoryLocked(RepositoryError):

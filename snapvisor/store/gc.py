@@ -17,7 +17,7 @@ against the index it loaded.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -25,6 +25,7 @@ import numpy as np
 from snapvisor.store import codec, pagehash
 from snapvisor.store import format as fmt
 from snapvisor.store.errors import CorruptObject, RepositoryError, SnapvisorError
+from snapvisor.store.index import require_intact
 from snapvisor.store.packer import Packer
 from snapvisor.store.pagehash import ID_SIZE, PAGE_SIZE
 from snapvisor.store.reachability import referenced_ids
@@ -46,6 +47,10 @@ class GcResult:
     bytes_repacked: int     # written to new packs by repacking
     unused_bytes_kept: int  # estimated garbage left inside packs that are still in use
     leftovers_removed: int = 0  # of interrupted puts: temporary files, unfinished uploads
+    # Snapshots whose manifest does not read (id -> why): a dry run reports what the
+    # readable ones leave unused, and gc itself refuses to delete anything.
+    unreadable_manifests: dict[str, str] = field(default_factory=dict)
+    damaged_index_files: dict[str, str] = field(default_factory=dict)  # likewise (key -> why)
 
 
 REPACK_BELOW = 0.5  # repack a pack once more than half of its bytes are garbage
@@ -55,10 +60,15 @@ LEFTOVER_AGE_S = 24 * 3600
 def collect_garbage(repo: "Repository", dry_run: bool, repack_below: float = REPACK_BELOW
                     ) -> GcResult:
     store = repo.store
-    ids = repo.snapshot_ids()
-    with ThreadPoolExecutor(max_workers=repo.io_threads) as pool:
-        manifests = list(pool.map(repo._manifest, ids))
+    manifests, unreadable = repo.read_manifests()
+    if unreadable and not dry_run:
+        # Its objects cannot be known, and deleting them would lose the snapshot for good.
+        why = unreadable[min(unreadable)]
+        raise RepositoryError(f"gc stopped, nothing deleted: {len(unreadable)} snapshot manifest(s) cannot be "
+                              f"read, and gc cannot tell which data they use; {why}")
     index = repo.refresh_index(full=True)
+    if not dry_run:
+        require_intact(index, "gc")
     on_disk = {info.key: info.size for info in store.list(fmt.DATA_PREFIX)}
 
     try:
@@ -87,7 +97,8 @@ def collect_garbage(repo: "Repository", dry_run: bool, repack_below: float = REP
     doomed = [index.packs[p].key for p in dead_indexed + sparse] + unindexed
     result = GcResult(dry_run, len(manifests), len(kept), len(doomed),
                       sum(on_disk.get(k, 0) for k in doomed), 0, len(sparse), 0,
-                      sum(garbage[p] for p in kept))
+                      sum(garbage[p] for p in kept), unreadable_manifests=unreadable,
+                      damaged_index_files=dict(index.damaged))
     if dry_run:
         return result
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from snapvisor.store import format as fmt
 from snapvisor.store.backend import ObjectStore
-from snapvisor.store.errors import ObjectNotFound, RepositoryError
+from snapvisor.store.errors import CorruptObject, ObjectNotFound, RepositoryError
 from snapvisor.store.index_cache import IndexCache
 
 
@@ -48,6 +48,9 @@ class Index:
         self.packs: list[PackInfo] = []
         self.pack_numbers: dict[bytes, int] = {}
         self.files: set[str] = set()
+        # Index files that did not decode (key -> why): left out, so that look-ups
+        # of everything else still work; an id only they listed is "not indexed".
+        self.damaged: dict[str, str] = {}
         self._tables: list[Table] = []  # one per index file
         self._merged: Table | None = None  # all files in one table, built on first large look-up
         self._entries: dict[bytes, Location] | None = None
@@ -174,7 +177,7 @@ def load_index(store: ObjectStore, previous: Index | None = None, threads: int =
     index = previous if previous is not None and previous.files <= keys else Index()
     todo = sorted(keys - index.files)
 
-    def fetch(key: str) -> tuple[str, fmt.IndexFile | None]:
+    def fetch(key: str) -> tuple[str, fmt.IndexFile | CorruptObject | None]:
         cached = cache.load(key) if cache is not None else None
         if cached is not None:
             return key, cached
@@ -182,6 +185,8 @@ def load_index(store: ObjectStore, previous: Index | None = None, threads: int =
             index_file = fmt.decode_index(key, store.get(key))
         except ObjectNotFound:
             return key, None  # replaced by gc between list and get
+        except CorruptObject as e:
+            return key, e
         if cache is not None:
             cache.save(key, index_file)
         return key, index_file
@@ -194,8 +199,12 @@ def load_index(store: ObjectStore, previous: Index | None = None, threads: int =
             raise RepositoryError(f"the index of {store.url} keeps changing while being read; "
                                   f"retry when gc has finished")
         return load_index(store, None, threads, attempts - 1, cache)
+    index.damaged = {}
     for key, index_file in results:
-        index.add_file(key, index_file)
+        if isinstance(index_file, CorruptObject):
+            index.damaged[key] = index_file.problem
+        else:
+            index.add_file(key, index_file)
     if cache is not None:
         cache.prune(keys)
     return index
@@ -204,11 +213,27 @@ def load_index(store: ObjectStore, previous: Index | None = None, threads: int =
 def require(index: Index, object_id: bytes, what: str) -> Location:
     loc = index.get(object_id)
     if loc is None:
-        raise not_indexed(f"{what}: object {object_id.hex()}")
+        raise not_indexed(f"{what}: object {object_id.hex()}", index)
     return loc
 
 
-def not_indexed(what: str) -> RepositoryError:
-    return RepositoryError(f"{what} is not in the repository index (missing index file or pack); run "
-                           f"`snapvisor verify`, and `snapvisor repair-index` if index files were lost")
+def not_indexed(what: str, index: Index) -> RepositoryError:
+    if index.damaged:
+        cause = (f"index file{'s' if len(index.damaged) > 1 else ''} "
+                 f"{', '.join(sorted(index.damaged))} {'are' if len(index.damaged) > 1 else 'is'} damaged "
+                 f"({next(iter(sorted(index.damaged.items())))[1]}); run `snapvisor repair-index`, "
+                 f"which indexes their packs again")
+    else:
+        cause = ("an index file or pack is missing; run `snapvisor verify`, and `snapvisor repair-index` "
+                 "if index files were lost")
+    return RepositoryError(f"{what} is not in the repository index: {cause}")
+
+
+def require_intact(index: Index, operation: str) -> None:
+    """Refuse `operation` (one that deletes by the index: gc) while index files are damaged:
+    the packs that only they list would look unreferenced."""
+    if index.damaged:
+        key, why = sorted(index.damaged.items())[0]
+        raise RepositoryError(f"{operation} stopped, nothing deleted: index file {key} is damaged ({why}); "
+                              f"run `snapvisor repair-index` first")
 

@@ -85,31 +85,32 @@ def plan_ranges(pack: PackInfo, frame_nos, max_bytes: int = RANGE_MAX) -> list[l
     return groups
 
 
-def fetch_frames(repo: "Repository", pack: PackInfo, frame_nos, max_bytes: int = RANGE_MAX):
-    """Yield (frame_no, raw bytes) for the given frames of one pack, few requests."""
+def fetch_frames(repo: "Repository", pack: PackInfo, frame_nos, max_bytes: int = RANGE_MAX, what: str = ""):
+    """Yield (frame_no, raw bytes) for the given frames of one pack, few requests.
+    `what` (a snapshot's region, say) is named in errors: what needed the frames."""
     frames = pack.frames
     for group in plan_ranges(pack, frame_nos, max_bytes):
         start = int(frames[group[0]]["offset"])
         end = max(int(frames[f]["offset"]) + int(frames[f]["clen"]) for f in group)
-        data = read_pack_range(repo, pack, start, end - start)
+        data = read_pack_range(repo, pack, start, end - start, what)
         for fno in group:
             try:
                 raw = codec.decompress_frame(frames[fno], data, start, fno)
             except ValueError as e:
-                raise CorruptObject(pack.key, str(e)) from None
+                raise CorruptObject(pack.key, f"{e}{f' ({what})' if what else ''}") from None
             yield fno, raw
 
 
-def read_pack_range(repo: "Repository", pack: PackInfo, offset: int, length: int) -> bytes:
+def read_pack_range(repo: "Repository", pack: PackInfo, offset: int, length: int, what: str = "") -> bytes:
     try:
         return repo.store.get(pack.key, offset, length)
     except ObjectNotFound:
         raise RepositoryError(f"pack {pack.key} is missing from {repo.store.url} (listed by "
-                              f"{pack.index_key}); the snapshots using it cannot be read: run "
-                              f"`snapvisor verify` to list them") from None
+                              f"{pack.index_key}{', needed by ' + what if what else ''}); the snapshots "
+                              f"using it cannot be read: run `snapvisor verify` to list them") from None
     except StoreError as e:
         if "truncated" in str(e):
-            raise CorruptObject(pack.key, f"truncated ({e})") from None
+            raise CorruptObject(pack.key, f"truncated ({e}){f' ({what})' if what else ''}") from None
         raise
 
 
@@ -118,7 +119,7 @@ def read_object(repo: "Repository", object_id: bytes, what: str) -> bytes:
     index = repo.index
     loc = require(index, object_id, what)
     pack, frame = index.frame(loc)
-    for _, raw in fetch_frames(repo, pack, [loc[1]]):
+    for _, raw in fetch_frames(repo, pack, [loc[1]], what=what):
         if fmt.sha256(raw) != object_id:
             raise CorruptObject(pack.key, f"frame {loc[1]} does not hash to {object_id.hex()} "
                                           f"({what})")
@@ -141,7 +142,7 @@ def read_objects(repo: "Repository", object_ids: list[bytes], what: str) -> dict
     def one_pack(pack_no: int) -> None:
         pack = index.packs[pack_no]
         wanted = by_pack[pack_no]
-        for fno, raw in fetch_frames(repo, pack, list(wanted)):
+        for fno, raw in fetch_frames(repo, pack, list(wanted), what=what):
             oid = wanted[fno]
             if fmt.sha256(raw) != oid:
                 raise CorruptObject(pack.key, f"frame {fno} does not hash to {oid.hex()} ({what})")
@@ -228,7 +229,8 @@ class RegionReader:
             missing = np.flatnonzero(locs[:, 0] < 0)
             if len(missing):
                 page = int(pages[missing[0]])
-                raise not_indexed(f"{self._what}: page {page} (id {self._ids[page].tobytes().hex()})")
+                raise not_indexed(f"{self._what}: page {page} (id {self._ids[page].tobytes().hex()})",
+                                  self._repo.index)
             self._locs[pages] = locs
             self._has_data[pages] = True
             self._resolved[todo] = True
@@ -311,7 +313,7 @@ class RegionReader:
             pack_no, group = task
             pack = self._repo.index.packs[pack_no]
             copied = 0
-            for fno, raw in fetch_frames(self._repo, pack, group, TASK_BYTES):
+            for fno, raw in fetch_frames(self._repo, pack, group, TASK_BYTES, self._what):
                 a, b = rows_of[(pack_no, fno)]
                 self._check_and_copy(pack, fno, raw, locs[a:b, 2], ids[a:b], dest[a:b], out)
                 copied += b - a

@@ -10,10 +10,16 @@ from datetime import datetime, timezone
 
 from snapvisor.store import format as fmt
 from snapvisor.store.backend import ObjectStore, open_backend
-from snapvisor.store.errors import ObjectNotFound, RepositoryError
+from snapvisor.store.errors import (
+    CorruptObject,
+    ObjectNotFound,
+    RepositoryError,
+    SnapshotNotFound,
+    UnreadableManifest,
+)
 from snapvisor.store.index import Index, load_index
 from snapvisor.store.index_cache import IndexCache
-from snapvisor.store.locks import EXCLUSIVE, SHARED, LockManager
+from snapvisor.store.locks import EXCLUSIVE, SHARED, LockManager, StaleLock
 from snapvisor.store.manifest import Manifest, SnapshotInfo, decode_manifest, snapshot_key
 from snapvisor.store.reader import Snapshot
 from snapvisor.store.retention import KeepPolicy, PruneResult, apply_policy
@@ -23,6 +29,12 @@ CONFIG_KIND = "snapvisor-repository"
 DEFAULT_PACK_SIZE = 16 << 20
 DEFAULT_FRAME_PAGES = 64        # 256 KiB compression frames
 DEFAULT_MAP_BLOCK_PAGES = 64    # one map block per 256 KiB of guest memory
+
+
+def _config_lost(url: str, problem: str) -> str:
+    return (f"the repository at {url} cannot be opened: its `config` object is {problem}; snapshots and "
+            f"data are not affected: copy `config` back from another copy of the repository (it holds "
+            f"the repository's id and parameters, and is never rewritten)")
 
 
 class Repository:
@@ -70,15 +82,19 @@ class Repository:
         try:
             data = store.get(fmt.CONFIG_KEY)
         except ObjectNotFound:
+            if any(True for _ in store.list(fmt.SNAPSHOT_PREFIX)):
+                raise RepositoryError(_config_lost(store.url, "missing")) from None
             raise RepositoryError(f"no snapvisor repository at {store.url} (no 'config' object); "
                                   f"the first snapshot written into it creates it (`snapvisor snapshot`, "
                                   f"`snapvisor run --snapshot-every`, or Repository.init from Python)") from None
-        config = fmt.decode_json(fmt.CONFIG_KEY, data, CONFIG_KIND)
+        try:
+            config = fmt.decode_json(fmt.CONFIG_KEY, data, CONFIG_KIND)
+        except CorruptObject as e:
+            raise RepositoryError(_config_lost(store.url, f"damaged: {e.problem}")) from None
         for name, kind in (("pack_size", int), ("frame_pages", int), ("map_block_pages", int),
                            ("zstd_level", int), ("page_size", int)):
             if not isinstance(config.get(name), kind):
-                raise RepositoryError(f"{fmt.CONFIG_KEY} of {store.url} is corrupt: {name!r} "
-                                      f"missing or not a number")
+                raise RepositoryError(_config_lost(store.url, f"damaged: {name!r} missing or not a number"))
         if config["page_size"] != fmt.PAGE_SIZE or config.get("hash") != "sha256":
             raise RepositoryError(f"{store.url} uses page size {config['page_size']} / hash "
                                   f"{config.get('hash')!r}, which this snapvisor cannot read")
@@ -165,19 +181,45 @@ class Repository:
             try:
                 data = self.store.get(key)
             except ObjectNotFound:
-                raise RepositoryError(f"snapshot {snapshot_id} not found in {self.store.url}; "
-                                      f"`snapvisor ls` lists the ones there") from None
-            manifest = self._manifests[snapshot_id] = decode_manifest(key, data)
+                raise SnapshotNotFound(f"snapshot {snapshot_id} not found in {self.store.url}; "
+                                       f"`snapvisor ls` lists the ones there") from None
+            try:
+                manifest = decode_manifest(key, data)
+            except RepositoryError as e:
+                problem = e.problem if isinstance(e, CorruptObject) else str(e)
+                raise UnreadableManifest(
+                    f"snapshot {snapshot_id} cannot be read: its manifest {key} is damaged ({problem}); "
+                    f"copy that object back from another copy of the repository, or give the snapshot "
+                    f"up with `snapvisor forget {snapshot_id[:12]}`") from None
+            self._manifests[snapshot_id] = manifest
         return manifest
 
     def snapshot_ids(self) -> list[str]:
         return sorted(info.key[len(fmt.SNAPSHOT_PREFIX):]
                       for info in self.store.list(fmt.SNAPSHOT_PREFIX))
 
-    def list_snapshots(self) -> list[SnapshotInfo]:
+    def read_manifests(self) -> tuple[list[Manifest], dict[str, str]]:
+        """The manifest of every snapshot that reads, and the ids of those that do not
+        (id -> the error, which says what to do). A snapshot forgotten meanwhile is
+        in neither."""
+        def read(snapshot_id: str) -> Manifest | str | None:
+            try:
+                return self._manifest(snapshot_id)
+            except SnapshotNotFound:
+                return None
+            except UnreadableManifest as e:
+                return str(e)
+
         ids = self.snapshot_ids()
         with ThreadPoolExecutor(max_workers=self.io_threads) as pool:
-            manifests = list(pool.map(self._manifest, ids))
+            results = list(pool.map(read, ids))
+        manifests = [r for r in results if isinstance(r, Manifest)]
+        unreadable = {i: r for i, r in zip(ids, results) if isinstance(r, str)}
+        return manifests, unreadable
+
+    def list_snapshots(self) -> list[SnapshotInfo]:
+        """The snapshots whose manifests read, oldest first (read_manifests names the others)."""
+        manifests, _ = self.read_manifests()
         return sorted((m.info for m in manifests), key=lambda i: (i.time, i.id))
 
     def resolve(self, id_or_prefix: str) -> str:
@@ -235,6 +277,11 @@ class Repository:
 
         with self.locks.acquire(EXCLUSIVE, "repair-index", wait=self.lock_wait):
             return repair_index(self, dry_run)
+
+    def unlock(self, everything: bool = False) -> list[StaleLock]:
+        """Remove the stale locks (those of processes gone or not refreshed within the
+        lock lifetime), or with `everything` every lock; returns what was removed."""
+        return self.locks.remove_all() if everything else self.locks.remove_stale()
 
     def verify(self, read_data: bool = False):
         from snapvisor.store.verify import verify_repository

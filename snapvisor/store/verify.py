@@ -12,7 +12,6 @@ from snapvisor.store import codec, pagehash
 from snapvisor.store import format as fmt
 from snapvisor.store.errors import ObjectNotFound, SnapvisorError
 from snapvisor.store.index import Index
-from snapvisor.store.manifest import decode_manifest
 from snapvisor.store.pagehash import ID_SIZE
 from snapvisor.store.reachability import referenced_ids
 from snapvisor.store.reader import current_progress
@@ -26,6 +25,7 @@ class VerifyReport:
     ok: bool
     errors: list[str] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
+    damaged_snapshots: list[str] = field(default_factory=list)  # ids of those that cannot be restored
 
 
 def verify_repository(repo: "Repository", read_data: bool) -> VerifyReport:
@@ -59,31 +59,12 @@ def verify_repository(repo: "Repository", read_data: bool) -> VerifyReport:
     indexed = {pack.key for pack in index.packs}
     counts["unindexed_packs"] = sum(1 for k in on_disk if k not in indexed)
 
-    manifests = []
-    for info in sorted(store.list(fmt.SNAPSHOT_PREFIX), key=lambda i: i.key):
-        try:
-            manifests.append(decode_manifest(info.key, store.get(info.key)))
-        except (SnapvisorError, ObjectNotFound) as e:
-            errors.append(str(e))
-    counts["snapshots"] = len(manifests)
+    manifests, unreadable = repo.read_manifests()
+    errors += [unreadable[i] for i in sorted(unreadable)]
+    counts["snapshots"] = len(manifests) + len(unreadable)
 
-    for m in manifests:
-        try:
-            live = referenced_ids(repo, [m])
-        except SnapvisorError as e:
-            errors.append(f"snapshot {m.info.id}: {e}")
-            continue
-        counts["objects_referenced"] += len(live)
-        missing = [oid for oid in live if oid not in index]
-        if missing:
-            errors.append(f"snapshot {m.info.id} ({m.info.vm}): {len(missing)} referenced "
-                          f"objects are in no index file, e.g. {missing[0].hex()}")
-        lost = {index.packs[index.entries[oid][0]].key for oid in live
-                if oid in index and index.entries[oid][0] not in usable}
-        if lost:
-            errors.append(f"snapshot {m.info.id} ({m.info.vm}) uses damaged or missing packs: "
-                          f"{', '.join(sorted(lost))}")
-
+    # Objects found damaged by reading them (read_data): each snapshot that needs one is named.
+    damaged_ids: set[bytes] = set()
     if read_data:
         expected: dict[int, list[tuple[int, int, bytes]]] = {}
         for oid, (p, fr, slot) in index.entries.items():
@@ -92,52 +73,97 @@ def verify_repository(repo: "Repository", read_data: bool) -> VerifyReport:
         progress = current_progress()
         progress.start(sum(index.packs[number].size for number in usable))
 
-        def check_pack(number: int) -> tuple[list[str], int, int]:
+        def check_pack(number: int) -> tuple[list[str], set[bytes], int, int]:
             checked = _check_pack(repo, index, number, expected.get(number, []))
             progress.advance(index.packs[number].size)
             return checked
 
         with ThreadPoolExecutor(max_workers=repo.threads) as pool:
-            for errs, frames, nbytes in pool.map(check_pack, sorted(usable)):
+            for errs, bad_ids, frames, nbytes in pool.map(check_pack, sorted(usable)):
                 errors += errs
+                damaged_ids |= bad_ids
                 counts["frames_read"] += frames
                 counts["bytes_read"] += nbytes
-    return VerifyReport(not errors, errors, counts)
+
+    damaged_snapshots: list[str] = sorted(unreadable)
+    for m in manifests:
+        name = f"snapshot {m.info.id} ({m.info.vm}, {m.info.time:%Y-%m-%d %H:%M:%S} UTC)"
+        try:
+            live = referenced_ids(repo, [m])
+        except SnapvisorError as e:
+            errors.append(f"{name} cannot be restored: {e}")
+            damaged_snapshots.append(m.info.id)
+            continue
+        counts["objects_referenced"] += len(live)
+        problems = []
+        missing = [oid for oid in live if oid not in index]
+        if missing:
+            problems.append(f"{len(missing)} referenced objects are in no index file, e.g. {missing[0].hex()}"
+                            + ("; run `snapvisor repair-index`" if index.damaged or counts["unindexed_packs"] else ""))
+        lost = {index.packs[index.entries[oid][0]].key for oid in live
+                if oid in index and index.entries[oid][0] not in usable}
+        if lost:
+            problems.append(f"it uses damaged or missing packs: {', '.join(sorted(lost))}")
+        bad = live & damaged_ids
+        if bad:
+            packs = sorted({index.packs[index.entries[oid][0]].key for oid in bad})
+            problems.append(f"it needs {len(bad)} damaged object(s) in {', '.join(packs)}")
+        if problems:
+            errors.append(f"{name} cannot be restored: {'; '.join(problems)}")
+            damaged_snapshots.append(m.info.id)
+    counts["snapshots_damaged"] = len(damaged_snapshots)
+    return VerifyReport(not errors, errors, counts, damaged_snapshots)
 
 
-def _check_pack(repo: "Repository", index: Index, number: int,
-                expected: list[tuple[int, int, bytes]]) -> tuple[list[str], int, int]:
+def _check_pack(repo: "Repository", index: Index, number: int, expected: list[tuple[int, int, bytes]]
+                ) -> tuple[list[str], set[bytes], int, int]:
+    """(errors, ids of the damaged objects, frames read, bytes read) of one pack."""
     pack = index.packs[number]
+    everything = {oid for _, _, oid in expected}
     try:
         data = repo.store.get(pack.key)
         frames = fmt.decode_pack_trailer(pack.key, data)
     except SnapvisorError as e:
-        return [str(e)], 0, 0
+        return [str(e)], everything, 0, 0
     if frames.tobytes() != pack.frames.tobytes():
-        return [f"pack {pack.key}: frame table differs from its index {pack.index_key}"], 0, len(data)
-    errors = []
+        return ([f"pack {pack.key}: frame table differs from its index {pack.index_key}"], everything, 0,
+                len(data))
+    errors: list[str] = []
+    damaged: set[bytes] = set()
     by_frame: dict[int, list[tuple[int, bytes]]] = {}
     for fr, slot, oid in expected:
         by_frame.setdefault(fr, []).append((slot, oid))
     for fno, f in enumerate(frames):
+        items = sorted(by_frame.get(fno, []))
         try:
             raw = codec.decompress_frame(f, data, 0, fno)
         except ValueError as e:
             errors.append(f"pack {pack.key}: {e}")
+            damaged.update(oid for _, oid in items)
             continue
-        items = sorted(by_frame.get(fno, []))
         if int(f["kind"]) == fmt.KIND_PAGES:
-            if items:
-                slots = np.array([s for s, _ in items], dtype=np.uint32)
-                ids = np.frombuffer(b"".join(o for _, o in items), np.uint8).reshape(-1, ID_SIZE)
-                bad = pagehash.check_slots(raw, slots, ids)
-                if bad >= 0:
-                    errors.append(f"pack {pack.key}: frame {fno} slot {int(slots[bad])} does not "
-                                  f"hash to its id {ids[bad].tobytes().hex()}")
+            for slot, oid in _bad_slots(raw, items):
+                errors.append(f"pack {pack.key}: frame {fno} slot {slot} does not hash to its id {oid.hex()}")
+                damaged.add(oid)
         else:
             for _, oid in items:
                 if fmt.sha256(raw) != oid:
                     errors.append(f"pack {pack.key}: frame {fno} does not hash to its id "
                                   f"{oid.hex()}")
-    return errors, len(frames), len(data)
+                    damaged.add(oid)
+    return errors, damaged, len(frames), len(data)
+
+
+def _bad_slots(raw: bytes, items: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+    """The (slot, id) of `items` whose page in the frame `raw` does not hash to its id."""
+    bad: list[tuple[int, bytes]] = []
+    while items:
+        slots = np.array([s for s, _ in items], dtype=np.uint32)
+        ids = np.frombuffer(b"".join(o for _, o in items), np.uint8).reshape(-1, ID_SIZE)
+        first = pagehash.check_slots(raw, slots, ids)  # the first mismatch only: go on past it
+        if first < 0:
+            break
+        bad.append(items[first])
+        items = items[first + 1:]
+    return bad
 
