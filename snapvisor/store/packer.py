@@ -2,7 +2,9 @@
 
 Pack layout: frame payloads back to back, then the zstd-compressed frame table and
 a fixed footer (see docs/format.md). Each pack gets a random 128-bit id, so two
-writers can never collide on a name.
+writers can never collide on a name. In an encrypted repository each frame and the
+frame table are sealed on their own (ranged reads fetch single frames), bound to
+the pack's name and the frame's number.
 """
 
 from __future__ import annotations
@@ -15,14 +17,17 @@ import numpy as np
 
 from snapvisor.store import format as fmt
 from snapvisor.store.backend import ObjectStore
+from snapvisor.store.crypto import NoEncryption
 from snapvisor.store.pagehash import ID_SIZE
 
 MAX_UPLOADS_IN_FLIGHT = 8
 
 
 class Packer:
-    def __init__(self, store: ObjectStore, pack_size: int, upload_threads: int = 4):
+    def __init__(self, store: ObjectStore, pack_size: int, upload_threads: int = 4,
+                 crypto: NoEncryption = NoEncryption()):
         self.store = store
+        self.crypto = crypto
         self.pack_size = pack_size
         self._uploads = ThreadPoolExecutor(max_workers=upload_threads,
                                            thread_name_prefix="snapvisor-upload")
@@ -32,6 +37,7 @@ class Packer:
         self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
         self._buffers = 0
         self._buf: bytearray | None = None
+        self._pack_id = b""  # of the open pack: chosen when it opens, sealed frames name it
         self._frames: list[tuple] = []
         self._offset = 0
         self._ids: list[bytes] = []  # per frame of the open pack: its objects' ids, concatenated
@@ -44,6 +50,9 @@ class Packer:
         """Append one frame holding the objects whose ids are concatenated in `ids`."""
         if self._buf is None:
             self._buf = self._take_buffer()
+            self._pack_id = secrets.token_bytes(16)
+        if self.crypto.encrypted:
+            payload = self.crypto.seal(payload, fmt.frame_context(fmt.pack_key(self._pack_id), len(self._frames)))
         self._frames.append((self._offset, len(payload), raw_len, len(ids) // ID_SIZE, codec,
                              kind, 0))
         self._append(payload)
@@ -70,9 +79,9 @@ class Packer:
         if not self._frames:
             return
         frames = np.array(self._frames, dtype=fmt.FRAME_DTYPE)
-        self._append(fmt.encode_pack_trailer(frames))
+        pack_id = self._pack_id
+        self._append(fmt.encode_pack_trailer(frames, self.crypto, fmt.pack_key(pack_id)))
         buf, size = self._buf, self._offset
-        pack_id = secrets.token_bytes(16)
         self.packs.append((pack_id, size, frames, self._ids))
         upload = self._uploads.submit(self.store.put, fmt.pack_key(pack_id), memoryview(buf)[:size])
         upload.add_done_callback(lambda _: self._free.put(buf))

@@ -54,7 +54,7 @@ class SnapshotWriter:
         self._lock = lock
         self._threads = threads
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="snapvisor-cpu")
-        self._packer = Packer(repo.store, repo.pack_size, repo.io_threads)
+        self._packer = Packer(repo.store, repo.pack_size, repo.io_threads, repo.crypto)
         self._known = repo.index.entries  # ids already stored (dedup source)
         self._mine: set[bytes] = set()    # ids stored by this snapshot
         self._regions: dict[str, _Region] = {}
@@ -106,7 +106,7 @@ class SnapshotWriter:
         raw = bytes(data)
         if len(raw) >= 1 << 32:
             raise RepositoryError(f"blob {name!r} is {len(raw)} bytes; blobs must be < 4 GiB")
-        oid = fmt.sha256(raw)
+        oid = self._repo.crypto.object_id(raw)
         self._blobs[name] = oid
         self.stats["bytes_in"] += len(raw)
         if self._is_new(oid):
@@ -133,7 +133,7 @@ class SnapshotWriter:
             store = self._repo.store
             if self._packer.packs:
                 index_file = fmt.sorted_entries(self._packer.index_file())
-                index_data = fmt.encode_index(index_file)
+                index_data = fmt.encode_index(index_file, self._repo.crypto)
                 index_key = fmt.index_key(index_data)
                 store.put(index_key, index_data)
                 self._count_write(len(index_data))
@@ -144,7 +144,8 @@ class SnapshotWriter:
                 vm=vm, time=time, tags=tags,
                 parent=self._parent.id if self._parent else None, meta=meta,
                 map_block_pages=self._repo.map_block_pages, regions=refs, blobs=self._blobs)
-            snapshot_id = fmt.sha256(manifest).hex()
+            manifest = self._repo.crypto.seal(manifest, fmt.MANIFEST_CONTEXT)
+            snapshot_id = fmt.sha256(manifest).hex()  # of the stored bytes, like index files
             store.put(snapshot_key(snapshot_id), manifest)
             self._count_write(len(manifest))
         except BaseException:
@@ -232,7 +233,7 @@ class SnapshotWriter:
             while batches and len(hashing) <= self._threads:
                 start = batches.popleft()
                 hashing.append((start, self._pool.submit(
-                    pagehash.hash_pages, pages[start:start + HASH_BATCH_PAGES])))
+                    pagehash.hash_pages, pages[start:start + HASH_BATCH_PAGES], self._repo.crypto.id_key)))
 
         hash_ahead()
         while hashing:
@@ -299,7 +300,7 @@ class SnapshotWriter:
             npages = min(block_pages, region.npages - b * block_pages)
             data = b"".join((fmt.COUNT.pack(npages), bitmaps[b, :(npages + 7) // 8].tobytes(),
                              all_ids[ends[b] - counts[b] * ID_SIZE:ends[b]]))
-            oid = fmt.sha256(data)
+            oid = self._repo.crypto.object_id(data)
             blocks[b] = np.frombuffer(oid, dtype=np.uint8)
             if oid not in self._known and oid not in self._mine:
                 self._mine.add(oid)
@@ -309,7 +310,7 @@ class SnapshotWriter:
         if not blocks.any():
             return RegionRef(region.size, fmt.ZERO_ID)
         root = blocks.tobytes()
-        root_id = fmt.sha256(root)
+        root_id = self._repo.crypto.object_id(root)
         if self._is_new(root_id):
             cdc, payload = codec.compress(root, 3)
             self._packer.add_frame(fmt.KIND_REGION_ROOT, cdc, payload, len(root), root_id)
