@@ -89,8 +89,9 @@ def _read_record(store: ObjectStore, key_id: str) -> dict:
         base64.b64decode(record["master"], validate=True)
         str(record["repository"])
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
-        raise KeyFileError(f"key file {KEY_PREFIX}{key_id} in {store.url} is damaged ({e}); remove it "
-                           f"with `snapvisor key remove {key_id[:8]}` using another key") from None
+        raise KeyFileError(f"key file {KEY_PREFIX}{key_id} in {store.url} is damaged ({e}): copy it back "
+                           f"from another copy of the repository, or remove it with `snapvisor key remove "
+                           f"{key_id[:8]}` using another key") from None
     return record
 
 
@@ -126,6 +127,8 @@ def open_master(store: ObjectStore, repository_id: str, source: PasswordSource) 
         except ValueError:
             continue
         return Encryption.from_bytes(master), key_id
+    if damaged and not others and len(damaged) == len(ids):
+        raise KeyFileError(damaged[0] + ("" if len(damaged) == 1 else f" (and {len(damaged) - 1} more)"))
     if others and len(others) + len(damaged) == len(ids):
         raise KeyFileError(f"the key files in {store.url}/{KEY_PREFIX} belong to another repository "
                            f"({', '.join(others)}), not to {repository_id}; copy this repository's own "

@@ -75,10 +75,16 @@ def any_backend(request, tmp_path):
     yield from _open_backend(request.param, request, tmp_path)
 
 
-@pytest.fixture
-def repo(backend):
-    """A repository with small packs, frames and map blocks so small images exercise them."""
-    return Repository.init(backend, **SMALL_REPO, lock_wait=2.0)
+ENCRYPTIONS = ["plain", "encrypted"]
+TEST_PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture(params=ENCRYPTIONS)
+def repo(backend, request):
+    """A repository with small packs, frames and map blocks so small images exercise
+    them: unencrypted, and encrypted (every repository-level test runs on both)."""
+    password = TEST_PASSWORD if request.param == "encrypted" else None
+    return Repository.init(backend, password=password, **SMALL_REPO, lock_wait=2.0)
 
 
 @pytest.fixture(params=["moto", pytest.param("s3", marks=pytest.mark.s3)])
