@@ -13,7 +13,7 @@ import pytest
 
 from snapvisor.store import Repository, open_backend
 from snapvisor.store.memory import MemoryStore
-from store_helpers import SMALL_REPO
+from store_helpers import SMALL_REPO, TEST_PASSWORD
 from testsupport import s3_options
 
 BACKENDS = ["memory", "local", pytest.param("s3", marks=pytest.mark.s3)]
@@ -76,7 +76,6 @@ def any_backend(request, tmp_path):
 
 
 ENCRYPTIONS = ["plain", "encrypted"]
-TEST_PASSWORD = "correct horse battery staple"
 
 
 @pytest.fixture(params=ENCRYPTIONS)
