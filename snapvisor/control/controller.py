@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from snapvisor.image.capture import CaptureStats
     from snapvisor.machine import VM
     from snapvisor.migrate import MigrationStats
+    from snapvisor.store.password import PasswordSource
     from snapvisor.vmm.exit_status import ExitStatus
 
 MAX_TAGS = 16
@@ -132,8 +133,9 @@ class _SharedSnapshot:
 class VmController:
     """Operations on one running `snapvisor.machine.VM`."""
 
-    def __init__(self, machine: "VM") -> None:
+    def __init__(self, machine: "VM", password: "PasswordSource | None" = None) -> None:
         self.machine = machine
+        self._password = password  # of encrypted repositories; never in a request
         self.scheduler: "Scheduler | None" = None
         self.started_at = time.time()
         self._lock = threading.Lock()
@@ -241,7 +243,7 @@ class VmController:
             repo = self._repositories.get(url)
             if repo is None:
                 try:
-                    repo = Repository.open_url(url, create=True)
+                    repo = Repository.open_url(url, create=True, password=self._password)
                 except SnapvisorError as exc:
                     raise OperationFailed(f"cannot open repository {url}: {exc}") from None
                 self._repositories[url] = repo

@@ -29,7 +29,7 @@ class PasswordSourceError(RepositoryError):
 
 @dataclass(frozen=True)
 class PasswordSource:
-    kind: str    # "file", "command" or "given" (a value handed over by a program)
+    kind: str    # "file", "command", "terminal" (asked when needed) or "given" (by a program)
     where: str   # the file or the command; "" for a given value
     value: bytes = field(default=b"", repr=False, compare=False)
 
@@ -40,6 +40,10 @@ class PasswordSource:
     @classmethod
     def command(cls, command: str) -> "PasswordSource":
         return cls("command", command)
+
+    @classmethod
+    def terminal(cls) -> "PasswordSource":
+        return cls("terminal", "")
 
     @classmethod
     def given(cls, password: str | bytes) -> "PasswordSource":
@@ -60,7 +64,7 @@ class PasswordSource:
 
     def describe(self) -> str:
         return {"file": f"password file {self.where}", "command": f"password command {self.where!r}",
-                "given": "password given by the caller"}[self.kind]
+                "given": "password given by the caller", "terminal": "password typed"}[self.kind]
 
     def read(self) -> bytes:
         """The password (one trailing newline dropped); a clear error when the source fails."""
@@ -72,6 +76,10 @@ class PasswordSource:
                     value = f.read(1 << 16)
             except OSError as e:
                 raise PasswordSourceError(f"cannot read the {self.describe()}: {e.strerror}") from None
+        elif self.kind == "terminal":
+            import getpass
+
+            value = getpass.getpass("repository password: ").encode()
         else:
             value = self._run_command()
         if value.endswith(b"\n"):
