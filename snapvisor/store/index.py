@@ -221,10 +221,10 @@ def require(index: Index, object_id: bytes, what: str) -> Location:
 
 def not_indexed(what: str, index: Index) -> RepositoryError:
     if index.damaged:
-        cause = (f"index file{'s' if len(index.damaged) > 1 else ''} "
-                 f"{', '.join(sorted(index.damaged))} {'are' if len(index.damaged) > 1 else 'is'} damaged "
-                 f"({next(iter(sorted(index.damaged.items())))[1]}); run `snapvisor repair-index`, "
-                 f"which indexes their packs again")
+        several = len(index.damaged) > 1
+        cause = (f"index file{'s' if several else ''} {', '.join(sorted(index.damaged))} "
+                 f"{'are' if several else 'is'} damaged ({index.damaged[min(index.damaged)]}); run "
+                 f"`snapvisor repair-index`, which indexes {'their' if several else 'its'} packs again")
     else:
         cause = ("an index file or pack is missing; run `snapvisor verify`, and `snapvisor repair-index` "
                  "if index files were lost")

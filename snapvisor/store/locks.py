@@ -172,7 +172,8 @@ class LockManager:
         if age > self.stale_after:
             return f"not refreshed for {age:.0f}s, longer than the lock lifetime of {self.stale_after:.0f}s"
         if rec.host == self.host:
-            started = process_start(rec.pid)
+            # Our own locks without a read of /proc: a listing races the refreshes.
+            started = self._started if rec.pid == os.getpid() else process_start(rec.pid)
             if started is None:
                 try:
                     os.kill(rec.pid, 0)

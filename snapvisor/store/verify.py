@@ -10,7 +10,7 @@ import numpy as np
 
 from snapvisor.store import codec, pagehash
 from snapvisor.store import format as fmt
-from snapvisor.store.errors import ObjectNotFound, SnapvisorError
+from snapvisor.store.errors import CorruptObject, ObjectNotFound, SnapvisorError
 from snapvisor.store.index import Index
 from snapvisor.store.pagehash import ID_SIZE
 from snapvisor.store.reachability import referenced_ids
@@ -40,6 +40,10 @@ def verify_repository(repo: "Repository", read_data: bool) -> VerifyReport:
         try:
             index.add_file(info.key, fmt.decode_index(info.key, store.get(info.key), repo.crypto))
             counts["index_files"] += 1
+        except CorruptObject as e:
+            index.damaged[info.key] = e.problem  # look-ups that needed it say so
+            errors.append(f"index file {info.key} is damaged ({e.problem}); run `snapvisor repair-index`, "
+                          f"which indexes its packs again")
         except (SnapvisorError, ObjectNotFound) as e:
             errors.append(str(e))
     repo._index, repo._index_stale = index, False
