@@ -144,10 +144,20 @@ def add_repo_flag(parser: argparse.ArgumentParser, action: str = "store", text: 
         help=f"{text}: a directory, file:///path or s3://bucket/prefix (default: $SNAPVISOR_REPO)",
     )
     if password:
+        # Named so that `--password VALUE` is not taken as an abbreviation of
+        # --password-file (whose errors would then print the password).
+        parser.add_argument("--password", nargs="?", action=_RefusePassword, help=argparse.SUPPRESS)
         parser.add_argument(
             "--password-file", type=Path, metavar="FILE",
             help="the password of an encrypted repository, read from FILE (default: $SNAPVISOR_PASSWORD_FILE, "
                  "$SNAPVISOR_PASSWORD_COMMAND, else asked on the terminal); never on the command line")
+
+
+class _RefusePassword(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        parser.error("a password is never given on the command line (every user of the host sees it, "
+                     "and shell history keeps it): use --password-file FILE, SNAPVISOR_PASSWORD_FILE "
+                     "or SNAPVISOR_PASSWORD_COMMAND")
 
 
 def password_source(args: argparse.Namespace, prompt: bool = True):
