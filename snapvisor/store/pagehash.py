@@ -79,7 +79,11 @@ static void id_init(id_fn *f, const unsigned char *key) {
 static void page_id(const id_fn *f, const unsigned char *p, size_t n, unsigned char *md) {
     SHA256_CTX c;
     if (!f->keyed) {
-        SHA256(p, n, md);
+        /* Not the one-shot SHA256(): in OpenSSL 3 it fetches the algorithm on every
+           call, which costs a fifth of the time of hashing a 4 KiB page. */
+        SHA256_Init(&c);
+        SHA256_Update(&c, p, n);
+        SHA256_Final(md, &c);
         return;
     }
     c = f->inner;
