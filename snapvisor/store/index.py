@@ -184,13 +184,14 @@ def load_index(store: ObjectStore, previous: Index | None = None, threads: int =
         if cached is not None:
             return key, cached
         try:
-            index_file = fmt.decode_index(key, store.get(key), crypto)
+            stored = store.get(key)
+            index_file = fmt.decode_index(key, stored, crypto)
         except ObjectNotFound:
             return key, None  # replaced by gc between list and get
         except CorruptObject as e:
             return key, e
         if cache is not None:
-            cache.save(key, index_file)
+            cache.save(key, index_file, stored)
         return key, index_file
 
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(todo)))) as pool:

@@ -23,7 +23,7 @@ from snapvisor.store.errors import (
     UnreadableManifest,
 )
 from snapvisor.store.index import Index, load_index
-from snapvisor.store.index_cache import IndexCache
+from snapvisor.store.index_cache import IndexCache, SealedIndexCache
 from snapvisor.store.locks import EXCLUSIVE, SHARED, LockManager, StaleLock
 from snapvisor.store.manifest import Manifest, SnapshotInfo, decode_manifest, snapshot_key
 from snapvisor.store.password import PasswordSource, password_needed
@@ -72,10 +72,11 @@ class Repository:
         self._index: Index | None = None
         self._index_stale = False
         self._index_lock = threading.Lock()
-        # Decoded index files on local disk; an in-memory store has nothing to gain,
-        # and an encrypted repository's index must not lie on disk in the clear.
-        self.index_cache = None if store.url.startswith("memory:") or crypto.encrypted \
-            else IndexCache.for_repository(config["id"])
+        # Index files on local disk (an in-memory store has nothing to gain): decoded,
+        # or, for an encrypted repository, sealed as stored (never in the clear).
+        self.index_cache = None if store.url.startswith("memory:") else \
+            SealedIndexCache.for_encrypted(config["id"], crypto) if crypto.encrypted else \
+            IndexCache.for_repository(config["id"])
         self._manifests: dict[str, Manifest] = {}
 
     # -- creation and opening -------------------------------------------------------

@@ -138,7 +138,7 @@ class SnapshotWriter:
                 store.put(index_key, index_data)
                 self._count_write(len(index_data))
                 if self._repo.index_cache is not None:  # a restore on this host then skips decoding it
-                    self._repo.index_cache.save(index_key, index_file)
+                    self._repo.index_cache.save(index_key, index_file, index_data)
             time = datetime.now(timezone.utc)
             manifest = encode_manifest(
                 vm=vm, time=time, tags=tags,

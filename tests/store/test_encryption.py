@@ -256,7 +256,33 @@ def test_locks_and_index_cache_hold_nothing_in_the_clear(encrypted, monkeypatch,
         assert b"snapshot" not in body and str(os.getpid()).encode() not in body
         assert repo.locks.holders()[0].pid == os.getpid()
     repo.refresh_index()
-    assert not (tmp_path / "cache" / "index").exists()  # an encrypted index is never cached in the clear
+    # The cache holds the index files as stored: sealed, nothing the bucket does not show.
+    stored = {repo.store.get(info.key) for info in repo.store.list(fmt.INDEX_PREFIX)}
+    cached = [path.read_bytes() for path in (tmp_path / "cache" / "index").rglob("*") if path.is_file()]
+    assert cached and all(data in stored for data in cached)
+
+
+def test_sealed_index_cache_serves_the_next_open(encrypted, monkeypatch, tmp_path) -> None:
+    """A second open on this host reads no index file from the repository; a damaged
+    cached copy is dropped and fetched again."""
+    url, snapshot_id = encrypted
+    monkeypatch.setenv("SNAPVISOR_CACHE", str(tmp_path / "cache"))
+    Repository.open_url(url, password=TEST_PASSWORD).refresh_index()
+    [copy] = [path for path in (tmp_path / "cache" / "index").rglob("sealed")]
+    store = open_backend(url)
+    gets = []
+    original = store.get
+    monkeypatch.setattr(store, "get", lambda key, *a, **k: gets.append(key) or original(key, *a, **k))
+    repo = Repository.open(store, password=TEST_PASSWORD)
+    assert read_all(repo.get_snapshot(snapshot_id), "ram0") == _secret_memory(64).tobytes()
+    assert not [key for key in gets if key.startswith(fmt.INDEX_PREFIX)]
+    damaged = bytearray(copy.read_bytes())
+    damaged[-3] ^= 1
+    copy.write_bytes(bytes(damaged))
+    again = Repository.open(store, password=TEST_PASSWORD)
+    assert read_all(again.get_snapshot(snapshot_id), "ram0") == _secret_memory(64).tobytes()
+    assert [key for key in gets if key.startswith(fmt.INDEX_PREFIX)]  # fetched again
+    assert copy.read_bytes() == original(next(iter(store.list(fmt.INDEX_PREFIX))).key)
 
 
 def test_master_key_round_trip() -> None:
