@@ -63,6 +63,8 @@ class PasswordSource:
         return None
 
     def describe(self) -> str:
+        if self.kind == "given" and self.where:  # resolved(): where it was read from
+            return f"{self.where} (read at start)"
         return {"file": f"password file {self.where}", "command": f"password command {self.where!r}",
                 "given": "password given by the caller", "terminal": "password typed"}[self.kind]
 
@@ -92,7 +94,7 @@ class PasswordSource:
 
     def resolved(self) -> "PasswordSource":
         """The password read now, kept (a long-running process reads its source at start)."""
-        return PasswordSource(self.kind, self.where, self.read()) if self.kind != "given" else self
+        return self if self.kind == "given" else PasswordSource("given", self.describe(), self.read())
 
     def _run_command(self) -> bytes:
         try:

@@ -154,6 +154,17 @@ def test_bad_password_sources_are_clear(encrypted, problem, tmp_path, monkeypatc
         Repository.open_url(url, password=source)
 
 
+def test_a_resolved_source_needs_its_file_no_more(encrypted, tmp_path) -> None:
+    """What `snapvisor run` does at start: the file may go afterwards."""
+    url, _ = encrypted
+    path = tmp_path / "password"
+    path.write_text(TEST_PASSWORD)
+    source = PasswordSource.file(path).resolved()
+    path.unlink()
+    assert Repository.open_url(url, password=source).encrypted
+    assert source.describe() == f"password file {path} (read at start)"
+
+
 def test_password_source_repr_hides_the_password() -> None:
     assert TEST_PASSWORD not in repr(PasswordSource.given(TEST_PASSWORD))
     assert TEST_PASSWORD not in repr(PasswordSource.given(TEST_PASSWORD).resolved())
