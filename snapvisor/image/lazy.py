@@ -173,7 +173,7 @@ class LazyMemory:
                 # of one is an ordinary fault that maps a fresh zero page.
                 data_blocks = np.flatnonzero(lazy.has_data)
                 for start in range(0, len(data_blocks), PREFETCH_BLOCKS):
-                    if self._stop.is_set():
+                    if self._stop.is_set() or self.error is not None:  # closing, or a fault's fill failed
                         return
                     self._prefetch_blocks(lazy, data_blocks[start : start + PREFETCH_BLOCKS])
             for lazy in self._regions:
