@@ -117,7 +117,9 @@ class SnapshotWriter:
                 self.abort()
                 raise
 
-    def commit(self, vm: str, tags=(), meta: dict | None = None) -> SnapshotInfo:
+    def commit(self, vm: str, tags=(), meta: dict | None = None, time: datetime | None = None) -> SnapshotInfo:
+        """Write the snapshot; `time` (default: now) is when it was taken: a copy
+        from another repository keeps the original's, which retention judges."""
         self._check_open()
         check_name("vm", vm)
         tags = [check_name("tag", t) for t in tags]
@@ -139,7 +141,7 @@ class SnapshotWriter:
                 self._count_write(len(index_data))
                 if self._repo.index_cache is not None:  # a restore on this host then skips decoding it
                     self._repo.index_cache.save(index_key, index_file, index_data)
-            time = datetime.now(timezone.utc)
+            time = time or datetime.now(timezone.utc)
             manifest = encode_manifest(
                 vm=vm, time=time, tags=tags,
                 parent=self._parent.id if self._parent else None, meta=meta,
