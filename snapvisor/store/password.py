@@ -51,11 +51,14 @@ class PasswordSource:
         return cls("given", "", value)
 
     @classmethod
-    def from_environment(cls) -> "PasswordSource | None":
-        """The source named by SNAPVISOR_PASSWORD_FILE or SNAPVISOR_PASSWORD_COMMAND."""
-        path, command = os.environ.get(ENV_FILE), os.environ.get(ENV_COMMAND)
+    def from_environment(cls, prefix: str = "SNAPVISOR_") -> "PasswordSource | None":
+        """The source named by SNAPVISOR_PASSWORD_FILE or SNAPVISOR_PASSWORD_COMMAND
+        (with another `prefix`: SNAPVISOR_FROM_PASSWORD_..., the source repository's
+        of `snapvisor copy`)."""
+        file_var, command_var = f"{prefix}PASSWORD_FILE", f"{prefix}PASSWORD_COMMAND"
+        path, command = os.environ.get(file_var), os.environ.get(command_var)
         if path and command:
-            raise PasswordSourceError(f"both {ENV_FILE} and {ENV_COMMAND} are set; unset one")
+            raise PasswordSourceError(f"both {file_var} and {command_var} are set; unset one")
         if path:
             return cls.file(path)
         if command:

@@ -133,8 +133,9 @@ class Repository:
             if any(True for _ in store.list(fmt.SNAPSHOT_PREFIX)):
                 raise RepositoryError(_config_lost(store.url, "missing")) from None
             raise RepositoryError(f"no snapvisor repository at {store.url} (no 'config' object); "
-                                  f"the first snapshot written into it creates it (`snapvisor snapshot`, "
-                                  f"`snapvisor run --snapshot-every`, or Repository.init from Python)") from None
+                                  f"create it with `snapvisor init --repo {store.url}` (or let the first "
+                                  f"snapshot written into it create it: `snapvisor snapshot`, `snapvisor run "
+                                  f"--snapshot-every`)") from None
         try:
             config = fmt.decode_json(fmt.CONFIG_KEY, data, CONFIG_KIND)
         except CorruptObject as e:
