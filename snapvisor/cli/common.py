@@ -175,6 +175,16 @@ def password_source(args: argparse.Namespace, prompt: bool = True):
     return source
 
 
+def export_password(args: argparse.Namespace) -> None:
+    """--password-file FILE as SNAPVISOR_PASSWORD_FILE=FILE for this process, for the
+    layers that open repositories by URL on their own (a migration's base snapshot)."""
+    from snapvisor.store.password import ENV_COMMAND, ENV_FILE
+
+    if getattr(args, "password_file", None) is not None:
+        os.environ[ENV_FILE] = os.path.abspath(args.password_file)
+        os.environ.pop(ENV_COMMAND, None)
+
+
 def ask_password(prompt: str, confirm: bool = False) -> str:
     import getpass
 

@@ -20,6 +20,7 @@ from snapvisor.cli.common import (
     disk_option,
     duration,
     env_repos,
+    export_password,
     finish,
     interrupted,
     log_to_stderr,
@@ -76,6 +77,7 @@ def _receive(args: argparse.Namespace) -> int:
     listener = listen(args.listen)
     log_to_stderr(f"waiting for a migration on {args.listen}")
     repos = [absolute_repo(r) for r in args.repo or env_repos()]
+    export_password(args)  # the receiver opens the base snapshot's repository by URL
 
     def connected(peer: str) -> None:
         # Once the sender says go it never resumes its copy: a stop here in the
@@ -259,6 +261,7 @@ def _migrate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from snapvisor.migrate import HandoverUnconfirmed, MigrationError, migrate
 
     repos = [absolute_repo(r) for r in args.repo or env_repos()]
+    export_password(args)  # the sender opens the base snapshot's repository by URL
     machine = VM.boot(args.kernel, mem=args.mem, vcpus=args.vcpus, cmdline=args.cmdline, initrd=args.initrd,
                       name=args.name, serial_out=sys.stdout.fileno(), disks=args.disk, nets=args.net)
     with machine:

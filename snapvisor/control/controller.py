@@ -333,7 +333,9 @@ class VmController:
                     raise Conflict(f"VM {self.machine.name} is paused by the operator; resume it "
                                    f"(PUT /vm/state {{\"state\": \"Resumed\"}}) before migrating it")
                 try:
-                    return migrate(self.machine, to, repo=repo, downtime_ms=downtime_ms, max_time_s=max_time_s,
+                    # Opened with the password this VMM was started with (never in a request).
+                    base = Repository.open_url(repo, password=self._password) if repo is not None else None
+                    return migrate(self.machine, to, repo=base, downtime_ms=downtime_ms, max_time_s=max_time_s,
                                    auto_converge=auto_converge, io_timeout_s=io_timeout_s)
                 except HandoverUnconfirmed as exc:
                     # The guest may run at `to`: paused here until the operator resumes
