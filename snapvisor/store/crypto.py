@@ -73,6 +73,17 @@ class Encryption(NoEncryption):
         nonce = os.urandom(NONCE_SIZE)
         return nonce + self._aead.encrypt(nonce, bytes(data), context.encode())
 
+    def seal_in_place(self, buf: bytearray, offset: int, sealed_len: int, context: str) -> None:
+        """Seal the plaintext at buf[offset + NONCE_SIZE : offset + sealed_len - TAG_SIZE]
+        where it lies: the nonce goes before it, the ciphertext over it, the tag after
+        (a pack's frames are laid out with that room, and sealed by the upload thread)."""
+        nonce = os.urandom(NONCE_SIZE)
+        plain = memoryview(buf)[offset + NONCE_SIZE:offset + sealed_len - TAG_SIZE]
+        sealed = self._aead.encrypt(nonce, plain, context.encode())
+        del plain
+        buf[offset:offset + NONCE_SIZE] = nonce
+        buf[offset + NONCE_SIZE:offset + sealed_len] = sealed
+
     def unseal(self, data, context: str) -> bytes:
         """The plaintext; ValueError when the bytes were changed, truncated, or sealed
         for another object, place or repository."""

@@ -4,7 +4,10 @@ Pack layout: frame payloads back to back, then the zstd-compressed frame table a
 a fixed footer (see docs/format.md). Each pack gets a random 128-bit id, so two
 writers can never collide on a name. In an encrypted repository each frame and the
 frame table are sealed on their own (ranged reads fetch single frames), bound to
-the pack's name and the frame's number.
+the pack's name and the frame's number. A sealed frame is SEAL_OVERHEAD bytes longer
+than its payload, so its place is known at once: payloads are laid out with room
+for nonce and tag, and the upload thread seals them where they lie, off the
+writer's thread.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import numpy as np
 
 from snapvisor.store import format as fmt
 from snapvisor.store.backend import ObjectStore
-from snapvisor.store.crypto import NoEncryption
+from snapvisor.store.crypto import NONCE_SIZE, SEAL_OVERHEAD, NoEncryption
 from snapvisor.store.pagehash import ID_SIZE
 
 MAX_UPLOADS_IN_FLIGHT = 8
@@ -51,11 +54,14 @@ class Packer:
         if self._buf is None:
             self._buf = self._take_buffer()
             self._pack_id = secrets.token_bytes(16)
-        if self.crypto.encrypted:
-            payload = self.crypto.seal(payload, fmt.frame_context(fmt.pack_key(self._pack_id), len(self._frames)))
-        self._frames.append((self._offset, len(payload), raw_len, len(ids) // ID_SIZE, codec,
-                             kind, 0))
+        sealed = self.crypto.encrypted
+        self._frames.append((self._offset, len(payload) + (SEAL_OVERHEAD if sealed else 0), raw_len,
+                             len(ids) // ID_SIZE, codec, kind, 0))
+        if sealed:
+            self._offset += NONCE_SIZE  # room for the nonce; the tag goes after the payload
         self._append(payload)
+        if sealed:
+            self._offset += SEAL_OVERHEAD - NONCE_SIZE
         self._ids.append(ids)
         if self._offset >= self.pack_size:
             self.seal()
@@ -83,7 +89,7 @@ class Packer:
         self._append(fmt.encode_pack_trailer(frames, self.crypto, fmt.pack_key(pack_id)))
         buf, size = self._buf, self._offset
         self.packs.append((pack_id, size, frames, self._ids))
-        upload = self._uploads.submit(self.store.put, fmt.pack_key(pack_id), memoryview(buf)[:size])
+        upload = self._uploads.submit(self._upload, pack_id, buf, size, frames)
         upload.add_done_callback(lambda _: self._free.put(buf))
         self._pending.append(upload)
         self.bytes_written += size
@@ -92,6 +98,13 @@ class Packer:
         # Bound the memory held by uploads in flight.
         while len(self._pending) > MAX_UPLOADS_IN_FLIGHT:
             self._pending.pop(0).result()
+
+    def _upload(self, pack_id: bytes, buf: bytearray, size: int, frames: np.ndarray) -> None:
+        key = fmt.pack_key(pack_id)
+        if self.crypto.encrypted:
+            for number, (offset, sealed_len) in enumerate(zip(frames["offset"].tolist(), frames["clen"].tolist())):
+                self.crypto.seal_in_place(buf, offset, sealed_len, fmt.frame_context(key, number))
+        self.store.put(key, memoryview(buf)[:size])
 
     def finish(self) -> None:
         """Seal the open pack and wait until every pack is durable."""
