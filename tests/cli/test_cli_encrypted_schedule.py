@@ -1,6 +1,7 @@
 """Scheduled and API snapshots into an encrypted repository: `snapvisor run` reads
 the password once, at start (the file may be gone afterwards), the API never
-carries it, and nothing prints it."""
+carries it, and nothing prints it; `snapvisor restore --lazy --password-file` runs
+the guest on from the newest snapshot, snapshotted again on its schedule."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import GUEST_CMDLINE, Foreground, assert_healthy, snapvisor, wait_for_api, wait_until
+from cli_helpers import (GUEST_CMDLINE, Foreground, assert_healthy, rounds, snapvisor, wait_for_api,
+                         wait_for_guest, wait_until)
 
 pytestmark = pytest.mark.kvm
 PASSWORD = "scheduled secret"
@@ -53,3 +55,19 @@ def test_scheduled_snapshots_into_an_encrypted_repository(testguest: Path, tmp_p
     assert verify.returncode == 0, verify.stdout + verify.stderr
     refused = snapvisor("ls", "--repo", repo, env=NO_ENV)
     assert refused.returncode == 1 and "encrypted and no password was given" in refused.stderr
+
+    newest = snapshots[-1]["id"]
+    restore_sock = tmp_path / "restore.sock"
+    restored = Foreground("restore", "--repo", repo, newest[:10], "--lazy", "--password-file", str(password),
+                          "--api-sock", str(restore_sock), "--snapshot-every", "2s", env=NO_ENV)
+    try:
+        restored_api = wait_for_api(restore_sock, restored)
+        console = wait_for_guest(restored, 2)
+        assert rounds(console)[0][1] > 3, console[:200]  # it goes on from the snapshot
+        wait_until(lambda: restored_api.schedule()["targets"][0]["snapshots"] >= 1 or None, 30,
+                   "a scheduled snapshot of the restored VM")
+        restored_api.shutdown()
+        assert restored.wait() == 0, restored.stderr
+    finally:
+        restored.kill()
+    assert_healthy(restored.getvalue())
