@@ -57,6 +57,13 @@ def _context(repository_id: str) -> str:
     return f"master key of repository {repository_id}"
 
 
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no login name: a container without USER or passwd entry
+        return ""
+
+
 def write_key(store: ObjectStore, repository_id: str, master: Encryption, password: bytes) -> str:
     """A new key file wrapping `master` under `password`; returns its id."""
     salt = os.urandom(SALT_SIZE)
@@ -64,7 +71,7 @@ def write_key(store: ObjectStore, repository_id: str, master: Encryption, passwo
     record = {
         "kind": KEY_KIND, "format": 1, "repository": repository_id,
         "created": datetime.now(timezone.utc).isoformat(), "host": socket.gethostname(),
-        "user": getpass.getuser(),
+        "user": _user(),
         "kdf": {"name": "scrypt", **SCRYPT, "salt": _b64(salt)},
         "master": _b64(wrapping.seal(master.to_bytes(), _context(repository_id))),
     }
