@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Repository benchmark: full, incremental and cloned snapshots of a synthetic guest
 image, next to `zstd -1 -T2` and `restic backup` of the same bytes, and S3 writes next
-to a raw boto3 upload. Prints one JSON object.
+to a raw boto3 upload; an encrypted repository next to an unencrypted one (full
+snapshot, eager restore, S3 writes), alternated in the same run. Prints one JSON object.
 
     flock /tmp/snapvisor-bench.lock python3 bench/store.py [--size-mib 1024] [--no-s3]
 
@@ -103,6 +104,47 @@ def snapshot(repo, mem, parent=None, pages=None, vm="vm1"):
     return info, stats, seconds
 
 
+BENCH_PASSWORD = "bench password"
+
+
+def eager_restore(repo, snapshot_id: str, mem, threads: int) -> float:
+    """Seconds to read a snapshot's RAM into fresh anonymous memory, as a VMM maps it."""
+    reader = repo.get_snapshot(snapshot_id).region_reader("ram0")
+    guest = mmap.mmap(-1, mem.nbytes)
+    guest.madvise(mmap.MADV_HUGEPAGE)
+    target = np.frombuffer(guest, np.uint8)
+    _, t = timed(lambda: reader.read_into(target, threads=threads))
+    assert np.array_equal(target, mem)
+    del target
+    guest.close()
+    return t
+
+
+def encryption_cost(mem, work: Path, threads: int, out: dict) -> None:
+    """Full snapshot and eager restore into an unencrypted and an encrypted local
+    repository, alternated in pairs (medians: this host's timings vary)."""
+    times: dict[str, dict[str, list[float]]] = {"plain": {"full": [], "restore": []},
+                                                 "encrypted": {"full": [], "restore": []}}
+    for run in range(PAIRS):
+        for kind in ("plain", "encrypted") if run % 2 == 0 else ("encrypted", "plain"):
+            path = work / f"enc-{kind}-{run}"
+            repo = Repository.init(open_backend(str(path)), threads=threads,
+                                   password=BENCH_PASSWORD if kind == "encrypted" else None)
+            info, _, t = snapshot(repo, mem)
+            times[kind]["full"].append(t)
+            times[kind]["restore"].append(eager_restore(repo, info.id, mem, threads))
+            repo.close()
+            shutil.rmtree(path, ignore_errors=True)
+    med = {kind: {step: float(np.median(v)) for step, v in steps.items()} for kind, steps in times.items()}
+    out["encryption_local"] = {
+        "pairs": PAIRS,
+        **{f"{kind}_{step}_seconds": round(med[kind][step], 3) for kind in med for step in med[kind]},
+        "full_ratio_encrypted_to_plain": round(med["encrypted"]["full"] / med["plain"]["full"], 3),
+        "restore_ratio_encrypted_to_plain": round(med["encrypted"]["restore"] / med["plain"]["restore"], 3),
+        "target": "each ratio at most 1.15",
+    }
+
+
 def peers(image_file: Path, work: Path, out: dict) -> None:
     zst = work / "image.zst"
     cpu = cpu_seconds()
@@ -165,11 +207,14 @@ def s3_bench(mem, image_file: Path, out: dict) -> None:
         _, t_raw = timed(lambda: client.upload_file(str(image_file), bucket, "raw/image.bin"))
         # Pairs of runs, alternated, medians: the loopback server shares the two
         # cores with the client, and single runs here vary by 2x.
-        ours, theirs = [], []
+        ours, theirs, encrypted = [], [], []
         for run in range(PAIRS):
             repo = Repository.init(open_backend(f"s3://{bucket}/repo{run}", endpoint_url=endpoint))
             _, stats, t = snapshot(repo, mem)
             ours.append(t)
+            sealed = Repository.init(open_backend(f"s3://{bucket}/encrypted{run}", endpoint_url=endpoint),
+                                     password=BENCH_PASSWORD)
+            encrypted.append(snapshot(sealed, mem)[2])
             packed = stats["bytes_written"]
             tmp = image_file.with_suffix(".packed")
             np.frombuffer(np.random.default_rng(run).bytes(packed), np.uint8).tofile(tmp)
@@ -188,6 +233,9 @@ def s3_bench(mem, image_file: Path, out: dict) -> None:
             "ratio_vs_boto3_same_bytes": round(t_same / t, 3),
             "ratio_vs_boto3_same_bytes_per_pair": [round(b / a, 3) for a, b in zip(ours, theirs)],
             "ratio_vs_boto3_image": round(t_raw / t, 3),
+            "encrypted_seconds": round(float(np.median(encrypted)), 3),
+            "encrypted_ratio_to_plain": round(float(np.median(encrypted)) / t, 3),
+            "encrypted_target": "ratio at most 1.1",
         }
     finally:
         if state is not None:
@@ -229,20 +277,13 @@ def main() -> None:
         if "restic_full" in out:
             out["full_local"]["speed_vs_restic"] = round(out["restic_full"]["seconds"] / t, 3)
 
-        reader = repo.get_snapshot(info.id).region_reader("ram0")
-        # Guest memory as a VMM would map it: anonymous, huge pages advised.
-        guest = mmap.mmap(-1, mem.nbytes)
-        guest.madvise(mmap.MADV_HUGEPAGE)
-        target = np.frombuffer(guest, np.uint8)
         cpu = cpu_seconds()
-        _, t = timed(lambda: reader.read_into(target, threads=args.threads))
+        t = eager_restore(repo, info.id, mem, args.threads)
         out["restore_local"] = {"seconds": round(t, 3), "cpu_seconds": round(cpu_seconds() - cpu, 3),
                                 "GBps": round(mem.nbytes / t / 1e9, 3),
                                 "note": "eager restore into fresh anonymous memory (MADV_HUGEPAGE), "
                                         "every page hash-checked"}
-        assert np.array_equal(target, mem)
-        del target
-        guest.close()
+        encryption_cost(mem, work, args.threads, out)
 
         change = npages // 100
         runs = change // 16

@@ -22,3 +22,32 @@ def wait_for_output(buffer: io.BytesIO, needle: bytes, timeout: float) -> bytes:
             return data
         time.sleep(0.005)
     raise AssertionError(f"{needle!r} did not appear within {timeout} s; serial so far: {buffer.getvalue()!r}")
+
+
+def words_found(store, needles) -> int:
+    """How many of the 8-byte `needles` (a uint64 array) occur, at any byte offset,
+    in any object of `store`: a search of every stored byte for page contents."""
+    import numpy as np
+
+    needles = np.unique(np.asarray(needles, dtype=np.uint64))
+    found = np.zeros(len(needles), dtype=bool)
+    for info in store.list(""):
+        data = np.frombuffer(store.get(info.key), dtype=np.uint8)
+        for shift in range(8):
+            usable = (len(data) - shift) // 8 * 8
+            if usable > 0:
+                found |= np.isin(needles, data[shift:shift + usable].view("<u8"))
+    return int(found.sum())
+
+
+def page_words(memory, ids=None):
+    """Needles for words_found: 8 bytes from the middle of each non-zero page of
+    `memory`, and the first 8 bytes of each of the page ids `ids` ((n, 32) bytes)."""
+    import numpy as np
+
+    pages = np.frombuffer(memory, dtype=np.uint8).reshape(-1, 4096)
+    pages = pages[pages.any(axis=1)]
+    words = [np.ascontiguousarray(pages[:, 2048:2056]).view("<u8").ravel()]
+    if ids is not None:
+        words.append(np.ascontiguousarray(np.asarray(ids, dtype=np.uint8)[:, :8]).view("<u8").ravel())
+    return np.concatenate(words)

@@ -16,7 +16,7 @@ from snapvisor.errors import SnapvisorError
 
 # isort: off
 # Importing the verb modules registers their verbs, in the order `--help` lists them.
-from snapvisor.cli import vm, repository, migration, demo  # noqa: E402, F401
+from snapvisor.cli import vm, keys, repository, copy, migration, demo  # noqa: E402, F401
 # isort: on
 
 __all__ = ["main", "build_parser"]

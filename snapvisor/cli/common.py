@@ -83,6 +83,8 @@ EXIT_CODES_HELP = """exit status:
 
 environment:
   SNAPVISOR_REPO      repository URL when --repo is not given (a path, file:///path, s3://bucket/prefix)
+  SNAPVISOR_PASSWORD_FILE     the password of an encrypted repository, from this file
+  SNAPVISOR_PASSWORD_COMMAND  ... or printed by this command (e.g. 'pass show snapvisor')
   AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ...
                       S3 endpoint and credentials, read the boto3 way
   SNAPVISOR_CACHE     this host's cache: decoded index files, the test guest (default:
@@ -135,11 +137,62 @@ def add_json_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON document for scripts instead of text")
 
 
-def add_repo_flag(parser: argparse.ArgumentParser, action: str = "store", text: str = "the repository") -> None:
+def add_repo_flag(parser: argparse.ArgumentParser, action: str = "store", text: str = "the repository",
+                  password: bool = True) -> None:
+    """--repo, and (unless `password` is False: the VMM holds it) --password-file."""
     parser.add_argument(
         "--repo", action=action, metavar="URL",
         help=f"{text}: a directory, file:///path or s3://bucket/prefix (default: $SNAPVISOR_REPO)",
     )
+    if password:
+        # Named so that `--password VALUE` is not taken as an abbreviation of
+        # --password-file (whose errors would then print the password).
+        parser.add_argument("--password", nargs="?", action=_RefusePassword, help=argparse.SUPPRESS)
+        parser.add_argument(
+            "--password-file", type=Path, metavar="FILE",
+            help="the password of an encrypted repository, read from FILE (default: $SNAPVISOR_PASSWORD_FILE, "
+                 "$SNAPVISOR_PASSWORD_COMMAND, else asked on the terminal); never on the command line")
+
+
+class _RefusePassword(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        parser.error("a password is never given on the command line (every user of the host sees it, "
+                     "and shell history keeps it): use --password-file FILE, SNAPVISOR_PASSWORD_FILE "
+                     "or SNAPVISOR_PASSWORD_COMMAND")
+
+
+def password_source(args: argparse.Namespace, prompt: bool = True):
+    """Where this command's repository password comes from: --password-file, the
+    environment, else (when `prompt` and stdin is a terminal) asked for when an
+    encrypted repository needs it; None when there is no source (an unencrypted
+    repository needs none)."""
+    from snapvisor.store.password import PasswordSource
+
+    if getattr(args, "password_file", None) is not None:
+        return PasswordSource.file(args.password_file)
+    source = PasswordSource.from_environment()
+    if source is None and prompt and sys.stdin is not None and sys.stdin.isatty():
+        return PasswordSource.terminal()
+    return source
+
+
+def export_password(args: argparse.Namespace) -> None:
+    """--password-file FILE as SNAPVISOR_PASSWORD_FILE=FILE for this process, for the
+    layers that open repositories by URL on their own (a migration's base snapshot)."""
+    from snapvisor.store.password import ENV_COMMAND, ENV_FILE
+
+    if getattr(args, "password_file", None) is not None:
+        os.environ[ENV_FILE] = os.path.abspath(args.password_file)
+        os.environ.pop(ENV_COMMAND, None)
+
+
+def ask_password(prompt: str, confirm: bool = False) -> str:
+    import getpass
+
+    password = getpass.getpass(prompt)
+    if confirm and getpass.getpass("again: ") != password:
+        raise UsageError("the two passwords differ; nothing was changed")
+    return password
 
 
 def add_keep_flags(parser: argparse.ArgumentParser, when: str) -> None:
@@ -179,7 +232,7 @@ def absolute_repo(url: str) -> str:
 def open_repo(args: argparse.Namespace):
     from snapvisor.store import Repository
 
-    return Repository.open_url(repo_url(args))
+    return Repository.open_url(repo_url(args), password=password_source(args))
 
 
 def print_json(value: object) -> None:
@@ -290,8 +343,12 @@ def operated(vm, args: argparse.Namespace, repos: list[str]) -> Iterator["VmCont
         machine = VM(vm, args.name or f"vm-{os.urandom(3).hex()}")
     from snapvisor.control import serve
 
+    # The password is read now, at start: scheduled and API snapshots run unattended,
+    # and the API never carries one.
+    source = password_source(args, prompt=False)
     with serve(machine, api_sock=args.api_sock, schedule=schedule, log=log_to_stderr,
-               protection=migration_protection(args)) as controller:
+               protection=migration_protection(args),
+               password=source.resolved() if source is not None else None) as controller:
         yield controller
 
 

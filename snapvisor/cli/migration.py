@@ -20,6 +20,7 @@ from snapvisor.cli.common import (
     disk_option,
     duration,
     env_repos,
+    export_password,
     finish,
     interrupted,
     log_to_stderr,
@@ -78,6 +79,7 @@ def _receive(args: argparse.Namespace) -> int:
     listener = listen(args.listen, protection)
     log_to_stderr(f"waiting for a migration on {args.listen}" + (" (TLS)" if protection.tls else ""))
     repos = [absolute_repo(r) for r in args.repo or env_repos()]
+    export_password(args)  # the receiver opens the base snapshot's repository by URL
 
     def connected(peer: str) -> None:
         # Once the sender says go it never resumes its copy: a stop here in the
@@ -267,6 +269,7 @@ def _migrate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     repos = [absolute_repo(r) for r in args.repo or env_repos()]
     protection = migration_protection(args)
     protection.check_address(parse_address(args.to)[0], f"migrating to {args.to}")  # before the VM boots
+    export_password(args)  # the sender opens the base snapshot's repository by URL
     machine = VM.boot(args.kernel, mem=args.mem, vcpus=args.vcpus, cmdline=args.cmdline, initrd=args.initrd,
                       name=args.name, serial_out=sys.stdout.fileno(), disks=args.disk, nets=args.net)
     with machine:

@@ -15,6 +15,7 @@ from snapvisor.cli.common import (
     disk_option,
     env_repos,
     memory_size,
+    open_repo,
     operated,
     positive_int,
     print_json,
@@ -116,7 +117,7 @@ def _add_snapshot(subparsers: "argparse._SubParsersAction[argparse.ArgumentParse
                     "a repository holds every non-zero page; later ones the pages dirtied since.",
         epilog=EXIT_CODES_HELP, formatter_class=HelpFormatter)
     parser.add_argument("--api-sock", type=Path, required=True, metavar="PATH", help="the VM's API socket")
-    add_repo_flag(parser)
+    add_repo_flag(parser, password=False)  # the VMM holds the password
     parser.add_argument("--full", action="store_true", help="read and hash every page, not only those dirtied since the last snapshot "
                              "(pages the repository holds are still not stored again)")
     parser.add_argument("--tag", action="append", default=[], metavar="TAG", help="tag the snapshot (repeatable)")
@@ -172,7 +173,7 @@ def _restore(args: argparse.Namespace) -> int:
     stdin_fd = sys.stdin.fileno() if sys.stdin is not None else -1
     with terminal_input(stdin_fd) as serial_in:
         with humanize.Activity(f"restoring {args.snapshot_id} from {url}") as activity:
-            machine = restore(url, args.snapshot_id, lazy=args.lazy, name=args.name,
+            machine = restore(open_repo(args), args.snapshot_id, lazy=args.lazy, name=args.name,
                               serial_out=sys.stdout.fileno(), serial_in=serial_in, start=False,
                               disk_dir=args.disk_dir, progress=activity, net=net_restore_options(args))
         with machine, operated(machine, args, [url]) as controller:

@@ -26,6 +26,7 @@ from snapvisor.control.schedule import Schedule, Scheduler, keep_policy_from_jso
 if TYPE_CHECKING:
     from snapvisor.machine import VM
     from snapvisor.migrate.tls import Protection
+    from snapvisor.store.password import PasswordSource
 
 __all__ = ["ApiClient", "ApiServer", "ApiSocketError", "ApiUnreachable", "ControlError", "Schedule",
            "Scheduler", "VmController", "keep_policy_from_json", "serve"]
@@ -35,14 +36,16 @@ __all__ = ["ApiClient", "ApiServer", "ApiSocketError", "ApiUnreachable", "Contro
 def serve(machine: "VM", *, api_sock: str | Path | None = None,
           schedule: Schedule | None = None,
           log: Callable[[str], None] | None = None,
-          protection: "Protection | None" = None) -> Iterator[VmController]:
+          protection: "Protection | None" = None,
+          password: "PasswordSource | None" = None) -> Iterator[VmController]:
     """Control `machine` for the duration of the block: the API on `api_sock` (if
     given) and the scheduler (always there, so the API can set a schedule later;
     idle without one); `log` hears of failed and recovered snapshots. Everything stops when the block ends; the VM is not
     stopped by leaving it. Migrations asked for through the API use `protection`
     (the process's --tls-* flags; default: plaintext to loopback only): key material
-    never comes with a request."""
-    controller = VmController(machine, protection)
+    never comes with a request. `password` opens encrypted repositories (read at
+    start: requests never carry one); without it, the environment's source is used."""
+    controller = VmController(machine, protection, password)
     scheduler = Scheduler(controller, schedule, log)
     server = ApiServer(api_sock, controller) if api_sock is not None else None
     scheduler.start()

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from snapvisor.machine import VM
     from snapvisor.migrate import MigrationStats
     from snapvisor.migrate.tls import Protection
+    from snapvisor.store.password import PasswordSource
     from snapvisor.vmm.exit_status import ExitStatus
 
 MAX_TAGS = 16
@@ -141,10 +142,12 @@ class _SharedSnapshot:
 class VmController:
     """Operations on one running `snapvisor.machine.VM`."""
 
-    def __init__(self, machine: "VM", protection: "Protection | None" = None) -> None:
+    def __init__(self, machine: "VM", protection: "Protection | None" = None,
+                 password: "PasswordSource | None" = None) -> None:
         self.machine = machine
         # How this VM's migrations are protected: the process's --tls-* flags, never a request's.
         self.protection = protection
+        self._password = password  # of encrypted repositories; never in a request
         self.scheduler: "Scheduler | None" = None
         self.started_at = time.time()
         self._lock = threading.Lock()
@@ -252,7 +255,7 @@ class VmController:
             repo = self._repositories.get(url)
             if repo is None:
                 try:
-                    repo = Repository.open_url(url, create=True)
+                    repo = Repository.open_url(url, create=True, password=self._password)
                 except SnapvisorError as exc:
                     raise OperationFailed(f"cannot open repository {url}: {exc}") from None
                 self._repositories[url] = repo
@@ -343,7 +346,9 @@ class VmController:
                     raise Conflict(f"VM {self.machine.name} is paused by the operator; resume it "
                                    f"(PUT /vm/state {{\"state\": \"Resumed\"}}) before migrating it")
                 try:
-                    return migrate(self.machine, to, repo=repo, downtime_ms=downtime_ms, max_time_s=max_time_s,
+                    # Opened with the password this VMM was started with (never in a request).
+                    base = Repository.open_url(repo, password=self._password) if repo is not None else None
+                    return migrate(self.machine, to, repo=base, downtime_ms=downtime_ms, max_time_s=max_time_s,
                                    auto_converge=auto_converge, io_timeout_s=io_timeout_s,
                                    protection=self.protection or Protection(), server_name=tls_server_name)
                 except HandoverUnconfirmed as exc:

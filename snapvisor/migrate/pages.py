@@ -146,9 +146,11 @@ class PageBatch:
 class ReceiverImage:
     """The sender's record of what the receiver's staging memory holds."""
 
-    def __init__(self, layout: Layout, base_ids: np.ndarray | None) -> None:
+    def __init__(self, layout: Layout, base_ids: np.ndarray | None, id_key: bytes | None = None) -> None:
         self.ids = np.zeros((layout.total_pages, ID_SIZE), dtype=np.uint8)
         self.base_ids = base_ids
+        # Pages are named as the base's repository names them: keyed in an encrypted one.
+        self.id_key = id_key
         # page id -> a page that held it when last sent; checked before use, since
         # the page may have been rewritten since.
         self._holders: dict[bytes, int] = {}
@@ -177,7 +179,7 @@ class ReceiverImage:
         """A batch that brings the receiver's `pages` to the content in `chunk`
         (a private copy, one row per page). Pages of the same round may be planned
         in parallel: they are distinct, and copy sources are never pages of this round."""
-        ids, nonzero = hash_pages(chunk)
+        ids, nonzero = hash_pages(chunk, self.id_key)
         changed = ~(ids == self.ids[pages]).all(axis=1)
         zero = changed & ~nonzero
         base = np.zeros_like(changed)

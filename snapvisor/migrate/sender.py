@@ -319,7 +319,7 @@ def migrate(
         machine.lazy_memory.wait_complete()  # pages are read from guest RAM: all must be resident
     started = time.monotonic()
     stats = MigrationStats()
-    base_offer, base_ids = None, None
+    base_offer, base_ids, id_key = None, None, None
     try:
         # Guest RAM regions, then disks (disk-<name>): everything a snapshot stores.
         layout = Layout([(name, size) for name, size, _ in machine._snapshotter.page_sources()])
@@ -327,7 +327,7 @@ def migrate(
             repository = repo if isinstance(repo, Repository) else Repository.open_url(repo)
             base = base or default_base(repository, machine.name)
             if base is not None:
-                base_ids = base_page_ids(repository, base, layout)
+                base_ids, id_key = base_page_ids(repository, base, layout), repository.crypto.id_key
                 base_offer = {"repository": repository.config["id"], "snapshot": repository.resolve(base)}
         warm_up()
         channel = Channel.connect(to, io_timeout_s, protection, server_name)
@@ -345,7 +345,7 @@ def migrate(
         if base_offer and not stats.base_used:
             log.warning("the receiver cannot use base snapshot %s (%s); sending every page",
                         base_offer["snapshot"][:12], accepted.get("reason"))
-        sender.image = ReceiverImage(layout, base_ids if stats.base_used else None)
+        sender.image = ReceiverImage(layout, base_ids if stats.base_used else None, id_key if stats.base_used else None)
         budget_s = downtime_ms / 1000 * PAGE_BUDGET_SHARE
         pages = sender.precopy(budget_s, max_time_s, auto_converge, throttle, started)
         throttle.stop()

@@ -6,6 +6,8 @@ import threading
 
 import zstandard
 
+from snapvisor.store.format import frame_context
+
 CODEC_RAW = 0
 CODEC_ZSTD = 1
 
@@ -40,11 +42,13 @@ def compress(data, level: int) -> tuple[int, bytes]:
     return CODEC_ZSTD, packed
 
 
-def decompress_frame(frame, data, base: int, number: int) -> bytes:
-    """Raw bytes of pack frame `number` (a FRAME_DTYPE record) out of `data`, the
-    pack's bytes from offset `base` on; ValueError when it is damaged."""
+def decompress_frame(frame, data, base: int, number: int, crypto, pack_key: str) -> bytes:
+    """Raw bytes of frame `number` (a FRAME_DTYPE record) of pack `pack_key` out of
+    `data`, the pack's bytes from offset `base` on, unsealed with `crypto` (a
+    NoEncryption or Encryption); ValueError when it is damaged."""
     start = int(frame["offset"]) - base
     payload = memoryview(data)[start:start + int(frame["clen"])]
+    payload = crypto.unseal(payload, frame_context(pack_key, number))
     return decompress(int(frame["codec"]), payload, int(frame["rlen"]), f"frame {number}")
 
 

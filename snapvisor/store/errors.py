@@ -3,7 +3,8 @@
 from snapvisor.errors import SnapvisorError
 
 __all__ = ["SnapvisorError", "StoreError", "ObjectNotFound", "RepositoryError", "CorruptObject",
-           "RepositoryLocked", "SnapshotNotFound", "UnreadableManifest"]
+           "RepositoryLocked", "SnapshotNotFound", "UnreadableManifest", "PasswordNeeded",
+           "WrongPassword", "KeyFileError"]
 
 
 class StoreError(SnapvisorError):
@@ -43,3 +44,16 @@ class UnreadableManifest(RepositoryError):
 
 class RepositoryLocked(RepositoryError):
     """Another process holds a lock that conflicts with the requested operation."""
+
+
+class PasswordNeeded(RepositoryError):
+    """The repository is encrypted and no password source was given."""
+
+
+class WrongPassword(RepositoryError):
+    """No key file of the repository opens with the password given."""
+
+
+class KeyFileError(RepositoryError):
+    """The keys/ folder is missing, or a key file is damaged or of another repository,
+    or a key operation would leave the repository without a key."""

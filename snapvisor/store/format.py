@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import zstandard
 
+from snapvisor.store.crypto import NoEncryption
 from snapvisor.store.errors import CorruptObject, RepositoryError
 from snapvisor.store.pagehash import ID_SIZE, PAGE_SIZE
 
@@ -50,6 +51,29 @@ def sha256(data) -> bytes:
     return hashlib.sha256(data).digest()
 
 
+# What each sealed object is bound to (AEAD associated data), so that bytes moved
+# to another object, frame or role do not authenticate (encrypted repositories).
+def frame_context(pack_key_: str, number: int) -> str:
+    return f"frame {number} of {pack_key_}"
+
+
+def trailer_context(pack_key_: str) -> str:
+    return f"frame table of {pack_key_}"
+
+
+INDEX_CONTEXT = "index file"
+MANIFEST_CONTEXT = "snapshot manifest"
+
+
+def unseal_object(crypto: NoEncryption, key: str, data, context: str) -> bytes:
+    """A whole stored object's plaintext; CorruptObject naming it when it fails
+    authentication."""
+    try:
+        return crypto.unseal(data, context)
+    except ValueError as e:
+        raise CorruptObject(key, str(e)) from None
+
+
 def pack_key(pack_id: bytes) -> str:
     h = pack_id.hex()
     return f"{DATA_PREFIX}{h[:2]}/{h}"
@@ -66,12 +90,12 @@ def pack_id_from_key(key: str) -> bytes | None:
 
 # ---- packs -----------------------------------------------------------------
 
-def encode_pack_trailer(frames: np.ndarray) -> bytes:
-    body = zstandard.ZstdCompressor(level=3).compress(frames.tobytes())
+def encode_pack_trailer(frames: np.ndarray, crypto: NoEncryption, key: str) -> bytes:
+    body = crypto.seal(zstandard.ZstdCompressor(level=3).compress(frames.tobytes()), trailer_context(key))
     return body + _PACK_FOOTER.pack(PACK_MAGIC, FORMAT_VERSION, 0, len(body), zlib.crc32(body))
 
 
-def decode_pack_trailer(key: str, pack: bytes) -> np.ndarray:
+def decode_pack_trailer(key: str, pack: bytes, crypto: NoEncryption) -> np.ndarray:
     """The frame table stored at the end of a whole pack, checked against its size."""
     if len(pack) < _PACK_FOOTER.size:
         raise CorruptObject(key, f"pack of {len(pack)} bytes is too short for its footer")
@@ -87,6 +111,7 @@ def decode_pack_trailer(key: str, pack: bytes) -> np.ndarray:
     body = pack[end - tlen:end]
     if zlib.crc32(body) != crc:
         raise CorruptObject(key, "pack trailer checksum mismatch")
+    body = unseal_object(crypto, key, body, trailer_context(key))
     try:
         raw = zstandard.ZstdDecompressor().decompress(body, max_output_size=64 << 20)
     except zstandard.ZstdError as e:
@@ -128,14 +153,14 @@ def sorted_entries(index: IndexFile) -> IndexFile:
     return IndexFile(index.packs, index.frames, index.entries[order])
 
 
-def encode_index(index: IndexFile) -> bytes:
+def encode_index(index: IndexFile, crypto: NoEncryption) -> bytes:
     # Entries sorted by id, so that readers use the file as a search table as it is.
     entries = sorted_entries(index).entries
     parts = [COUNT.pack(len(index.packs)), index.packs.tobytes()]
     parts += [f.tobytes() for f in index.frames]
     parts += [COUNT.pack(len(entries)), entries.tobytes()]
     body = zstandard.ZstdCompressor(level=3).compress(b"".join(parts))
-    return _INDEX_HEADER.pack(INDEX_MAGIC, FORMAT_VERSION, 0) + body
+    return _INDEX_HEADER.pack(INDEX_MAGIC, FORMAT_VERSION, 0) + crypto.seal(body, INDEX_CONTEXT)
 
 
 def entry_bytes(entries: np.ndarray) -> np.ndarray:
@@ -150,10 +175,12 @@ def id_prefixes(entries: np.ndarray) -> np.ndarray:
 
 
 def index_key(data: bytes) -> str:
+    """An index file's name: the SHA-256 of its stored (in encrypted repositories,
+    sealed) bytes."""
     return INDEX_PREFIX + sha256(data).hex()
 
 
-def decode_index(key: str, data: bytes) -> IndexFile:
+def decode_index(key: str, data: bytes, crypto: NoEncryption) -> IndexFile:
     name = key[len(INDEX_PREFIX):]
     if sha256(data).hex() != name:
         raise CorruptObject(key, "content does not match its name (hash mismatch)")
@@ -166,8 +193,8 @@ def decode_index(key: str, data: bytes) -> IndexFile:
         raise RepositoryError(f"{key} has index format version {version}; this snapvisor reads "
                               f"version {FORMAT_VERSION}: upgrade snapvisor")
     try:
-        raw = zstandard.ZstdDecompressor().decompress(data[_INDEX_HEADER.size:],
-                                                      max_output_size=1 << 32)
+        body = unseal_object(crypto, key, memoryview(data)[_INDEX_HEADER.size:], INDEX_CONTEXT)
+        raw = zstandard.ZstdDecompressor().decompress(body, max_output_size=1 << 32)
     except zstandard.ZstdError as e:
         raise CorruptObject(key, f"body does not decode ({e})") from None
     try:
@@ -243,12 +270,19 @@ def canonical_json(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def decode_json(key: str, data: bytes, kind: str) -> dict:
+def decode_json_object(data: bytes, key: str = CONFIG_KEY) -> dict:
     try:
         obj = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CorruptObject(key, f"not valid JSON ({e})") from None
-    if not isinstance(obj, dict) or obj.get("kind") != kind:
+    if not isinstance(obj, dict):
+        raise CorruptObject(key, "not a JSON object")
+    return obj
+
+
+def decode_json(key: str, data: bytes, kind: str) -> dict:
+    obj = decode_json_object(data, key)
+    if obj.get("kind") != kind:
         raise CorruptObject(key, f"not a {kind} object")
     version = obj.get("format")
     if version != FORMAT_VERSION:

@@ -144,7 +144,7 @@ def _repack(repo: "Repository", index, live: set[bytes], sparse: list[int]) -> P
         p, fno, slot = index.entries[oid]
         if p in sparse_set:
             wanted.setdefault((p, fno), []).append((slot, oid))
-    packer = Packer(repo.store, repo.pack_size, repo.io_threads)
+    packer = Packer(repo.store, repo.pack_size, repo.io_threads, repo.crypto)
     try:
         for p in sparse:
             pack = index.packs[p]
@@ -155,7 +155,7 @@ def _repack(repo: "Repository", index, live: set[bytes], sparse: list[int]) -> P
                     _move_pages(repo, packer, pack, fno, raw, items)
                 else:
                     (_, oid), = items
-                    if fmt.sha256(raw) != oid:
+                    if repo.crypto.object_id(raw) != oid:
                         raise CorruptObject(pack.key, f"frame {fno} does not hash to {oid.hex()}")
                     cdc, payload = codec.compress(raw, repo.zstd_level)
                     packer.add_frame(int(pack.frames[fno]["kind"]), cdc, payload, len(raw), oid)
@@ -171,7 +171,7 @@ def _move_pages(repo, packer: Packer, pack, fno: int, raw: bytes,
                 items: list[tuple[int, bytes]]) -> None:
     slots = np.array([slot for slot, _ in items], dtype=np.uint32)
     ids = np.frombuffer(b"".join(oid for _, oid in items), np.uint8).reshape(-1, ID_SIZE)
-    bad = pagehash.check_slots(raw, slots, ids)
+    bad = pagehash.check_slots(raw, slots, ids, repo.crypto.id_key)
     if bad >= 0:
         raise CorruptObject(pack.key, f"frame {fno} slot {int(slots[bad])} does not hash to its id")
     pages = np.frombuffer(raw, np.uint8).reshape(-1, PAGE_SIZE)[slots]
@@ -196,7 +196,7 @@ def _write_index(repo: "Repository", index, kept: list[int], moved: Packer | Non
         packs = np.concatenate([packs, extra.packs])
         frames += extra.frames
         entries = np.concatenate([entries, extra.entries])
-    data = fmt.encode_index(fmt.IndexFile(packs, frames, entries))
+    data = fmt.encode_index(fmt.IndexFile(packs, frames, entries), repo.crypto)
     key = fmt.index_key(data)
     repo.store.put(key, data)
     return key

@@ -9,6 +9,7 @@ import numpy as np
 
 from snapvisor.store import format as fmt
 from snapvisor.store.backend import ObjectStore
+from snapvisor.store.crypto import NoEncryption
 from snapvisor.store.errors import CorruptObject, ObjectNotFound, RepositoryError
 from snapvisor.store.index_cache import IndexCache
 
@@ -170,7 +171,8 @@ def _words(ids: np.ndarray) -> np.ndarray:
 
 
 def load_index(store: ObjectStore, previous: Index | None = None, threads: int = 8,
-               attempts: int = 3, cache: IndexCache | None = None) -> Index:
+               attempts: int = 3, cache: IndexCache | None = None,
+               crypto: NoEncryption = NoEncryption()) -> Index:
     """Read every index file; reuse `previous` when files were only added since, and
     the copies in `cache` of files read before."""
     keys = {info.key for info in store.list(fmt.INDEX_PREFIX)}
@@ -182,13 +184,14 @@ def load_index(store: ObjectStore, previous: Index | None = None, threads: int =
         if cached is not None:
             return key, cached
         try:
-            index_file = fmt.decode_index(key, store.get(key))
+            stored = store.get(key)
+            index_file = fmt.decode_index(key, stored, crypto)
         except ObjectNotFound:
             return key, None  # replaced by gc between list and get
         except CorruptObject as e:
             return key, e
         if cache is not None:
-            cache.save(key, index_file)
+            cache.save(key, index_file, stored)
         return key, index_file
 
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(todo)))) as pool:
@@ -198,7 +201,7 @@ def load_index(store: ObjectStore, previous: Index | None = None, threads: int =
         if attempts <= 1:
             raise RepositoryError(f"the index of {store.url} keeps changing while being read; "
                                   f"retry when gc has finished")
-        return load_index(store, None, threads, attempts - 1, cache)
+        return load_index(store, None, threads, attempts - 1, cache, crypto)
     index.damaged = {}
     for key, index_file in results:
         if isinstance(index_file, CorruptObject):

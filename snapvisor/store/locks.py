@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 
 from snapvisor.store.backend import ObjectStore
+from snapvisor.store.crypto import NoEncryption
 from snapvisor.store.errors import ObjectNotFound, RepositoryLocked, StoreError
 from snapvisor.store.format import LOCK_PREFIX
 
@@ -95,13 +96,19 @@ class RepositoryLock:
         self.release()
 
 
+def _lock_context(key: str) -> str:
+    return f"lock {key}"
+
+
 LOCK_LIFETIME_S = 1800.0  # a lock not refreshed for this long is stale
 LOCK_REFRESH_S = 300.0
 
 
 class LockManager:
-    def __init__(self, store: ObjectStore, stale_after: float = LOCK_LIFETIME_S, refresh: float = LOCK_REFRESH_S):
+    def __init__(self, store: ObjectStore, stale_after: float = LOCK_LIFETIME_S, refresh: float = LOCK_REFRESH_S,
+                 crypto: NoEncryption = NoEncryption()):
         self.store = store
+        self.crypto = crypto  # lock contents are sealed in encrypted repositories
         self.stale_after = stale_after
         self.refresh = refresh
         self.host = socket.gethostname()
@@ -112,7 +119,7 @@ class LockManager:
                             os.getpid(), time.time(), self._started)
         body = json.dumps({"kind": record.kind, "purpose": purpose, "host": record.host,
                            "pid": record.pid, "time": record.time, "started": record.started}).encode()
-        self.store.put(record.key, body)
+        self.store.put(record.key, self.crypto.seal(body, _lock_context(record.key)))
         return record
 
     def _rewrite(self, record: LockRecord) -> LockRecord:
@@ -143,7 +150,7 @@ class LockManager:
         vanished = False
         for info in self.store.list(LOCK_PREFIX):
             try:
-                obj = json.loads(self.store.get(info.key))
+                obj = json.loads(self.crypto.unseal(self.store.get(info.key), _lock_context(info.key)))
                 started = obj.get("started")
                 rec = LockRecord(info.key, str(obj["kind"]), str(obj["purpose"]), str(obj["host"]),
                                  int(obj["pid"]), float(obj["time"]), None if started is None else int(started))

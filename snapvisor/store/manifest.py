@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from snapvisor.store import format as fmt
+from snapvisor.store.crypto import NoEncryption
 from snapvisor.store.errors import CorruptObject, RepositoryError
 
 MANIFEST_KIND = "snapvisor-snapshot"
@@ -74,10 +75,12 @@ def snapshot_key(snapshot_id: str) -> str:
     return fmt.SNAPSHOT_PREFIX + snapshot_id
 
 
-def decode_manifest(key: str, data: bytes) -> Manifest:
+def decode_manifest(key: str, data: bytes, crypto: NoEncryption) -> Manifest:
+    """A manifest's stored bytes hash to its name (the snapshot id), then are unsealed."""
     snapshot_id = key[len(fmt.SNAPSHOT_PREFIX):]
     if fmt.sha256(data).hex() != snapshot_id:
         raise CorruptObject(key, "content does not match its name (hash mismatch)")
+    data = fmt.unseal_object(crypto, key, data, fmt.MANIFEST_CONTEXT)
     obj = fmt.decode_json(key, data, MANIFEST_KIND)
     try:
         if obj["page_size"] != fmt.PAGE_SIZE:

@@ -2,7 +2,12 @@
 
 Pack layout: frame payloads back to back, then the zstd-compressed frame table and
 a fixed footer (see docs/format.md). Each pack gets a random 128-bit id, so two
-writers can never collide on a name.
+writers can never collide on a name. In an encrypted repository each frame and the
+frame table are sealed on their own (ranged reads fetch single frames), bound to
+the pack's name and the frame's number. A sealed frame is SEAL_OVERHEAD bytes longer
+than its payload, so its place is known at once: payloads are laid out with room
+for nonce and tag, and the upload thread seals them where they lie, off the
+writer's thread.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import numpy as np
 
 from snapvisor.store import format as fmt
 from snapvisor.store.backend import ObjectStore
+from snapvisor.store.crypto import NONCE_SIZE, SEAL_OVERHEAD, NoEncryption
 from snapvisor.store.gate import Gate
 from snapvisor.store.pagehash import ID_SIZE
 
@@ -22,9 +28,11 @@ MAX_UPLOADS_IN_FLIGHT = 8
 
 
 class Packer:
-    def __init__(self, store: ObjectStore, pack_size: int, upload_threads: int = 4, gate: Gate | None = None):
+    def __init__(self, store: ObjectStore, pack_size: int, upload_threads: int = 4, gate: Gate | None = None,
+                 crypto: NoEncryption = NoEncryption()):
         self.store = store
         self._gate = gate or Gate()  # uploads start only while it is open
+        self.crypto = crypto
         self.pack_size = pack_size
         self._uploads = ThreadPoolExecutor(max_workers=upload_threads,
                                            thread_name_prefix="snapvisor-upload")
@@ -34,6 +42,7 @@ class Packer:
         self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
         self._buffers = 0
         self._buf: bytearray | None = None
+        self._pack_id = b""  # of the open pack: chosen when it opens, sealed frames name it
         self._frames: list[tuple] = []
         self._offset = 0
         self._ids: list[bytes] = []  # per frame of the open pack: its objects' ids, concatenated
@@ -46,9 +55,15 @@ class Packer:
         """Append one frame holding the objects whose ids are concatenated in `ids`."""
         if self._buf is None:
             self._buf = self._take_buffer()
-        self._frames.append((self._offset, len(payload), raw_len, len(ids) // ID_SIZE, codec,
-                             kind, 0))
+            self._pack_id = secrets.token_bytes(16)
+        sealed = self.crypto.encrypted
+        self._frames.append((self._offset, len(payload) + (SEAL_OVERHEAD if sealed else 0), raw_len,
+                             len(ids) // ID_SIZE, codec, kind, 0))
+        if sealed:
+            self._offset += NONCE_SIZE  # room for the nonce; the tag goes after the payload
         self._append(payload)
+        if sealed:
+            self._offset += SEAL_OVERHEAD - NONCE_SIZE
         self._ids.append(ids)
         if self._offset >= self.pack_size:
             self.seal()
@@ -72,12 +87,11 @@ class Packer:
         if not self._frames:
             return
         frames = np.array(self._frames, dtype=fmt.FRAME_DTYPE)
-        self._append(fmt.encode_pack_trailer(frames))
+        pack_id = self._pack_id
+        self._append(fmt.encode_pack_trailer(frames, self.crypto, fmt.pack_key(pack_id)))
         buf, size = self._buf, self._offset
-        pack_id = secrets.token_bytes(16)
         self.packs.append((pack_id, size, frames, self._ids))
-        upload = self._uploads.submit(self._gate.run, self.store.put, fmt.pack_key(pack_id),
-                                     memoryview(buf)[:size])
+        upload = self._uploads.submit(self._gate.run, self._upload, pack_id, buf, size, frames)
         upload.add_done_callback(lambda _: self._free.put(buf))
         self._pending.append(upload)
         self.bytes_written += size
@@ -86,6 +100,13 @@ class Packer:
         # Bound the memory held by uploads in flight.
         while len(self._pending) > MAX_UPLOADS_IN_FLIGHT:
             self._pending.pop(0).result()
+
+    def _upload(self, pack_id: bytes, buf: bytearray, size: int, frames: np.ndarray) -> None:
+        key = fmt.pack_key(pack_id)
+        if self.crypto.encrypted:
+            for number, (offset, sealed_len) in enumerate(zip(frames["offset"].tolist(), frames["clen"].tolist())):
+                self.crypto.seal_in_place(buf, offset, sealed_len, fmt.frame_context(key, number))
+        self.store.put(key, memoryview(buf)[:size])
 
     def finish(self) -> None:
         """Seal the open pack and wait until every pack is durable."""

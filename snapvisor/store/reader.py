@@ -95,7 +95,7 @@ def fetch_frames(repo: "Repository", pack: PackInfo, frame_nos, max_bytes: int =
         data = read_pack_range(repo, pack, start, end - start, what)
         for fno in group:
             try:
-                raw = codec.decompress_frame(frames[fno], data, start, fno)
+                raw = codec.decompress_frame(frames[fno], data, start, fno, repo.crypto, pack.key)
             except ValueError as e:
                 raise CorruptObject(pack.key, f"{e}{f' ({what})' if what else ''}") from None
             yield fno, raw
@@ -120,7 +120,7 @@ def read_object(repo: "Repository", object_id: bytes, what: str) -> bytes:
     loc = require(index, object_id, what)
     pack, frame = index.frame(loc)
     for _, raw in fetch_frames(repo, pack, [loc[1]], what=what):
-        if fmt.sha256(raw) != object_id:
+        if repo.crypto.object_id(raw) != object_id:
             raise CorruptObject(pack.key, f"frame {loc[1]} does not hash to {object_id.hex()} "
                                           f"({what})")
         return raw
@@ -144,7 +144,7 @@ def read_objects(repo: "Repository", object_ids: list[bytes], what: str) -> dict
         wanted = by_pack[pack_no]
         for fno, raw in fetch_frames(repo, pack, list(wanted), what=what):
             oid = wanted[fno]
-            if fmt.sha256(raw) != oid:
+            if repo.crypto.object_id(raw) != oid:
                 raise CorruptObject(pack.key, f"frame {fno} does not hash to {oid.hex()} ({what})")
             out[oid] = raw
 
@@ -330,7 +330,7 @@ class RegionReader:
                         ids: np.ndarray, dest: np.ndarray, out) -> None:
         if int(slots.max()) * PAGE_SIZE >= len(raw):
             raise CorruptObject(pack.key, f"frame {fno} has no slot {int(slots.max())}")
-        bad = pagehash.check_slots(raw, slots, ids)
+        bad = pagehash.check_slots(raw, slots, ids, self._repo.crypto.id_key)
         if bad >= 0:
             raise CorruptObject(pack.key, f"frame {fno} slot {int(slots[bad])} does not hash to "
                                           f"page id {ids[bad].tobytes().hex()} ({self._what})")

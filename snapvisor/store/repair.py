@@ -46,7 +46,7 @@ def repair_index(repo: "Repository", dry_run: bool) -> RepairResult:
     indexed: set[bytes] = set()
     for info in store.list(fmt.INDEX_PREFIX):
         try:
-            index_file = fmt.decode_index(info.key, store.get(info.key))
+            index_file = fmt.decode_index(info.key, store.get(info.key), repo.crypto)
         except ObjectNotFound:
             continue
         except (CorruptObject, RepositoryError):
@@ -75,7 +75,7 @@ def repair_index(repo: "Repository", dry_run: bool) -> RepairResult:
         return result
     if packs:
         index_file = fmt.IndexFile(np.array(packs, dtype=fmt.PACK_RECORD_DTYPE), frames, np.concatenate(entries))
-        data = fmt.encode_index(index_file)
+        data = fmt.encode_index(index_file, repo.crypto)
         result.new_index_file = fmt.index_key(data)
         if result.new_index_file in result.damaged_index_files:
             # The rebuilt file is the lost one, byte for byte: put-if-absent would
@@ -94,20 +94,20 @@ def _reindex_pack(repo: "Repository", key: str) -> tuple[np.ndarray, np.ndarray]
     """(frame table, entries with pack 0) of one pack, read whole; or why it cannot be."""
     try:
         data = repo.store.get(key)
-        frames = fmt.decode_pack_trailer(key, data)
+        frames = fmt.decode_pack_trailer(key, data, repo.crypto)
     except (CorruptObject, ObjectNotFound) as e:
         return str(e)
     entries = []
     for number, frame in enumerate(frames):
         try:
-            raw = codec.decompress_frame(frame, data, 0, number)
+            raw = codec.decompress_frame(frame, data, 0, number, repo.crypto, key)
         except ValueError as e:
             return f"frame {number} does not decompress ({e}); its objects are lost"
         if frame["kind"] == fmt.KIND_PAGES:
-            ids, nonzero = pagehash.hash_pages(raw)
+            ids, nonzero = pagehash.hash_pages(raw, repo.crypto.id_key)
             slots = np.flatnonzero(nonzero)  # zero pages are never stored, never looked up
         else:
-            ids = np.frombuffer(fmt.sha256(raw), dtype=np.uint8).reshape(1, -1)
+            ids = np.frombuffer(repo.crypto.object_id(raw), dtype=np.uint8).reshape(1, -1)
             slots = np.zeros(1, dtype=np.int64)
         rows = np.zeros(len(slots), dtype=fmt.ENTRY_DTYPE)
         rows["id"] = np.frombuffer(ids[slots].tobytes(), dtype="V32")

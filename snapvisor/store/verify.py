@@ -38,7 +38,7 @@ def verify_repository(repo: "Repository", read_data: bool) -> VerifyReport:
     index = Index()
     for info in sorted(store.list(fmt.INDEX_PREFIX), key=lambda i: i.key):
         try:
-            index.add_file(info.key, fmt.decode_index(info.key, store.get(info.key)))
+            index.add_file(info.key, fmt.decode_index(info.key, store.get(info.key), repo.crypto))
             counts["index_files"] += 1
         except CorruptObject as e:
             index.damaged[info.key] = e.problem  # look-ups that needed it say so
@@ -126,7 +126,7 @@ def _check_pack(repo: "Repository", index: Index, number: int, expected: list[tu
     everything = {oid for _, _, oid in expected}
     try:
         data = repo.store.get(pack.key)
-        frames = fmt.decode_pack_trailer(pack.key, data)
+        frames = fmt.decode_pack_trailer(pack.key, data, repo.crypto)
     except SnapvisorError as e:
         return [str(e)], everything, 0, 0
     if frames.tobytes() != pack.frames.tobytes():
@@ -140,31 +140,31 @@ def _check_pack(repo: "Repository", index: Index, number: int, expected: list[tu
     for fno, f in enumerate(frames):
         items = sorted(by_frame.get(fno, []))
         try:
-            raw = codec.decompress_frame(f, data, 0, fno)
+            raw = codec.decompress_frame(f, data, 0, fno, repo.crypto, pack.key)
         except ValueError as e:
             errors.append(f"pack {pack.key}: {e}")
             damaged.update(oid for _, oid in items)
             continue
         if int(f["kind"]) == fmt.KIND_PAGES:
-            for slot, oid in _bad_slots(raw, items):
+            for slot, oid in _bad_slots(raw, items, repo.crypto.id_key):
                 errors.append(f"pack {pack.key}: frame {fno} slot {slot} does not hash to its id {oid.hex()}")
                 damaged.add(oid)
         else:
             for _, oid in items:
-                if fmt.sha256(raw) != oid:
+                if repo.crypto.object_id(raw) != oid:
                     errors.append(f"pack {pack.key}: frame {fno} does not hash to its id "
                                   f"{oid.hex()}")
                     damaged.add(oid)
     return errors, damaged, len(frames), len(data)
 
 
-def _bad_slots(raw: bytes, items: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+def _bad_slots(raw: bytes, items: list[tuple[int, bytes]], id_key: bytes | None) -> list[tuple[int, bytes]]:
     """The (slot, id) of `items` whose page in the frame `raw` does not hash to its id."""
     bad: list[tuple[int, bytes]] = []
     while items:
         slots = np.array([s for s, _ in items], dtype=np.uint32)
         ids = np.frombuffer(b"".join(o for _, o in items), np.uint8).reshape(-1, ID_SIZE)
-        first = pagehash.check_slots(raw, slots, ids)  # the first mismatch only: go on past it
+        first = pagehash.check_slots(raw, slots, ids, id_key)  # the first mismatch only: go on past it
         if first < 0:
             break
         bad.append(items[first])

@@ -57,7 +57,7 @@ class SnapshotWriter:
         self._threads = threads
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="snapvisor-cpu")
         self._gate = Gate()  # hashing, compression and uploads run only while it is open
-        self._packer = Packer(repo.store, repo.pack_size, repo.io_threads, self._gate)
+        self._packer = Packer(repo.store, repo.pack_size, repo.io_threads, self._gate, repo.crypto)
         self._known = repo.index.entries  # ids already stored (dedup source)
         self._mine: set[bytes] = set()    # ids stored by this snapshot
         self._regions: dict[str, _Region] = {}
@@ -109,7 +109,7 @@ class SnapshotWriter:
         raw = bytes(data)
         if len(raw) >= 1 << 32:
             raise RepositoryError(f"blob {name!r} is {len(raw)} bytes; blobs must be < 4 GiB")
-        oid = fmt.sha256(raw)
+        oid = self._repo.crypto.object_id(raw)
         self._blobs[name] = oid
         self.stats["bytes_in"] += len(raw)
         if self._is_new(oid):
@@ -120,7 +120,9 @@ class SnapshotWriter:
                 self.abort()
                 raise
 
-    def commit(self, vm: str, tags=(), meta: dict | None = None) -> SnapshotInfo:
+    def commit(self, vm: str, tags=(), meta: dict | None = None, time: datetime | None = None) -> SnapshotInfo:
+        """Write the snapshot; `time` (default: now) is when it was taken: a copy
+        from another repository keeps the original's, which retention judges."""
         self._check_open()
         check_name("vm", vm)
         tags = [check_name("tag", t) for t in tags]
@@ -136,18 +138,19 @@ class SnapshotWriter:
             store = self._repo.store
             if self._packer.packs:
                 index_file = fmt.sorted_entries(self._packer.index_file())
-                index_data = fmt.encode_index(index_file)
+                index_data = fmt.encode_index(index_file, self._repo.crypto)
                 index_key = fmt.index_key(index_data)
                 store.put(index_key, index_data)
                 self._count_write(len(index_data))
                 if self._repo.index_cache is not None:  # a restore on this host then skips decoding it
-                    self._repo.index_cache.save(index_key, index_file)
-            time = datetime.now(timezone.utc)
+                    self._repo.index_cache.save(index_key, index_file, index_data)
+            time = time or datetime.now(timezone.utc)
             manifest = encode_manifest(
                 vm=vm, time=time, tags=tags,
                 parent=self._parent.id if self._parent else None, meta=meta,
                 map_block_pages=self._repo.map_block_pages, regions=refs, blobs=self._blobs)
-            snapshot_id = fmt.sha256(manifest).hex()
+            manifest = self._repo.crypto.seal(manifest, fmt.MANIFEST_CONTEXT)
+            snapshot_id = fmt.sha256(manifest).hex()  # of the stored bytes, like index files
             store.put(snapshot_key(snapshot_id), manifest)
             self._count_write(len(manifest))
         except BaseException:
@@ -241,7 +244,8 @@ class SnapshotWriter:
             while batches and len(hashing) <= self._threads:
                 start = batches.popleft()
                 hashing.append((start, self._pool.submit(
-                    self._gate.run, pagehash.hash_pages, pages[start:start + HASH_BATCH_PAGES])))
+                    self._gate.run, pagehash.hash_pages, pages[start:start + HASH_BATCH_PAGES],
+                    self._repo.crypto.id_key)))
 
         hash_ahead()
         while hashing:
@@ -308,7 +312,7 @@ class SnapshotWriter:
             npages = min(block_pages, region.npages - b * block_pages)
             data = b"".join((fmt.COUNT.pack(npages), bitmaps[b, :(npages + 7) // 8].tobytes(),
                              all_ids[ends[b] - counts[b] * ID_SIZE:ends[b]]))
-            oid = fmt.sha256(data)
+            oid = self._repo.crypto.object_id(data)
             blocks[b] = np.frombuffer(oid, dtype=np.uint8)
             if oid not in self._known and oid not in self._mine:
                 self._mine.add(oid)
@@ -318,7 +322,7 @@ class SnapshotWriter:
         if not blocks.any():
             return RegionRef(region.size, fmt.ZERO_ID)
         root = blocks.tobytes()
-        root_id = fmt.sha256(root)
+        root_id = self._repo.crypto.object_id(root)
         if self._is_new(root_id):
             cdc, payload = codec.compress(root, 3)
             self._packer.add_frame(fmt.KIND_REGION_ROOT, cdc, payload, len(root), root_id)

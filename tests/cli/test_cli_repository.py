@@ -142,7 +142,7 @@ def test_verify_reports_damage_with_exit_3(tmp_path: Path, repo) -> None:
     (["run", "--kernel", "/k", "--snapshot-every", "0"], 2, "'0' must be longer than zero"),
     (["run", "--kernel", "/k", "--snapshot-every", "5x"], 2, "'5x' is not a duration"),
     (["run", "--kernel", "/k", "--mem", "lots"], 2, "argument --mem: 'lots' is not a size (examples: 256M, 1G"),
-    (["ls", "--repo", "{missing}"], 1, "the first snapshot written into it creates it (`snapvisor snapshot`"),
+    (["ls", "--repo", "{missing}"], 1, "create it with `snapvisor init --repo"),
     (["ls", "--repo", "ftp://host/x"], 1, "unknown scheme"),
     (["show", "--repo", "{repo}", "XYZ"], 1, "'XYZ' is not a snapshot id"),
     (["show", "--repo", "{repo}", "abcdef0123"], 1, "`snapvisor ls` lists the ones there"),

@@ -118,8 +118,15 @@ QUIET = "console=ttyS0 tg.mem=32 tg.rate=2 tg.pages=64 tg.rounds=0 tg.disk=1 tg.
 
 
 @pytest.mark.s3
+@pytest.mark.parametrize("encryption", ["plain", "encrypted"])
 def test_pages_of_the_last_snapshot_come_from_the_shared_repository(
-        testguest: Path, hosts: tuple[Host, Host], shared_s3: dict) -> None:
+        testguest: Path, hosts: tuple[Host, Host], shared_s3: dict, encryption: str, monkeypatch,
+        tmp_path: Path) -> None:
+    """Also through an encrypted repository (both hosts hold the password; the
+    sender names guest pages with the repository's id key)."""
+    if encryption == "encrypted":
+        (tmp_path / "password").write_text("shared by both hosts\n")
+        monkeypatch.setenv("SNAPVISOR_PASSWORD_FILE", str(tmp_path / "password"))
     a, b = hosts
     repo = f"s3://snapvisor-migrate/live-{secrets.token_hex(4)}"
     receiver = start_receiver(b, "--repo", repo)

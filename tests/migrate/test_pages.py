@@ -5,6 +5,7 @@ end up equal to the sender's memory."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from snapvisor.migrate.pages import Layout, PageBatch, ReceiverImage, apply_batch
 from snapvisor.store.pagehash import PAGE_SIZE, hash_pages
@@ -69,14 +70,16 @@ def test_a_copy_source_rewritten_in_the_same_round_is_sent_as_data() -> None:
     assert (staging.pages == memory).all()
 
 
-def test_pages_equal_to_the_base_snapshot_go_as_references() -> None:
+@pytest.mark.parametrize("id_key", [None, b"k" * 32], ids=["plain", "encrypted"])
+def test_pages_equal_to_the_base_snapshot_go_as_references(id_key: bytes | None) -> None:
+    """Also when the base is in an encrypted repository, whose page ids are keyed."""
     layout = Layout([("ram0", PAGES * PAGE_SIZE)])
     rng = np.random.default_rng(9)
     base = rng.integers(0, 256, (PAGES, PAGE_SIZE), dtype=np.uint8)
     memory = base.copy()
     memory[:8] = rng.integers(0, 256, (8, PAGE_SIZE), dtype=np.uint8)  # changed since the snapshot
-    base_ids, _ = hash_pages(base)
-    image, staging = ReceiverImage(layout, base_ids), ArrayStaging(layout)
+    base_ids, _ = hash_pages(base, id_key)
+    image, staging = ReceiverImage(layout, base_ids, id_key), ArrayStaging(layout)
     counts = send(image, staging, memory, np.arange(PAGES), base=base)
     assert counts == {"data": 8, "copied": 0, "zero": 0, "base": PAGES - 8, "unchanged": 0}
     assert (staging.pages == memory).all()

@@ -13,7 +13,7 @@ import pytest
 
 from snapvisor.store import Repository, open_backend
 from snapvisor.store.memory import MemoryStore
-from store_helpers import SMALL_REPO
+from store_helpers import SMALL_REPO, TEST_PASSWORD
 from testsupport import s3_options
 
 BACKENDS = ["memory", "local", pytest.param("s3", marks=pytest.mark.s3)]
@@ -75,10 +75,15 @@ def any_backend(request, tmp_path):
     yield from _open_backend(request.param, request, tmp_path)
 
 
-@pytest.fixture
-def repo(backend):
-    """A repository with small packs, frames and map blocks so small images exercise them."""
-    return Repository.init(backend, **SMALL_REPO, lock_wait=2.0)
+ENCRYPTIONS = ["plain", "encrypted"]
+
+
+@pytest.fixture(params=ENCRYPTIONS)
+def repo(backend, request):
+    """A repository with small packs, frames and map blocks so small images exercise
+    them: unencrypted, and encrypted (every repository-level test runs on both)."""
+    password = TEST_PASSWORD if request.param == "encrypted" else None
+    return Repository.init(backend, password=password, **SMALL_REPO, lock_wait=2.0)
 
 
 @pytest.fixture(params=["moto", pytest.param("s3", marks=pytest.mark.s3)])

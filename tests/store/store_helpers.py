@@ -5,6 +5,7 @@ import numpy as np
 from snapvisor.store import PAGE_SIZE
 
 SMALL_REPO = {"pack_size": 1 << 18, "frame_pages": 16, "map_block_pages": 16}
+TEST_PASSWORD = "correct horse battery staple"  # of the encrypted `repo` fixture (unused by plain ones)
 
 
 def make_memory(npages: int, seed: int = 0) -> np.ndarray:

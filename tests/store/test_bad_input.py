@@ -37,7 +37,7 @@ def test_flipped_byte_in_pack(repo):
     info, mem = snapshot_with_data(repo)
     key = page_packs(repo)[0]
     data = bytearray(repo.store.get(key))
-    frames = fmt.decode_pack_trailer(key, bytes(data))
+    frames = fmt.decode_pack_trailer(key, bytes(data), repo.crypto)
     victim = frames[frames["kind"] == fmt.KIND_PAGES][0]
     data[int(victim["offset"]) + int(victim["clen"]) // 2] ^= 0x40
     replace(repo.store, key, bytes(data))
@@ -109,9 +109,9 @@ def test_damaged_index_file(repo):
 
 def test_manifest_of_unknown_format_version(repo):
     info, _ = snapshot_with_data(repo, seed=5)
-    obj = json.loads(repo.store.get(snapshot_key(info.id)))
+    obj = json.loads(repo.crypto.unseal(repo.store.get(snapshot_key(info.id)), fmt.MANIFEST_CONTEXT))
     obj["format"] = 99
-    data = fmt.canonical_json(obj)
+    data = repo.crypto.seal(fmt.canonical_json(obj), fmt.MANIFEST_CONTEXT)  # a valid object of a newer release
     future_id = fmt.sha256(data).hex()
     repo.store.put(snapshot_key(future_id), data)
     before = object_listing(repo.store)
@@ -125,9 +125,9 @@ def test_manifest_of_unknown_format_version(repo):
 def test_manifest_not_matching_its_name(repo):
     info, _ = snapshot_with_data(repo, seed=6)
     key = snapshot_key(info.id)
-    obj = json.loads(repo.store.get(key))
+    obj = json.loads(repo.crypto.unseal(repo.store.get(key), fmt.MANIFEST_CONTEXT))
     obj["vm"] = "someone-else"
-    replace(repo.store, key, fmt.canonical_json(obj))
+    replace(repo.store, key, repo.crypto.seal(fmt.canonical_json(obj), fmt.MANIFEST_CONTEXT))
     with pytest.raises(RepositoryError, match=f"{key} is damaged .*hash mismatch.*snapvisor forget {info.id[:12]}"):
         repo.get_snapshot(info.id)
 
@@ -142,13 +142,14 @@ def test_forged_page_cannot_reach_restore(repo):
         info = w.commit("vm1")
     key = page_packs(repo)[0]
     data = bytearray(repo.store.get(key))
-    frames = fmt.decode_pack_trailer(key, bytes(data))
+    frames = fmt.decode_pack_trailer(key, bytes(data), repo.crypto)
     frame = frames[frames["kind"] == fmt.KIND_PAGES][0]
     assert frame["codec"] == 0  # stored raw: zstd did not shrink it
     start = int(frame["offset"])
     data[start:start + 4096] = rng.integers(0, 256, 4096, dtype=np.uint8).tobytes()
     replace(repo.store, key, bytes(data))
-    with pytest.raises(CorruptObject, match=f"{key}.*does not hash"):
+    # Unencrypted: the page id catches it; encrypted: the frame's seal does, first.
+    with pytest.raises(CorruptObject, match=f"{key}.*(does not hash|fails authentication)"):
         read_all(repo.get_snapshot(info.id), "ram0")
     with pytest.raises(CorruptObject, match=key):
         repo.get_snapshot(info.id).region_reader("ram0").read_pages_into([0], bytearray(PAGE_SIZE))

@@ -16,7 +16,7 @@ import pytest
 from snapvisor.store import Repository, RepositoryLocked, open_backend
 from snapvisor.store.locks import EXCLUSIVE, SHARED
 
-from store_helpers import SMALL_REPO, make_memory, read_all
+from store_helpers import SMALL_REPO, TEST_PASSWORD, make_memory, read_all
 
 
 def test_two_writers_interleaved(backend):
@@ -80,7 +80,7 @@ def test_gc_waits_for_a_writer_in_progress(repo):
     writer = repo.start_snapshot()
     writer.put_region("ram0", base.nbytes, base)
     repo.delete_snapshot(old.id)
-    gc_repo = Repository.open(repo.store, lock_wait=0.3)
+    gc_repo = Repository.open(repo.store, password=TEST_PASSWORD, lock_wait=0.3)
     with pytest.raises(RepositoryLocked, match="shared lock for snapshot held by pid"):
         gc_repo.gc()
     new = writer.commit("vm1")
@@ -94,7 +94,7 @@ def test_gc_started_first_makes_writers_wait(repo):
     done = threading.Event()
     lock = repo.locks.acquire(EXCLUSIVE, "gc")
     with pytest.raises(RepositoryLocked, match="exclusive lock for gc"):
-        Repository.open(repo.store, lock_wait=0.2).start_snapshot()
+        Repository.open(repo.store, password=TEST_PASSWORD, lock_wait=0.2).start_snapshot()
 
     def release_soon():
         time.sleep(0.3)
@@ -102,7 +102,7 @@ def test_gc_started_first_makes_writers_wait(repo):
         done.set()
 
     threading.Thread(target=release_soon).start()
-    with Repository.open(repo.store, lock_wait=10).start_snapshot() as w:  # waits, then runs
+    with Repository.open(repo.store, password=TEST_PASSWORD, lock_wait=10).start_snapshot() as w:  # waits, then runs
         assert done.is_set()
         w.put_region("ram0", 4096, b"\1" * 4096)
         w.commit("vm1")

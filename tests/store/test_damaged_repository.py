@@ -5,7 +5,8 @@ a traceback, and deletes nothing that a snapshot may need.
 
 Two snapshots of two VMs share no object: A's objects are damaged, B must stay
 whole. Each object kind (config, lock, manifest, index file, region root, map
-block, page frame, blob) is missing, truncated, or has a flipped byte; the
+block, page frame, blob; in an encrypted repository also its key file) is missing,
+truncated, or has a flipped byte, in an unencrypted and in an encrypted repository; the
 operations are those of the CLI (`ls`, `show`, `verify --read-data`, `gc --dry-run`,
 `gc`, `prune`, run in this process so that an escaping exception fails the test)
 and reading both snapshots whole (RAM, a disk region, the state blob), as a
@@ -16,6 +17,7 @@ tests/snapshot/test_damaged_restore.py.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 
@@ -26,12 +28,15 @@ from snapvisor.cli import main
 from snapvisor.errors import SnapvisorError
 from snapvisor.store import Repository
 from snapvisor.store import format as fmt
+from snapvisor.store.keys import KEY_PREFIX
 from snapvisor.store.locks import SHARED
 from snapvisor.store.manifest import snapshot_key
 
 from store_helpers import SMALL_REPO, make_memory
 
 KINDS = ["config", "lock", "manifest", "index", "region-root", "map-block", "page-frame", "blob"]
+# (kind, encryption): every kind in both kinds of repository, key files where there are some.
+CASES = [(kind, "plain") for kind in KINDS] + [(kind, "encrypted") for kind in KINDS + ["key"]]
 DAMAGES = ["missing", "truncated", "flipped"]
 FRAME_KINDS = {"region-root": fmt.KIND_REGION_ROOT, "map-block": fmt.KIND_MAP_BLOCK,
                "page-frame": fmt.KIND_PAGES, "blob": fmt.KIND_BLOB}
@@ -65,6 +70,8 @@ def _victim(repo: Repository, kind: str, a: str) -> str:
     """The key of snapshot A's object of `kind` (for objects inside packs: its pack)."""
     if kind == "config":
         return fmt.CONFIG_KEY
+    if kind == "key":
+        return next(iter(repo.store.list(KEY_PREFIX))).key
     if kind == "manifest":
         return snapshot_key(a)
     if kind == "lock":
@@ -79,7 +86,7 @@ def _victim(repo: Repository, kind: str, a: str) -> str:
     return packs[0].key
 
 
-def _damage(store, key: str, damage: str, kind: str) -> None:
+def _damage(store, key: str, damage: str, kind: str, crypto) -> None:
     data = store.get(key)
     store.delete(key)
     if damage == "truncated":
@@ -88,7 +95,7 @@ def _damage(store, key: str, damage: str, kind: str) -> None:
         flipped = bytearray(data)
         if key.startswith(fmt.DATA_PREFIX):
             # Inside a frame of the kind under test, not the trailer.
-            frames = fmt.decode_pack_trailer(key, data)
+            frames = fmt.decode_pack_trailer(key, data, crypto)
             frame = frames[frames["kind"] == FRAME_KINDS[kind]][0]
             at = int(frame["offset"]) + int(frame["clen"]) // 2
         else:
@@ -101,9 +108,10 @@ def _damaged(url: str, kind: str, damage: str) -> Damaged:
     repo = Repository.open_url(url, create=True, **SMALL_REPO)
     a, image_a = _write(repo, "vm-a", 1)
     b, image_b = _write(repo, "vm-b", 2)
+    assert repo.encrypted == ("SNAPVISOR_PASSWORD_FILE" in os.environ)
     key = _victim(repo, kind, a)
     packs = {info.key for info in repo.store.list(fmt.DATA_PREFIX)}
-    _damage(repo.store, key, damage, kind)
+    _damage(repo.store, key, damage, kind, repo.crypto)
     repo.close()
     return Damaged(url, a, b, key, packs, {a: image_a, b: image_b})
 
@@ -137,12 +145,14 @@ def _check_operations(d: Damaged, kind: str, damage: str, capsys) -> None:
     url, a, b = d.url, d.a, d.b
     harmless = kind == "lock" or (kind == "manifest" and damage == "missing")  # a missing manifest: A was forgotten
 
-    # -- config: nothing opens, and the message says what to do ----------------------
-    if kind == "config":
+    # -- config, key file: nothing opens, and the message says what to do ------------
+    if kind in ("config", "key"):
+        what = "`config` object is" if kind == "config" else (
+            "has no key files" if damage == "missing" else f"key file {d.key} in .* is damaged")
         for args in (["ls"], ["show", b], ["verify"], ["gc"], ["gc", "--dry-run"], ["prune", "--keep-last", "9"]):
             code, out = _cli(capsys, *args, "--repo", url)
-            assert code == 1 and "`config` object is" in out and "another copy of the repository" in out, (args, out)
-        with pytest.raises(SnapvisorError, match="`config` object is"):
+            assert code == 1 and re.search(what, out) and "another copy of the repository" in out, (args, out)
+        with pytest.raises(SnapvisorError, match=what):
             _restore(url, b, d.images[b])
         return
 
@@ -206,10 +216,20 @@ def _check_operations(d: Damaged, kind: str, damage: str, capsys) -> None:
     assert b[:12] in out
 
 
+def _encrypted(monkeypatch, tmp_path, encryption: str) -> None:
+    """With "encrypted", the password file in the environment: the first snapshot
+    creates an encrypted repository, and every command opens it."""
+    if encryption == "encrypted":
+        password = tmp_path / "password"
+        password.write_text("damaged but secret\n")
+        monkeypatch.setenv("SNAPVISOR_PASSWORD_FILE", str(password))
+
+
 @pytest.mark.parametrize("damage", DAMAGES)
-@pytest.mark.parametrize("kind", KINDS)
-def test_every_operation_on_a_damaged_local_repository(kind: str, damage: str, tmp_path, capsys,
-                                                       monkeypatch) -> None:
+@pytest.mark.parametrize("kind,encryption", CASES)
+def test_every_operation_on_a_damaged_local_repository(kind: str, encryption: str, damage: str, tmp_path,
+                                                       capsys, monkeypatch) -> None:
+    _encrypted(monkeypatch, tmp_path, encryption)
     damaged = _damaged(str(tmp_path / "repo"), kind, damage)
     _on_another_host(monkeypatch, tmp_path)
     _check_operations(damaged, kind, damage, capsys)
@@ -223,11 +243,12 @@ def _on_another_host(monkeypatch, tmp_path) -> None:
 
 
 @pytest.mark.s3
+@pytest.mark.parametrize("encryption", ["plain", "encrypted"])
 @pytest.mark.parametrize("kind,damage", [("manifest", "flipped"), ("index", "truncated"),
                                          ("page-frame", "flipped"), ("map-block", "missing"),
                                          ("lock", "truncated")])
-def test_damaged_s3_repository(kind: str, damage: str, s3_server, s3_bucket, capsys, monkeypatch,
-                               tmp_path) -> None:
+def test_damaged_s3_repository(kind: str, damage: str, encryption: str, s3_server, s3_bucket, capsys,
+                               monkeypatch, tmp_path) -> None:
     import secrets
 
     endpoint, key, secret = s3_server
@@ -235,6 +256,7 @@ def test_damaged_s3_repository(kind: str, damage: str, s3_server, s3_bucket, cap
                         ("AWS_SECRET_ACCESS_KEY", secret), ("AWS_DEFAULT_REGION", "us-east-1")):
         monkeypatch.setenv(name, value)
     url = f"s3://{s3_bucket}/{secrets.token_hex(6)}"
+    _encrypted(monkeypatch, tmp_path, encryption)
     damaged = _damaged(url, kind, damage)
     _on_another_host(monkeypatch, tmp_path)
     _check_operations(damaged, kind, damage, capsys)

@@ -65,7 +65,7 @@ def test_a_damaged_index_file_is_replaced(repo):
     assert result.damaged_index_files == [damaged] and result.index_files_read == 1
     assert result.new_index_file in index_keys(repo)
     for key in index_keys(repo):  # the damaged bytes are gone (the rebuilt file may have its name)
-        fmt.decode_index(key, repo.store.get(key))
+        fmt.decode_index(key, repo.store.get(key), repo.crypto)
     assert_readable(repo, snapshots)
 
 

@@ -186,7 +186,7 @@ def test_bad_arguments_are_clear_errors(repo):
 
 
 def test_init_open_errors(backend):
-    with pytest.raises(RepositoryError, match="no snapvisor repository.*the first snapshot written into it creates it"):
+    with pytest.raises(RepositoryError, match="no snapvisor repository.*create it with .snapvisor init"):
         Repository.open(backend)
     Repository.init(backend, **SMALL_REPO)
     before = object_listing(backend)

@@ -162,7 +162,7 @@ def test_gc_repack_refuses_damaged_data(repo):
     snapshot(repo, keep.reshape(-1), "vm1")
     repo.delete_snapshot(first.id)
     index = repo.refresh_index(full=True)
-    loc = index.entries[__import__("hashlib").sha256(old[0].tobytes()).digest()]
+    loc = index.entries[repo.crypto.object_id(old[0].tobytes())]
     pack = index.packs[loc[0]]
     data = bytearray(repo.store.get(pack.key))
     start = int(pack.frames[loc[1]]["offset"]) + loc[2] * 4096
