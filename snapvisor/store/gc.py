@@ -144,7 +144,7 @@ def _repack(repo: "Repository", index, live: set[bytes], sparse: list[int]) -> P
         p, fno, slot = index.entries[oid]
         if p in sparse_set:
             wanted.setdefault((p, fno), []).append((slot, oid))
-    packer = Packer(repo.store, repo.pack_size, repo.io_threads, repo.crypto)
+    packer = Packer(repo.store, repo.pack_size, repo.io_threads, crypto=repo.crypto)
     try:
         for p in sparse:
             pack = index.packs[p]

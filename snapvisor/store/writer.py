@@ -57,7 +57,7 @@ class SnapshotWriter:
         self._threads = threads
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="snapvisor-cpu")
         self._gate = Gate()  # hashing, compression and uploads run only while it is open
-        self._packer = Packer(repo.store, repo.pack_size, repo.io_threads, self._gate, repo.crypto)
+        self._packer = Packer(repo.store, repo.pack_size, repo.io_threads, gate=self._gate, crypto=repo.crypto)
         self._known = repo.index.entries  # ids already stored (dedup source)
         self._mine: set[bytes] = set()    # ids stored by this snapshot
         self._regions: dict[str, _Region] = {}
