@@ -10,11 +10,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Mapping, Sequence
 
+from snapvisor.vmm.acpi import MmioDevice
 from snapvisor.vmm.bus import MmioBus, PioBus
+from snapvisor.vmm.devices.acpi_sleep import PORT_COUNT as SLEEP_PORT_COUNT
+from snapvisor.vmm.devices.acpi_sleep import SLEEP_CONTROL_PORT, AcpiSleepRegisters
 from snapvisor.vmm.devices.blockfile import BlockFile, DiskConfig
 from snapvisor.vmm.devices.console import SerialInputPump
-from snapvisor.vmm.devices.i8042 import COMMAND_PORT, I8042
+from snapvisor.vmm.devices.i8042 import DATA_PORT, I8042
+from snapvisor.vmm.devices.i8042 import PORT_RANGE as I8042_PORT_RANGE
 from snapvisor.vmm.devices.power import POWER_OFF_PORT, PowerOffPort
+from snapvisor.vmm.devices.rtc import INDEX_PORT as RTC_PORT
+from snapvisor.vmm.devices.rtc import PORT_COUNT as RTC_PORT_COUNT
+from snapvisor.vmm.devices.rtc import CmosRtc
 from snapvisor.vmm.devices.serial import COM1_IRQ, COM1_PORT, PORT_COUNT, Serial, SerialOutput
 from snapvisor.vmm.devices.virtio.block import VirtioBlock
 from snapvisor.vmm.devices.virtio.mmio import MMIO_WINDOW, VirtioMmioTransport, kernel_cmdline_option, mmio_window
@@ -33,6 +40,9 @@ from snapvisor.vmm.vm import STATE_VERSION, Vm
 KVM_TSS_ADDRESS = 0xFFFBD000
 MIN_MEM_SIZE = 2 << 20
 MAX_DISKS = 16  # IOAPIC pins 5..20
+# Devices newer than some saved states: a state without one restores it at
+# power-on (the guest that was saved never touched it).
+DEVICES_ADDED_LATER = frozenset({"acpi_sleep", "rtc"})
 
 
 @dataclass
@@ -95,14 +105,27 @@ class _Parts:
         output = SerialOutput(sys.stdout.fileno() if serial_out is None else serial_out)
         self.serial = Serial(output, lambda level: self.irqchip.set_irq_line(COM1_IRQ, level))
         self.power = PowerOffPort(lambda code: self._exit(ExitStatus(code, "poweroff", f"the guest powered off with status {code}")))
-        self.i8042 = I8042(lambda: self._exit(ExitStatus(0, "reset", "the guest reset the machine through the i8042")))
+        self.i8042 = I8042(
+            lambda: self._exit(ExitStatus(0, "reset", "the guest reset the machine through the i8042")), self._pulse_irq
+        )
         self.pio_bus.register(COM1_PORT, PORT_COUNT, self.serial)
         self.pio_bus.register(POWER_OFF_PORT, 1, self.power)
-        self.pio_bus.register(COMMAND_PORT, 1, self.i8042)
-        self.devices = {"serial": self.serial, "power": self.power, "i8042": self.i8042}
+        self.acpi_sleep = AcpiSleepRegisters(lambda: self._exit(ExitStatus(0, "poweroff", "the guest powered off (ACPI S5)")))
+        self.pio_bus.register(DATA_PORT, I8042_PORT_RANGE, self.i8042)
+        self.pio_bus.register(SLEEP_CONTROL_PORT, SLEEP_PORT_COUNT, self.acpi_sleep)
+        self.rtc = CmosRtc()
+        self.pio_bus.register(RTC_PORT, RTC_PORT_COUNT, self.rtc)
+        self.devices = {
+            "serial": self.serial,
+            "power": self.power,
+            "i8042": self.i8042,
+            "acpi_sleep": self.acpi_sleep,
+            "rtc": self.rtc,
+        }
         if len(disks) > MAX_DISKS:
             raise VmConfigError(f"{len(disks)} disks requested; a VM can have at most {MAX_DISKS}")
         self.disk_names: list[str] = []
+        self.mmio_devices: list[MmioDevice] = []  # for the ACPI DSDT
         for index, disk in enumerate(disks):
             self._attach_disk(stack, index, disk)
         self.serial_input = SerialInputPump(serial_in, self.serial) if serial_in is not None else None
@@ -126,6 +149,7 @@ class _Parts:
         base, irq = mmio_window(index)
         transport = VirtioMmioTransport(VirtioBlock(name, image), self.memory, lambda: self._pulse_irq(irq))
         self.mmio_bus.register(base, MMIO_WINDOW, transport)
+        self.mmio_devices.append(MmioDevice(base, MMIO_WINDOW, irq))
         self.devices[f"virtio-blk-{name}"] = transport
         self.disk_names.append(name)
 
@@ -175,10 +199,16 @@ def build_microvm_for_boot(cfg: VmConfig) -> Vm:
         parts = _Parts(
             stack, cfg.vcpus, cfg.mem_size, cfg.serial_out, cfg.serial_in, prefault=cfg.prefault_memory, disks=cfg.disks
         )
-        # Linux (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES) and the test guest find disks here.
+        # Kernels built with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES and the test guest find
+        # disks here; other kernels find them in the ACPI DSDT.
         cmdline = " ".join([cfg.cmdline] + [kernel_cmdline_option(i) for i in range(len(cfg.disks))])
         boot = load_kernel(
-            parts.memory, Path(cfg.kernel), Path(cfg.initrd) if cfg.initrd else None, cmdline, cfg.vcpus
+            parts.memory,
+            Path(cfg.kernel),
+            Path(cfg.initrd) if cfg.initrd else None,
+            cmdline,
+            cfg.vcpus,
+            parts.mmio_devices,
         )
         for vcpu in parts.vcpus:
             enters = vcpu.index == 0 or boot.all_vcpus_at_entry
@@ -285,6 +315,8 @@ def build_microvm_from_state(
             vcpu.restore(vcpu_state)
         for name, device in parts.devices.items():
             if name not in state["devices"]:
+                if name in DEVICES_ADDED_LATER:
+                    continue
                 raise VmStateError(f"the saved state has no {name} device")
             try:
                 device.restore(state["devices"][name])

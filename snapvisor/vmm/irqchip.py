@@ -10,6 +10,10 @@ from snapvisor.vmm.kvm import bindings as b
 from snapvisor.vmm.kvm.bindings import CData
 
 STATE_VERSION = 1
+# Where KVM's in-kernel LAPICs and IOAPIC sit (the PC defaults); the MP table
+# and the ACPI MADT tell the guest.
+LAPIC_ADDR = 0xFEE00000
+IOAPIC_ADDR = 0xFEC00000
 _CHIPS = {
     "pic_master": b.KVM_IRQCHIP_PIC_MASTER,
     "pic_slave": b.KVM_IRQCHIP_PIC_SLAVE,

@@ -16,6 +16,21 @@ def out_byte(port: int, value: int) -> bytes:
     return b"\x66\xba" + struct.pack("<H", port) + b"\xb0" + bytes([value]) + b"\xee"
 
 
+def in_byte(port: int) -> bytes:
+    """mov dx, port; in al, dx"""
+    return b"\x66\xba" + struct.pack("<H", port) + b"\xec"
+
+
+def out_al(port: int) -> bytes:
+    """mov dx, port; out dx, al"""
+    return b"\x66\xba" + struct.pack("<H", port) + b"\xee"
+
+
+def spin() -> bytes:
+    """jmp to itself: the guest keeps running, for tests that pause it."""
+    return b"\xeb\xfe"
+
+
 def print_text(text: bytes, port: int = 0x3F8) -> bytes:
     return b"".join(out_byte(port, c) for c in text)
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
+from snapvisor.vmm.acpi import MmioDevice, write_acpi_tables
 from snapvisor.vmm.errors import BootError
 from snapvisor.vmm.loader import x86
 from snapvisor.vmm.loader.bzimage import is_bzimage, load_bzimage
@@ -31,9 +33,18 @@ def _read(path: Path, what: str) -> bytes:
         raise BootError(f"cannot read {what} {path}: {exc.strerror}") from None
 
 
-def load_kernel(memory: GuestMemory, kernel: Path, initrd: Path | None, cmdline: str, vcpus: int = 1) -> BootInfo:
-    """Load kernel, initrd and command line and write every boot structure
-    (for `vcpus` CPUs: the MP table lists them)."""
+def load_kernel(
+    memory: GuestMemory,
+    kernel: Path,
+    initrd: Path | None,
+    cmdline: str,
+    vcpus: int = 1,
+    mmio_devices: Sequence[MmioDevice] = (),
+) -> BootInfo:
+    """Load kernel, initrd and command line and write every boot structure:
+    for `vcpus` CPUs and the virtio-mmio `mmio_devices`, the ACPI tables (what
+    a distribution kernel reads) and the MP table (what a kernel built
+    without ACPI reads)."""
     image = _read(kernel, "kernel")
     name = str(kernel)
     if is_elf(image):
@@ -60,7 +71,8 @@ def load_kernel(memory: GuestMemory, kernel: Path, initrd: Path | None, cmdline:
         initrd_range = _load_initrd(memory, _read(initrd, "initrd"), initrd, kernel_end, initrd_max)
     x86.write_boot_structures(memory)
     write_mptable(memory, vcpus)
-    x86.build_zero_page(memory, setup_header, initrd_range)
+    rsdp = write_acpi_tables(memory, vcpus, mmio_devices)
+    x86.build_zero_page(memory, setup_header, initrd_range, rsdp)
     return BootInfo(entry=entry, all_vcpus_at_entry=all_at_entry)
 
 

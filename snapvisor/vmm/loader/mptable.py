@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import struct
 
+from snapvisor.vmm.irqchip import IOAPIC_ADDR, LAPIC_ADDR
 from snapvisor.vmm.memory import GuestMemory
 
 MPTABLE_ADDR = 0x9FC00
 MPTABLE_LIMIT = 0x400  # the scanned area: one KiB
-LAPIC_ADDR = 0xFEE00000
-IOAPIC_ADDR = 0xFEC00000
 ISA_IRQS = 16
 ISA_BUS_ID = 0
 

@@ -62,6 +62,7 @@ PTE_WRITABLE = 1 << 1
 PTE_HUGE = 1 << 7
 
 # boot_params (zero page) offsets, Documentation/arch/x86/zero-page.rst
+BP_ACPI_RSDP_ADDR = 0x070
 BP_EXT_RAMDISK_IMAGE = 0x0C0
 BP_EXT_RAMDISK_SIZE = 0x0C4
 BP_EXT_CMD_LINE_PTR = 0x0C8
@@ -166,10 +167,12 @@ def build_zero_page(
     memory: GuestMemory,
     setup_header: bytes,
     initrd: tuple[int, int] | None,
+    acpi_rsdp: int = 0,
 ) -> None:
     """Write boot_params at ZERO_PAGE_ADDR. `setup_header` is the kernel's own
     header (bytes from 0x1f1 of a bzImage) or b"" for an ELF kernel, in which
-    case a minimal valid header is synthesised."""
+    case a minimal valid header is synthesised. `acpi_rsdp` (0: none) saves
+    Linux (5.0 and later) the scan for the RSDP."""
     page = bytearray(ZERO_PAGE_SIZE)
     page[BP_SETUP_HEADER : BP_SETUP_HEADER + len(setup_header)] = setup_header
     struct.pack_into("<H", page, BP_BOOT_FLAG, BOOT_FLAG)
@@ -177,6 +180,7 @@ def build_zero_page(
     page[BP_TYPE_OF_LOADER] = LOADER_TYPE_UNDEFINED
     struct.pack_into("<I", page, BP_CMD_LINE_PTR, CMDLINE_ADDR)
     struct.pack_into("<I", page, BP_EXT_CMD_LINE_PTR, CMDLINE_ADDR >> 32)
+    struct.pack_into("<Q", page, BP_ACPI_RSDP_ADDR, acpi_rsdp)
     if not setup_header:
         struct.pack_into("<I", page, BP_KERNEL_ALIGNMENT, 0x1000000)
         struct.pack_into("<I", page, BP_CMDLINE_SIZE, CMDLINE_MAX - 1)
