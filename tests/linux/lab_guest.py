@@ -67,9 +67,9 @@ def text(console: bytes, lines: int = 40) -> str:
 
 
 class Guests:
-    """The snapvisor processes of one test: each one's console is written to the test's
-    folder when the test ends (kept for a failure's post-mortem), and any still running
-    is killed."""
+    """The snapvisor processes of one test: any still running is killed when the test
+    ends, and each one's console and stderr are written to the test's folder and, in
+    the lab, to the job folder on the host (SNAPVISOR_LAB_JOB), which outlives L1."""
 
     def __init__(self, folder: Path, guest: LabGuest) -> None:
         self.folder = folder
@@ -110,10 +110,14 @@ class Guests:
                              f"{text(process.getvalue())}\nstderr: {process.stderr[-2000:]}")
 
     def close(self) -> None:
+        job = os.environ.get("SNAPVISOR_LAB_JOB")
+        keep = [self.folder] + ([Path(job) / "consoles" / self.folder.name] if job else [])
         for label, process in self._running.items():
             process.kill()
-            (self.folder / f"{label}.console").write_bytes(process.getvalue())
-            (self.folder / f"{label}.stderr").write_text(process.stderr)
+            for folder in keep:
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / f"{label}.console").write_bytes(process.getvalue())
+                (folder / f"{label}.stderr").write_text(process.stderr)
 
 
 def wait_for_rows(process: Foreground, at_least: int, timeout: float) -> int:
