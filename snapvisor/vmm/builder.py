@@ -14,7 +14,7 @@ from snapvisor.vmm.acpi import MmioDevice
 from snapvisor.vmm.bus import MmioBus, PioBus
 from snapvisor.vmm.devices.acpi_sleep import PORT_COUNT as SLEEP_PORT_COUNT
 from snapvisor.vmm.devices.acpi_sleep import SLEEP_CONTROL_PORT, AcpiSleepRegisters
-from snapvisor.vmm.devices.blockfile import BlockFile, DiskConfig
+from snapvisor.vmm.devices.blockfile import BlockFile, DiskConfig, check_disk_image
 from snapvisor.vmm.devices.console import SerialInputPump
 from snapvisor.vmm.devices.i8042 import DATA_PORT, I8042
 from snapvisor.vmm.devices.i8042 import PORT_RANGE as I8042_PORT_RANGE
@@ -30,7 +30,7 @@ from snapvisor.vmm.exit_status import ExitStatus
 from snapvisor.vmm.irqchip import Irqchip
 from snapvisor.vmm.kvm import Kvm, VcpuFd, ffi
 from snapvisor.vmm.kvm import bindings as b
-from snapvisor.vmm.loader import load_kernel
+from snapvisor.vmm.loader import check_boot_files, load_kernel
 from snapvisor.vmm.memory import PAGE_SIZE, FileBacking, GuestMemory
 from snapvisor.vmm.vcpu import Vcpu
 from snapvisor.vmm.vm import STATE_VERSION, Vm
@@ -62,10 +62,15 @@ def _host_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _check_resources(kvm: Kvm, vcpus: int, mem_size: int) -> None:
+def _check_vcpus(kvm: Kvm, vcpus: int) -> None:
     max_vcpus = kvm.check_extension(b.KVM_CAP_NR_VCPUS) or 4
     if not 1 <= vcpus <= max_vcpus:
-        raise VmConfigError(f"{vcpus} vCPUs requested; this host's KVM supports 1 to {max_vcpus} per VM")
+        raise VmConfigError(
+            f"{vcpus} vCPUs requested; this host's KVM supports 1 to {max_vcpus} per VM: ask for that many (--vcpus)"
+        )
+
+
+def _check_memory(mem_size: int) -> None:
     if mem_size < MIN_MEM_SIZE or mem_size % PAGE_SIZE:
         raise VmConfigError(f"memory size {mem_size} bytes is not usable: it must be at least 2 MiB and a multiple of 4 KiB")
     if mem_size > _host_memory():
@@ -89,9 +94,14 @@ class _Parts:
         prefault: bool = False,
         disks: Sequence[DiskConfig] = (),
     ) -> None:
+        _check_memory(mem_size)
+        if len(disks) > MAX_DISKS:
+            raise VmConfigError(f"{len(disks)} disks requested; a VM can have at most {MAX_DISKS}")
+        for disk in disks:
+            check_disk_image(disk)
         self.kvm = Kvm.open()
         stack.callback(self.kvm.close)
-        _check_resources(self.kvm, vcpu_count, mem_size)
+        _check_vcpus(self.kvm, vcpu_count)
         self.vm_fd = self.kvm.create_vm()
         stack.callback(self.vm_fd.close)
         self.vm_fd.set_tss_addr(KVM_TSS_ADDRESS)
@@ -122,8 +132,6 @@ class _Parts:
             "acpi_sleep": self.acpi_sleep,
             "rtc": self.rtc,
         }
-        if len(disks) > MAX_DISKS:
-            raise VmConfigError(f"{len(disks)} disks requested; a VM can have at most {MAX_DISKS}")
         self.disk_names: list[str] = []
         self.mmio_devices: list[MmioDevice] = []  # for the ACPI DSDT
         for index, disk in enumerate(disks):
@@ -194,7 +202,11 @@ def _msrs_readable(vcpu_fd: VcpuFd, indices: list[int]) -> list[int]:
 
 
 def build_microvm_for_boot(cfg: VmConfig) -> Vm:
-    """A VM with the kernel loaded and every vCPU at its reset/entry state; not started."""
+    """A VM with the kernel loaded and every vCPU at its reset/entry state; not started.
+    Bad input (kernel, initrd, memory size, disks, vCPU count) is refused before
+    any VM exists."""
+    _check_memory(cfg.mem_size)
+    check_boot_files(Path(cfg.kernel), Path(cfg.initrd) if cfg.initrd else None, cfg.mem_size)
     with ExitStack() as stack:
         parts = _Parts(
             stack, cfg.vcpus, cfg.mem_size, cfg.serial_out, cfg.serial_in, prefault=cfg.prefault_memory, disks=cfg.disks

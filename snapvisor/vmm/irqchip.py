@@ -4,6 +4,8 @@ saved with the vCPU), the in-kernel PIT (channel 0 on IRQ 0, owns ports
 
 from __future__ import annotations
 
+import time
+
 from snapvisor.vmm.errors import VmStateError
 from snapvisor.vmm.kvm import VmFd, ffi
 from snapvisor.vmm.kvm import bindings as b
@@ -19,9 +21,6 @@ _CHIPS = {
     "pic_slave": b.KVM_IRQCHIP_PIC_SLAVE,
     "ioapic": b.KVM_IRQCHIP_IOAPIC,
 }
-# Clock flags KVM_SET_CLOCK should not act on: with REALTIME it would add the
-# wall time spent stopped, and the guest would see a jump.
-_CLOCK_FLAGS_TO_DROP = b.KVM_CLOCK_REALTIME | b.KVM_CLOCK_HOST_TSC
 
 
 class Irqchip:
@@ -43,6 +42,7 @@ class Irqchip:
             state[name] = bytes(ffi.buffer(self._vm_fd.get_irqchip(chip_id)))
         state["pit"] = bytes(ffi.buffer(self._vm_fd.get_pit2()))
         state["clock"] = bytes(ffi.buffer(self._vm_fd.get_clock()))
+        state["clock_saved_at_ns"] = time.clock_gettime_ns(time.CLOCK_REALTIME)
         return state
 
     def restore(self, state: dict) -> None:
@@ -51,13 +51,35 @@ class Irqchip:
             raise VmStateError(f"irqchip state version {state.get('version')} is not {STATE_VERSION}")
         self._vm_fd.set_pit2(_load("struct kvm_pit_state2", state["pit"]))
         clock = _load("struct kvm_clock_data", state["clock"])
-        clock.flags &= ~_CLOCK_FLAGS_TO_DROP
-        self._vm_fd.set_clock(clock)
+        self._vm_fd.set_clock(self._clock_now(clock, state.get("clock_saved_at_ns")))
         for name, chip_id in _CHIPS.items():
             chip = _load("struct kvm_irqchip", state[name])
             if chip.chip_id != chip_id:
                 raise VmStateError(f"saved {name} carries chip id {chip.chip_id}, expected {chip_id}")
             self._vm_fd.set_irqchip(chip)
+
+
+    def _clock_now(self, clock: CData, saved_at_ns: int | None) -> CData:
+        """The saved VM clock moved on by the host time since it was saved, so a
+        restored or migrated guest reads the current wall time (its clock
+        counted on while the VM was stopped, as a real one would have).
+
+        KVM does it exactly where both the saved clock and this host's KVM
+        know the realtime pairing (KVM_CLOCK_REALTIME): the clock is advanced
+        by the realtime elapsed inside the ioctl. Elsewhere the advance is
+        the host realtime elapsed since `saved_at_ns`, taken just before the
+        ioctl. A state saved before snapvisor recorded `saved_at_ns` restores
+        the clock as it was."""
+        if saved_at_ns is not None and not isinstance(saved_at_ns, int):
+            raise VmStateError(f"saved clock time {saved_at_ns!r} is not an integer")
+        supported = self._vm_fd.check_extension(b.KVM_CAP_ADJUST_CLOCK)
+        if clock.flags & b.KVM_CLOCK_REALTIME and supported & b.KVM_CLOCK_REALTIME:
+            clock.flags = b.KVM_CLOCK_REALTIME
+            return clock
+        clock.flags = 0
+        if saved_at_ns is not None:
+            clock.clock += max(0, time.clock_gettime_ns(time.CLOCK_REALTIME) - saved_at_ns)
+        return clock
 
 
 def _load(ctype: str, data: bytes) -> CData:

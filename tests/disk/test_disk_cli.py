@@ -40,7 +40,7 @@ def test_run_attaches_disks_in_order(testguest: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "disk,message,code",
     [
-        ("{tmp}/missing.img", "cannot open disk image", 1),
+        ("{tmp}/missing.img", "missing.img does not exist; give the path of an existing image", 1),
         ("{tmp}/odd.img", "multiple of 4096", 1),
         ("{tmp}/ok.img,rw", "unknown disk option 'rw'", 2),
     ],

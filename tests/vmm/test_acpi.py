@@ -42,9 +42,23 @@ def _asl(devices: list[MmioDevice]) -> str:
             }}"""
         for index, dev in enumerate(devices)
     )
-    scope = f"Scope (\\_SB) {{{body}\n        }}" if devices else ""
+    legacy = """
+            Device (COM1) {
+                Name (_HID, EisaId ("PNP0501"))
+                Name (_UID, Zero)
+                Name (_CRS, ResourceTemplate () { IO (Decode16, 0x3F8, 0x3F8, 1, 8) IRQNoFlags () {4} })
+            }
+            Device (PS2K) {
+                Name (_HID, EisaId ("PNP0303"))
+                Name (_CRS, ResourceTemplate () { IO (Decode16, 0x60, 0x60, 1, 1) IO (Decode16, 0x64, 0x64, 1, 1) IRQNoFlags () {1} })
+            }
+            Device (RTC) {
+                Name (_HID, EisaId ("PNP0B00"))
+                Name (_CRS, ResourceTemplate () { IO (Decode16, 0x70, 0x70, 1, 2) })
+            }"""
     return f"""DefinitionBlock ("", "DSDT", 2, "SNAPVS", "SNAPVISR", 1) {{
-        {scope}
+        Scope (\\_SB) {{{legacy}{body}
+        }}
         Name (_S5, Package () {{ 5, 0 }})
     }}
     """
@@ -56,7 +70,7 @@ def _iasl(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 @needs_iasl
-@pytest.mark.parametrize("count", [0, 1, 3, 16])  # 16: the scope's PkgLength takes 2 bytes
+@pytest.mark.parametrize("count", [0, 1, 3, 16])  # the scope's PkgLength takes 2 bytes
 def test_dsdt_aml_matches_iasl_byte_for_byte(tmp_path: Path, count: int) -> None:
     devices = _devices(count)
     (tmp_path / "dsdt.asl").write_text(_asl(devices))
@@ -119,6 +133,12 @@ def test_integers_take_the_shortest_form(value: int, encoded: bytes) -> None:
 def test_bad_name_segments_are_refused(bad: str) -> None:
     with pytest.raises(aml.AmlError, match="name segment"):
         aml.name_seg(bad)
+
+
+@pytest.mark.parametrize("bad", ["PNP050", "pnp0501", "PNP05G1", "1NP0501"])
+def test_bad_eisa_ids_are_refused(bad: str) -> None:
+    with pytest.raises(aml.AmlError, match="EISA id"):
+        aml.eisa_id(bad)
 
 
 def test_name_strings() -> None:

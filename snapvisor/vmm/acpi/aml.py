@@ -29,6 +29,9 @@ DUAL_NAME_PREFIX = 0x2E
 MULTI_NAME_PREFIX = 0x2F
 
 # Resource descriptors (ACPI 6.5, 6.4)
+IRQ_NO_FLAGS = 0x22  # small item 0x4, 2 bytes
+IO_PORT = 0x47  # small item 0x8, 7 bytes
+IO_DECODE_16 = 1
 MEMORY32_FIXED = 0x86
 EXTENDED_INTERRUPT = 0x89
 END_TAG = 0x79
@@ -97,6 +100,19 @@ def string(text: str) -> bytes:
     return bytes([STRING_PREFIX]) + encoded + b"\0"
 
 
+def eisa_id(text: str) -> bytes:
+    """EISAID ("PNP0501"): three letters of 5 bits and four hex digits in a
+    32-bit integer, stored byte-swapped, as iasl encodes it."""
+    if len(text) != 7 or not text[:3].isalpha() or not text[:3].isupper():
+        raise AmlError(f"{text!r} is not an EISA id (three capital letters, four hex digits)")
+    try:
+        product = int(text[3:], 16)
+    except ValueError:
+        raise AmlError(f"{text!r} is not an EISA id (three capital letters, four hex digits)") from None
+    vendor = ((ord(text[0]) - 0x40) << 10) | ((ord(text[1]) - 0x40) << 5) | (ord(text[2]) - 0x40)
+    return integer(int.from_bytes(struct.pack(">HH", vendor, product), "little"))
+
+
 def name(path: str, value: bytes) -> bytes:
     """Name (path, value): `value` is an encoded data object."""
     return bytes([NAME_OP]) + name_string(path) + value
@@ -128,6 +144,16 @@ def resource_template(*descriptors: bytes) -> bytes:
     """A Buffer of resource descriptors closed by an end tag (checksum 0: "the
     bytes are not checksummed", which is what iasl writes)."""
     return buffer(b"".join(descriptors) + bytes([END_TAG, 0]))
+
+
+def io_port(base: int, length: int) -> bytes:
+    """IO (Decode16, base, base, 1, length): a fixed range of I/O ports."""
+    return struct.pack("<BBHHBB", IO_PORT, IO_DECODE_16, base, base, 1, length)
+
+
+def irq_no_flags(irq: int) -> bytes:
+    """IRQNoFlags () {irq}: an ISA interrupt (edge, active high, exclusive)."""
+    return struct.pack("<BH", IRQ_NO_FLAGS, 1 << irq)
 
 
 def memory32_fixed(base: int, length: int, writable: bool = True) -> bytes:

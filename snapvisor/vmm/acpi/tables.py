@@ -15,6 +15,13 @@ from typing import Sequence
 
 from snapvisor.vmm.acpi import aml
 from snapvisor.vmm.devices.acpi_sleep import SLEEP_TYPE_S5
+from snapvisor.vmm.devices.i8042 import COMMAND_PORT as I8042_COMMAND_PORT
+from snapvisor.vmm.devices.i8042 import DATA_PORT as I8042_DATA_PORT
+from snapvisor.vmm.devices.i8042 import KEYBOARD_IRQ
+from snapvisor.vmm.devices.rtc import INDEX_PORT as RTC_PORT
+from snapvisor.vmm.devices.rtc import PORT_COUNT as RTC_PORTS
+from snapvisor.vmm.devices.serial import COM1_IRQ, COM1_PORT
+from snapvisor.vmm.devices.serial import PORT_COUNT as COM1_PORTS
 from snapvisor.vmm.irqchip import IOAPIC_ADDR, LAPIC_ADDR
 
 OEM_ID = b"SNAPVS"
@@ -137,9 +144,36 @@ def madt(vcpus: int, ioapic_id: int) -> bytes:
     return sdt(b"APIC", MADT_REVISION, struct.pack("<II", LAPIC_ADDR, MADT_FLAG_PCAT_COMPAT) + b"".join(entries))
 
 
+def _legacy_devices() -> list[bytes]:
+    """COM1, the i8042 and the RTC. Linux on a hardware-reduced platform sets
+    up no ISA interrupts by itself: a device's IRQ works once ACPI describes
+    it (its PNP driver then registers the interrupt)."""
+    return [
+        aml.device(
+            "COM1",
+            aml.name("_HID", aml.eisa_id("PNP0501")),
+            aml.name("_UID", aml.integer(0)),
+            aml.name("_CRS", aml.resource_template(aml.io_port(COM1_PORT, COM1_PORTS), aml.irq_no_flags(COM1_IRQ))),
+        ),
+        aml.device(
+            "PS2K",
+            aml.name("_HID", aml.eisa_id("PNP0303")),
+            aml.name("_CRS", aml.resource_template(
+                aml.io_port(I8042_DATA_PORT, 1), aml.io_port(I8042_COMMAND_PORT, 1), aml.irq_no_flags(KEYBOARD_IRQ)
+            )),
+        ),
+        aml.device(
+            "RTC",
+            aml.name("_HID", aml.eisa_id("PNP0B00")),
+            aml.name("_CRS", aml.resource_template(aml.io_port(RTC_PORT, RTC_PORTS))),
+        ),
+    ]
+
+
 def dsdt_aml(devices: Sequence[MmioDevice]) -> bytes:
-    """The DSDT's AML: one LNRO0005 device per virtio-mmio window (Linux's
-    virtio_mmio driver binds to it, no command line needed) and `\\_S5`."""
+    """The DSDT's AML: the legacy devices, one LNRO0005 device per virtio-mmio
+    window (Linux's virtio_mmio driver binds to it, no command line needed)
+    and `\\_S5`."""
     virtio = [
         aml.device(
             f"V{index:03X}",
@@ -150,7 +184,7 @@ def dsdt_aml(devices: Sequence[MmioDevice]) -> bytes:
         )
         for index, dev in enumerate(devices)
     ]
-    terms = [aml.scope("_SB", *virtio)] if virtio else []
+    terms = [aml.scope("_SB", *_legacy_devices(), *virtio)]
     terms.append(aml.name("_S5", aml.package(aml.integer(SLEEP_TYPE_S5), aml.integer(0))))
     return b"".join(terms)
 

@@ -17,6 +17,7 @@ import errno
 import fcntl
 import mmap
 import os
+import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,43 @@ class DiskConfig:
     readonly: bool = False
 
 
+def _check_size(path: Path, size: int) -> None:
+    if size == 0 or size % BLOCK_SIZE:
+        raise DiskError(
+            f"disk image {path} is {size} bytes; its size must be a non-zero multiple of "
+            f"{BLOCK_SIZE} (resize it with `truncate -s <size> {path}`)"
+        )
+
+
+def check_disk_image(disk: DiskConfig) -> None:
+    """The DiskError that attaching `disk` would raise, found before a VM exists.
+
+    Permission bits are honoured even for root, who could open anything: a
+    file whose mode says read-only is a golden image not to be written by
+    mistake, so it needs `readonly` said out loud."""
+    path = disk.path
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise DiskError(f"disk image {path} does not exist; give the path of an existing image (make one with `truncate -s 1G {path}`)") from None
+    except OSError as exc:
+        raise DiskError(f"cannot reach disk image {path}: {exc.strerror}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise DiskError(f"disk image {path} is a directory; give the path of an image file")
+    if not stat.S_ISREG(info.st_mode):
+        raise DiskError(f"disk image {path} is not a regular file; give the path of an image file")
+    mode = stat.S_IMODE(info.st_mode)
+    if not (info.st_mode & stat.S_IRUSR and os.access(path, os.R_OK)):
+        raise DiskError(f"disk image {path} is not readable (mode {mode:04o}); make it readable: `chmod u+r {path}`")
+    read_only_fs = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    if not disk.readonly and (read_only_fs or not (info.st_mode & stat.S_IWUSR and os.access(path, os.W_OK))):
+        where = "on a read-only file system" if read_only_fs else f"read-only (mode {mode:04o})"
+        raise DiskError(
+            f"disk image {path} is {where}; attach it read-only (`--disk {path},readonly`) or make it writable (`chmod u+w {path}`)"
+        )
+    _check_size(path, info.st_size)
+
+
 class BlockFile:
     def __init__(self, path: Path, readonly: bool = False) -> None:
         self.path = Path(path)
@@ -73,11 +111,7 @@ class BlockFile:
         try:
             self._lock_image()
             self.size = os.fstat(self.fd).st_size
-            if self.size == 0 or self.size % BLOCK_SIZE:
-                raise DiskError(
-                    f"disk image {self.path} is {self.size} bytes; its size must be a non-zero multiple of "
-                    f"{BLOCK_SIZE} (resize it with `truncate -s <size> {self.path}`)"
-                )
+            _check_size(self.path, self.size)
         except BaseException:
             os.close(self.fd)
             raise

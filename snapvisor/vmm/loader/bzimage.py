@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Callable
 
 from snapvisor.vmm.errors import BootError
 from snapvisor.vmm.loader.x86 import BOOT_FLAG, HEADER_MAGIC, KERNEL_MIN_ADDR
-from snapvisor.vmm.memory import GuestMemory
 
 OFF_SETUP_SECTS = 0x1F1
 OFF_BOOT_FLAG = 0x1FE
@@ -21,7 +21,6 @@ OFF_INITRD_ADDR_MAX = 0x22C
 OFF_XLOADFLAGS = 0x236
 OFF_CMDLINE_SIZE = 0x238
 OFF_PAYLOAD_OFFSET = 0x248
-OFF_PAYLOAD_LENGTH = 0x24C
 OFF_PREF_ADDRESS = 0x258
 OFF_INIT_SIZE = 0x260
 
@@ -66,6 +65,12 @@ def parse_header(image: bytes, name: str) -> BzImageHeader:
     setup_size = (setup_sects + 1) * SECTOR
     if setup_size >= len(image) or header_end > setup_size:
         raise BootError(f"{name}: truncated bzImage")
+    payload_offset, payload_length = struct.unpack_from("<II", image, OFF_PAYLOAD_OFFSET)
+    if setup_size + payload_offset + payload_length > len(image):
+        raise BootError(
+            f"{name}: truncated bzImage ({len(image)} bytes; its compressed kernel ends at byte "
+            f"{setup_size + payload_offset + payload_length}): copy the kernel file again"
+        )
     return BzImageHeader(
         setup_header=bytes(image[OFF_SETUP_SECTS:header_end]),
         setup_size=setup_size,
@@ -74,8 +79,8 @@ def parse_header(image: bytes, name: str) -> BzImageHeader:
         init_size=struct.unpack_from("<I", image, OFF_INIT_SIZE)[0],
         cmdline_size=struct.unpack_from("<I", image, OFF_CMDLINE_SIZE)[0],
         initrd_addr_max=struct.unpack_from("<I", image, OFF_INITRD_ADDR_MAX)[0],
-        payload_offset=struct.unpack_from("<I", image, OFF_PAYLOAD_OFFSET)[0],
-        payload_length=struct.unpack_from("<I", image, OFF_PAYLOAD_LENGTH)[0],
+        payload_offset=payload_offset,
+        payload_length=payload_length,
     )
 
 
@@ -86,13 +91,12 @@ class LoadedBzImage:
     end: int  # the kernel may use memory up to here while decompressing
 
 
-def load_bzimage(memory: GuestMemory, image: bytes, name: str) -> LoadedBzImage:
+def plan_bzimage(image: bytes, name: str, fits: Callable[[int, int], bool]) -> LoadedBzImage:
+    """Where the kernel goes, checked against guest RAM (`fits(gpa, length)`)."""
     header = parse_header(image, name)
     load_address = max(header.pref_address, KERNEL_MIN_ADDR)
-    kernel = memoryview(image)[header.setup_size :]
-    footprint = max(header.init_size, len(kernel))
-    if not memory.contains(load_address, footprint):
+    footprint = max(header.init_size, len(image) - header.setup_size)
+    if not fits(load_address, footprint):
         need_mib = (load_address + footprint + (1 << 20) - 1) >> 20
         raise BootError(f"{name}: this kernel needs at least {need_mib} MiB of guest RAM to decompress; give the VM more memory")
-    memory.write(load_address, kernel)
     return LoadedBzImage(header=header, entry=load_address + ENTRY_64_OFFSET, end=load_address + footprint)

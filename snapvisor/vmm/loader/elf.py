@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Callable
 
 from snapvisor.vmm.errors import BootError
 from snapvisor.vmm.loader.x86 import KERNEL_MIN_ADDR
-from snapvisor.vmm.memory import GuestMemory
 
 ELF_MAGIC = b"\x7fELF"
 ELFCLASS64 = 2
@@ -32,10 +32,24 @@ _NHDR = struct.Struct("<III")
 
 
 @dataclass(frozen=True)
+class ElfSegment:
+    index: int
+    offset: int  # in the file
+    paddr: int
+    filesz: int
+    memsz: int
+
+
+@dataclass(frozen=True)
 class LoadedElf:
     entry: int
-    end: int  # first byte after the highest loaded segment
+    segments: tuple[ElfSegment, ...]  # the PT_LOAD ones
     notes: frozenset[tuple[bytes, int]]  # (name, type) of every note
+
+    @property
+    def end(self) -> int:
+        """The first byte after the highest loaded segment."""
+        return max(segment.paddr + segment.memsz for segment in self.segments)
 
     @property
     def all_vcpus_at_entry(self) -> bool:
@@ -46,7 +60,9 @@ def is_elf(image: bytes) -> bool:
     return image[:4] == ELF_MAGIC
 
 
-def load_elf(memory: GuestMemory, image: bytes, name: str) -> LoadedElf:
+def parse_elf(image: bytes, name: str, fits: Callable[[int, int], bool]) -> LoadedElf:
+    """The file is an x86-64 executable whose segments lie in the file, load
+    at or above 1 MiB into guest RAM (`fits(gpa, length)`) and hold the entry."""
     if len(image) < _EHDR.size:
         raise BootError(f"{name}: truncated ELF header")
     (ident, e_type, machine, _version, entry, phoff, _shoff, _flags, _ehsize, phentsize, phnum, *_rest) = (
@@ -58,9 +74,8 @@ def load_elf(memory: GuestMemory, image: bytes, name: str) -> LoadedElf:
         raise BootError(f"{name}: not an x86-64 executable (e_machine {machine}, e_type {e_type})")
     if phentsize != _PHDR.size or phoff + phnum * phentsize > len(image):
         raise BootError(f"{name}: program header table is out of the file")
-
     notes: set[tuple[bytes, int]] = set()
-    loaded: list[tuple[int, int]] = []
+    segments: list[ElfSegment] = []
     for index in range(phnum):
         p_type, _pflags, offset, _vaddr, paddr, filesz, memsz, _align = _PHDR.unpack_from(
             image, phoff + index * phentsize
@@ -75,20 +90,16 @@ def load_elf(memory: GuestMemory, image: bytes, name: str) -> LoadedElf:
             raise BootError(
                 f"{name}: segment {index} loads at {paddr:#x}, below 1 MiB where the VMM keeps its boot structures"
             )
-        if not memory.contains(paddr, memsz):
+        if not fits(paddr, memsz):
             raise BootError(
                 f"{name}: segment {index} ({paddr:#x}..{paddr + memsz:#x}) does not fit in guest RAM; give the VM more memory"
             )
-        target = memory.view(paddr, memsz)
-        target[:filesz] = image[offset : offset + filesz]
-        target[filesz:] = bytes(memsz - filesz)
-        loaded.append((paddr, paddr + memsz))
-
-    if not loaded:
+        segments.append(ElfSegment(index, offset, paddr, filesz, memsz))
+    if not segments:
         raise BootError(f"{name}: no loadable segments")
-    if not any(start <= entry < end for start, end in loaded):
+    if not any(s.paddr <= entry < s.paddr + s.memsz for s in segments):
         raise BootError(f"{name}: entry point {entry:#x} is not inside a loaded segment")
-    return LoadedElf(entry=entry, end=max(end for _, end in loaded), notes=frozenset(notes))
+    return LoadedElf(entry=entry, segments=tuple(segments), notes=frozenset(notes))
 
 
 def _parse_notes(data: bytes, name: str) -> set[tuple[bytes, int]]:
