@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from lab_guest import (  # first: it puts tests/cli (cli_helpers) on the path
-    BATCH, ROOT_DISK_SECTORS, ROOT_LINE, Guests, assert_consecutive, assert_fsck_clean, assert_workload_sound,
+    BATCH, MEMORY_OK, ROOT_DISK_SECTORS, ROOT_LINE, Guests, assert_consecutive, assert_fsck_clean, assert_workload_sound,
     lab_guest, rows, stop, text, wait_finished, wait_for_rows,
 )
 from cli_helpers import s3_env, snapvisor, wait_for_api, wait_until  # noqa: E402
@@ -56,12 +56,13 @@ def test_boot_sees_every_cpu_and_its_disk(guests: Guests, vcpus: int) -> None:
     assert seen, text(console)
     assert (int(seen[1]), int(seen[2])) == (vcpus, ROOT_DISK_SECTORS), seen[0]
     assert_workload_sound(console, target)
+    assert MEMORY_OK.search(console), text(console)  # the memory check ran its rounds, not only started
     assert_fsck_clean(disk)
 
 
 def test_snapshots_while_the_workload_runs_restore_eager_and_lazy(guests: Guests, tmp_path: Path) -> None:
     repo, sock = str(tmp_path / "repo"), tmp_path / "api.sock"
-    target = 12 * BATCH
+    target = 40 * BATCH  # a transaction takes ~1.5 s in the lab: the guest outlasts the snapshots
     original, _ = guests.boot("original", target_rows=target, args=("--api-sock", str(sock), "--name", "lab-sqlite"))
     wait_for_api(sock, original, timeout=120)
     # For each snapshot: the count the guest had printed before it was asked for (the
@@ -89,7 +90,7 @@ def test_snapshots_while_the_workload_runs_restore_eager_and_lazy(guests: Guests
 
 
 def test_live_migration_with_the_workload_running(guests: Guests, tmp_path: Path) -> None:
-    sock, target = tmp_path / "api.sock", 10 * BATCH
+    sock, target = tmp_path / "api.sock", 40 * BATCH
     source, _ = guests.boot("source", target_rows=target, args=("--api-sock", str(sock), "--name", "lab-migrate"))
     wait_for_api(sock, source, timeout=120)
     address = f"127.0.0.1:{free_port()}"
@@ -113,9 +114,9 @@ def test_live_migration_with_the_workload_running(guests: Guests, tmp_path: Path
 def test_scheduled_series_to_s3_restores_the_newest(guests: Guests, tmp_path: Path, s3_server, s3_bucket) -> None:
     env = s3_env(s3_server)
     repo = f"s3://{s3_bucket}/lab-{secrets.token_hex(3)}"
-    target = 12 * BATCH
+    target = 100 * BATCH  # the first, full, snapshot crosses QEMU's user network: give it time
     original, _ = guests.boot("scheduled", target_rows=target, env=env,
-                              args=("--name", "lab-s3", "--snapshot-every", "15s", "--repo", repo, "--keep-last", "2"))
+                              args=("--name", "lab-s3", "--snapshot-every", "10s", "--repo", repo, "--keep-last", "2"))
 
     def snapshots() -> list[dict]:
         listed = snapvisor("ls", "--repo", repo, "--json", env=env, timeout=120)
