@@ -148,13 +148,16 @@ def bench_snapshot_restore(lab: Path, workdir: Path, runs: int) -> tuple[dict, d
 
     eager, lazy = [], []
     for run in range(runs):
+        for mode in ("eager", "lazy"):
+            (workdir / f"{mode}-{run}").mkdir()
         started = time.perf_counter()
         restored = snapvisor.restore(repo, full.id, serial_out=io.BytesIO(), disk_dir=workdir / f"eager-{run}")
         eager.append(time.perf_counter() - started)
         restored.stop()
         restored.close()
         started = time.perf_counter()
-        restored = snapvisor.restore(repo, full.id, lazy=True, serial_out=io.BytesIO(), disk_dir=workdir / f"lazy-{run}")
+        restored = snapvisor.restore(repo, full.id, lazy=True, serial_out=io.BytesIO(),
+                                     disk_dir=workdir / f"lazy-{run}")
         # The guest's first instruction runs once the fault on its code page is served.
         while restored.lazy_memory.first_fault_served_at is None and not restored.lazy_memory.done:
             time.sleep(0.0002)

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from lab_guest import (  # first: it puts tests/cli (cli_helpers) on the path
-    BATCH, MEMORY_OK, ROOT_DISK_SECTORS, ROOT_LINE, Guests, assert_consecutive, assert_fsck_clean, assert_workload_sound,
+    BATCH, MEMORY_OK, ROOT_DISK_SECTORS, ROOT_LINE, Guests, assert_consecutive, assert_fsck_clean,
+    assert_no_kernel_complaint, assert_workload_sound,
     lab_guest, rows, stop, text, wait_finished, wait_for_rows,
 )
 from cli_helpers import s3_env, snapvisor, wait_for_api, wait_until  # noqa: E402
@@ -62,8 +63,9 @@ def test_boot_sees_every_cpu_and_its_disk(guests: Guests, vcpus: int) -> None:
 
 def test_snapshots_while_the_workload_runs_restore_eager_and_lazy(guests: Guests, tmp_path: Path) -> None:
     repo, sock = str(tmp_path / "repo"), tmp_path / "api.sock"
-    target = 40 * BATCH  # a transaction takes ~1.5 s in the lab: the guest outlasts the snapshots
-    original, _ = guests.boot("original", target_rows=target, args=("--api-sock", str(sock), "--name", "lab-sqlite"))
+    target = 40 * BATCH
+    original, _ = guests.boot("original", target_rows=target, pause_s=1,
+                              args=("--api-sock", str(sock), "--name", "lab-sqlite"))
     wait_for_api(sock, original, timeout=120)
     # For each snapshot: the count the guest had printed before it was asked for (the
     # snapshot holds more) and the first one printed after it returned (the snapshot
@@ -88,11 +90,13 @@ def test_snapshots_while_the_workload_runs_restore_eager_and_lazy(guests: Guests
         assert counts and lowest <= counts[0] <= highest, (mode, kind, lowest, highest, counts)
         assert_workload_sound(console, target)
         assert_fsck_clean(disk_dir / "vda.img")
+        assert_no_kernel_complaint(console)
 
 
 def test_live_migration_with_the_workload_running(guests: Guests, tmp_path: Path) -> None:
-    sock, target = tmp_path / "api.sock", 40 * BATCH
-    source, _ = guests.boot("source", target_rows=target, args=("--api-sock", str(sock), "--name", "lab-migrate"))
+    sock, target = tmp_path / "api.sock", 30 * BATCH
+    source, _ = guests.boot("source", target_rows=target, pause_s=1,
+                            args=("--api-sock", str(sock), "--name", "lab-migrate"))
     wait_for_api(sock, source, timeout=120)
     address, arrived = f"127.0.0.1:{free_port()}", tmp_path / "arrived"
     arrived.mkdir()
@@ -110,14 +114,15 @@ def test_live_migration_with_the_workload_running(guests: Guests, tmp_path: Path
     assert_consecutive(rows(source.getvalue() + console))
     assert_workload_sound(source.getvalue() + console, target)
     assert_fsck_clean(arrived / "vda.img")
+    assert_no_kernel_complaint(console)
 
 
 @pytest.mark.s3
 def test_scheduled_series_to_s3_restores_the_newest(guests: Guests, tmp_path: Path, s3_server, s3_bucket) -> None:
     env = s3_env(s3_server)
     repo = f"s3://{s3_bucket}/lab-{secrets.token_hex(3)}"
-    target = 100 * BATCH  # the first, full, snapshot crosses QEMU's user network: give it time
-    original, _ = guests.boot("scheduled", target_rows=target, env=env,
+    target = 60 * BATCH
+    original, _ = guests.boot("scheduled", target_rows=target, pause_s=1, env=env,
                               args=("--name", "lab-s3", "--snapshot-every", "10s", "--repo", repo, "--keep-last", "2"))
 
     def snapshots() -> list[dict]:
@@ -147,3 +152,4 @@ def test_scheduled_series_to_s3_restores_the_newest(guests: Guests, tmp_path: Pa
     assert counts and counts[0] in rows(original.getvalue()) and counts[0] <= shown, (counts, rows(original.getvalue()))
     assert_workload_sound(console, target)
     assert_fsck_clean(disk_dir / "vda.img")
+    assert_no_kernel_complaint(console)
