@@ -205,19 +205,20 @@ def build_microvm_for_boot(cfg: VmConfig) -> Vm:
     """A VM with the kernel loaded and every vCPU at its reset/entry state; not started.
     Bad input (kernel, initrd, memory size, disks, vCPU count) is refused before
     any VM exists."""
+    # Kernels built with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES and the test guest find
+    # disks here; other kernels find them in the ACPI DSDT.
+    cmdline = " ".join([cfg.cmdline] + [kernel_cmdline_option(i) for i in range(len(cfg.disks))])
+    initrd = Path(cfg.initrd) if cfg.initrd else None
     _check_memory(cfg.mem_size)
-    check_boot_files(Path(cfg.kernel), Path(cfg.initrd) if cfg.initrd else None, cfg.mem_size)
+    check_boot_files(Path(cfg.kernel), initrd, cmdline, cfg.mem_size)
     with ExitStack() as stack:
         parts = _Parts(
             stack, cfg.vcpus, cfg.mem_size, cfg.serial_out, cfg.serial_in, prefault=cfg.prefault_memory, disks=cfg.disks
         )
-        # Kernels built with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES and the test guest find
-        # disks here; other kernels find them in the ACPI DSDT.
-        cmdline = " ".join([cfg.cmdline] + [kernel_cmdline_option(i) for i in range(len(cfg.disks))])
         boot = load_kernel(
             parts.memory,
             Path(cfg.kernel),
-            Path(cfg.initrd) if cfg.initrd else None,
+            initrd,
             cmdline,
             cfg.vcpus,
             parts.mmio_devices,

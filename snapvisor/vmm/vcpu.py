@@ -169,6 +169,9 @@ class Vcpu:
         self.fd.set_msrs(msrs)
         self._route_legacy_interrupts()
         if entry is None:
+            # An AP as on a PC at power-on: in its reset state, waiting for the
+            # INIT/SIPI that the guest's BSP sends through the in-kernel LAPIC.
+            self.fd.set_mp_state(ffi.new("struct kvm_mp_state *", {"mp_state": b.KVM_MP_STATE_UNINITIALIZED}))
             return
         sregs = self.fd.get_sregs()
         x86.set_long_mode_sregs(sregs)
@@ -270,6 +273,18 @@ class Vcpu:
         self.fd.set_debugregs(_struct_from("struct kvm_debugregs", state["debugregs"], "debugregs"))
         self.fd.set_vcpu_events(_struct_from("struct kvm_vcpu_events", state["vcpu_events"], "vcpu_events"))
         self.fd.set_mp_state(ffi.new("struct kvm_mp_state *", {"mp_state": state["mp_state"]}))
+        self._mark_clock_stopped()
+
+    def _mark_clock_stopped(self) -> None:
+        """Tell a kvmclock guest that it was stopped (KVM_KVMCLOCK_CTRL, as QEMU
+        does on resume): the VM clock moves on by the time the VM was down
+        (Irqchip.restore), and Linux's soft-lockup watchdog then takes the
+        jump for a pause, not a hang. EINVAL: the guest does not use kvmclock."""
+        try:
+            self.fd.kvmclock_ctrl()
+        except KvmError as exc:
+            if exc.errno not in (errno.EINVAL, errno.ENOTTY):
+                raise
 
     # --- running ----------------------------------------------------------------------
     def kick(self) -> None:

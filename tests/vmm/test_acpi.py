@@ -24,7 +24,8 @@ MiB = 1 << 20
 
 
 def _devices(count: int) -> list[MmioDevice]:
-    return [MmioDevice(*mmio_window(i)[:1], MMIO_WINDOW, mmio_window(i)[1]) for i in range(count)]
+    windows = [mmio_window(i) for i in range(count)]
+    return [MmioDevice(base, MMIO_WINDOW, irq) for base, irq in windows]
 
 
 def _asl(devices: list[MmioDevice]) -> str:

@@ -70,6 +70,7 @@ CASES: dict[str, Case] = {
     "disk-read-only-file": lambda t, c: (_replace(c, disks=[DiskConfig(_disk(t, 0o444))]), "disk.img", r"read-only \(mode 0444\); attach it read-only"),
     "disk-unreadable": lambda t, c: (_replace(c, disks=[DiskConfig(_disk(t, 0o200))]), "disk.img", "not readable.*chmod u\\+r"),
     "disk-odd-size": lambda t, c: (_replace(c, disks=[DiskConfig(_disk(t, size=5000))]), "disk.img", "truncate -s"),
+    "cmdline-too-long": lambda t, c: (_replace(c, cmdline="x" * 5000), "command line is 5000 bytes", "at most 4095: shorten it"),
     "initrd-missing": lambda t, c: (_replace(c, initrd=t / "initrd.cpio"), "initrd", "does not exist; give the path of an initramfs"),
     "initrd-too-big": lambda t, c: (_replace(c, initrd=_sparse(t / "big.cpio", 80 * MiB)), "big.cpio", "give the VM more memory \\(at least 82 MiB\\)"),
 }

@@ -5,6 +5,7 @@ wall time; states saved without the save time restore the clock as it was."""
 from __future__ import annotations
 
 import io
+import struct
 import time
 from pathlib import Path
 
@@ -79,3 +80,50 @@ def test_a_damaged_save_time_is_refused(tmp_path: Path) -> None:
     state["irqchip"]["clock_saved_at_ns"] = "yesterday"
     with pytest.raises(VmStateError, match="saved clock time"):
         build_microvm_from_state(state, serial_out=io.BytesIO())
+
+
+PVCLOCK_GPA = 0x5000  # free low memory (docs/architecture.md)
+MSR_KVM_SYSTEM_TIME_NEW = 0x4B564D01
+PVCLOCK_SYSTEM_TIME, PVCLOCK_FLAGS = 16, 29  # in struct pvclock_vcpu_time_info
+PVCLOCK_GUEST_STOPPED = 1 << 1
+
+
+def _kvmclock_guest() -> bytes:
+    """Turn kvmclock on at PVCLOCK_GPA (wrmsr), say so on COM1, spin."""
+    wrmsr = (b"\xb9" + MSR_KVM_SYSTEM_TIME_NEW.to_bytes(4, "little") + b"\xb8" + (PVCLOCK_GPA | 1).to_bytes(4, "little")
+             + b"\x31\xd2\x0f\x30")
+    return wrmsr + b"\x66\xba\xf8\x03\xb0\x0a\xee" + spin()  # out 0x3f8, '\n'
+
+
+def _wait_for(condition, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("with_realtime", [True, False], ids=["kvm-realtime", "save-time"])
+def test_a_kvmclock_guest_sees_the_time_it_was_stopped_and_is_told(tmp_path: Path, with_realtime: bool) -> None:
+    """What a Linux guest reads: its kvmclock page after a restore of a state saved
+    30 s ago is 30 s on, and flagged PVCLOCK_GUEST_STOPPED (KVM_KVMCLOCK_CTRL)."""
+    kernel = tmp_path / "k.elf"
+    kernel.write_bytes(elf_image(_kvmclock_guest()))
+    out = io.BytesIO()
+    with build_microvm_for_boot(VmConfig(kernel=kernel, mem_size=16 * MiB, serial_out=out)) as vm:
+        vm.start()
+        _wait_for(lambda: out.getvalue() == b"\n")
+        vm.pause()
+        state = vm.save_state()
+        memory = bytes(vm.memory.regions[0].view)
+    _saved_earlier(state, 30, with_realtime)
+    saved_clock = _clock_ns(state)
+
+    def fill(target) -> None:
+        target.regions[0].view[:] = memory
+
+    with build_microvm_from_state(state, serial_out=io.BytesIO(), memory_fill=fill) as restored:
+        page = lambda: restored.memory.read(PVCLOCK_GPA, 32)  # noqa: E731
+        restored.start()
+        _wait_for(lambda: page()[PVCLOCK_FLAGS] & PVCLOCK_GUEST_STOPPED)
+        system_time = struct.unpack_from("<Q", page(), PVCLOCK_SYSTEM_TIME)[0]
+    assert 30 * SECOND_NS <= system_time - saved_clock <= 31 * SECOND_NS

@@ -14,6 +14,7 @@ import pytest
 from flat_guest import elf_image, in_byte, out_al, out_byte, power_off, spin
 from snapvisor.vmm.builder import VmConfig, build_microvm_for_boot, build_microvm_from_state
 from snapvisor.vmm.devices import i8042, rtc
+from snapvisor.vmm.errors import VmStateError
 
 pytestmark = pytest.mark.kvm
 MiB = 1 << 20
@@ -89,6 +90,17 @@ def test_rtc_time_set_by_the_guest_moves_with_the_host_clock(tmp_path: Path) -> 
         assert device.offset_s == offset
         expected = time.gmtime(int(now) + offset)
         assert seconds in (expected.tm_sec, (expected.tm_sec + 1) % 60)
+
+
+def test_rtc_field_written_without_set_moves_the_clock_at_once() -> None:
+    clock = rtc.CmosRtc()
+    now = time.gmtime()
+    if (now.tm_mon, now.tm_mday) == (2, 29):
+        pytest.skip("no 29 February next year")
+    clock.write(0, 1, rtc.YEAR)
+    clock.write(1, 1, int(f"{(now.tm_year + 1) % 100}", 16))  # BCD
+    next_year = calendar.timegm((now.tm_year + 1,) + tuple(now[1:6]) + (0, 0, 0))
+    assert abs(clock.offset_s - (next_year - calendar.timegm(now))) <= 1
 
 
 @pytest.mark.parametrize(
@@ -168,3 +180,22 @@ def test_i8042_state_survives_save_and_restore(tmp_path: Path) -> None:
         assert controller.read(0, 1) == 0x55
         controller.write(4, 1, 0x20)
         assert controller.read(0, 1) == 0x30
+
+
+def test_a_state_saved_before_these_devices_restores_them_at_power_on(tmp_path: Path) -> None:
+    """Snapshots taken by a snapvisor without the RTC and the ACPI sleep registers
+    (and with a stateless i8042) still restore; those devices start as powered on."""
+    kernel = tmp_path / "k.elf"
+    kernel.write_bytes(elf_image(spin()))
+    with build_microvm_for_boot(VmConfig(kernel=kernel, mem_size=16 * MiB, serial_out=io.BytesIO())) as vm:
+        vm.start()
+        vm.pause()
+        state = vm.save_state()
+    del state["devices"]["rtc"], state["devices"]["acpi_sleep"]
+    state["devices"]["i8042"] = {"version": 1}
+    with build_microvm_from_state(state, serial_out=io.BytesIO()) as restored:
+        assert restored.devices["rtc"].offset_s == 0
+        assert restored.devices["i8042"].save()["ctr"] == i8042.POWER_ON_CTR
+    del state["devices"]["serial"]
+    with pytest.raises(VmStateError, match="the saved state has no serial device"):
+        build_microvm_from_state(state, serial_out=io.BytesIO())

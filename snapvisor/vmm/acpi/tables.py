@@ -18,6 +18,7 @@ from snapvisor.vmm.devices.acpi_sleep import SLEEP_TYPE_S5
 from snapvisor.vmm.devices.i8042 import COMMAND_PORT as I8042_COMMAND_PORT
 from snapvisor.vmm.devices.i8042 import DATA_PORT as I8042_DATA_PORT
 from snapvisor.vmm.devices.i8042 import KEYBOARD_IRQ
+from snapvisor.vmm.devices.rtc import CENTURY as RTC_CENTURY_INDEX  # Linux reads the century there
 from snapvisor.vmm.devices.rtc import INDEX_PORT as RTC_PORT
 from snapvisor.vmm.devices.rtc import PORT_COUNT as RTC_PORTS
 from snapvisor.vmm.devices.serial import COM1_IRQ, COM1_PORT
@@ -54,7 +55,6 @@ IAPC_BOOT_MSI_NOT_SUPPORTED = 1 << 3
 # A hardware-reduced platform has no SCI and Linux sets none up there; 9 is
 # a PC's usual value (0 would be taken for the timer's IRQ by older kernels).
 SCI_INTERRUPT = 9
-RTC_CENTURY_INDEX = 0x32  # Linux reads the century from this CMOS register
 
 MADT_REVISION = 5
 MADT_FLAG_PCAT_COMPAT = 1 << 0  # dual 8259s present (KVM's in-kernel PIC)

@@ -64,7 +64,8 @@ class CmosRtc:
             return 0xFF  # the index register is write-only
         register = self.index
         if register in _TIME_FIELDS:
-            return (self.held or self._fields(self._guest_time()))[register]
+            fields = self.held if self.held is not None else self._fields(self._guest_time())
+            return fields[register]
         if register == STATUS_A:
             return self.cmos[STATUS_A] | (A_UPDATE_IN_PROGRESS if self._updating() else 0)
         if register == STATUS_C:
@@ -134,7 +135,7 @@ class CmosRtc:
             year = self._decode(fields[CENTURY]) * 100 + self._decode(fields[YEAR])
             when = (year, self._decode(fields[MONTH]), self._decode(fields[DAY]),
                     self._decode(fields[HOURS]), self._decode(fields[MINUTES]), self._decode(fields[SECONDS]))
-            if not (1 <= when[1] <= 12 and 1 <= when[2] <= calendar.monthrange(year, when[1])[1]
+            if not (1 <= year <= 9999 and 1 <= when[1] <= 12 and 1 <= when[2] <= calendar.monthrange(year, when[1])[1]
                     and when[3] < 24 and when[4] < 60 and when[5] < 60):
                 raise ValueError(f"{when} is not a date")
         except ValueError:
@@ -165,4 +166,4 @@ class CmosRtc:
             raise ValueError("the saved CMOS RTC time fields are not valid")
         self.offset_s, self.index, self.nmi_disabled = offset, index, bool(state.get("nmi_disabled"))
         self.cmos = bytearray(cmos)
-        self.held = dict(zip(_TIME_FIELDS, held)) if held is not None else None
+        self.held = dict(zip(_TIME_FIELDS, held, strict=True)) if held is not None else None

@@ -106,6 +106,9 @@ class VcpuFd(KvmFd):
     def set_mp_state(self, state: CData) -> None:
         self._ioctl("KVM_SET_MP_STATE", b.KVM_SET_MP_STATE, state)
 
+    def kvmclock_ctrl(self) -> None:
+        self._ioctl("KVM_KVMCLOCK_CTRL", b.KVM_KVMCLOCK_CTRL)
+
     def get_vcpu_events(self) -> CData:
         events = ffi.new("struct kvm_vcpu_events *")
         self._ioctl("KVM_GET_VCPU_EVENTS", b.KVM_GET_VCPU_EVENTS, events)

@@ -103,13 +103,17 @@ def _initrd_address(size: int, path: Path, kernel_end: int, initrd_max: int, ram
     return address
 
 
-def check_boot_files(kernel: Path, initrd: Path | None, mem_size: int) -> None:
+def check_boot_files(kernel: Path, initrd: Path | None, cmdline: str, mem_size: int) -> None:
     """Raise the BootError that loading would raise, without a VM."""
     layout = [(gpa, gpa + size) for _name, _slot, gpa, size in plan_layout(mem_size)]
     ram_top = min(mem_size, MMIO_HOLE_START)
     plan = _plan_kernel(
         _read(kernel, "kernel", _KERNEL_FIX), str(kernel), lambda gpa, n: any(s <= gpa and gpa + n <= e for s, e in layout), ram_top
     )
+    try:
+        x86.encode_cmdline(cmdline, plan.cmdline_limit)
+    except ValueError as exc:
+        raise BootError(str(exc)) from None
     if initrd is not None:
         size = _readable_size(initrd, "initrd", _INITRD_FIX)
         _initrd_address(size, initrd, plan.end, plan.initrd_max, ram_top)

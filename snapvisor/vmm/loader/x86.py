@@ -153,14 +153,22 @@ def e820_map(memory: GuestMemory) -> list[tuple[int, int, int]]:
     return entries
 
 
-def write_cmdline(memory: GuestMemory, cmdline: str, limit: int = CMDLINE_MAX) -> int:
+def encode_cmdline(cmdline: str, limit: int = CMDLINE_MAX) -> bytes:
+    """The NUL-terminated command line; ValueError if the kernel cannot take it."""
     encoded = cmdline.encode()
     if b"\0" in encoded:
         raise ValueError("the kernel command line may not contain NUL bytes")
     if len(encoded) + 1 > limit:
-        raise ValueError(f"the kernel command line is {len(encoded)} bytes; this kernel takes at most {limit - 1}")
-    memory.write(CMDLINE_ADDR, encoded + b"\0")
-    return len(encoded)
+        raise ValueError(
+            f"the kernel command line is {len(encoded)} bytes; this kernel takes at most {limit - 1}: shorten it"
+        )
+    return encoded + b"\0"
+
+
+def write_cmdline(memory: GuestMemory, cmdline: str, limit: int = CMDLINE_MAX) -> int:
+    encoded = encode_cmdline(cmdline, limit)
+    memory.write(CMDLINE_ADDR, encoded)
+    return len(encoded) - 1
 
 
 def build_zero_page(
