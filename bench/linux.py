@@ -7,13 +7,13 @@ with nested paging emulated by QEMU TCG: absolute times are those of that machin
 the ratios are what carries over. Prints one JSON document:
 
 - boot_to_userspace: seconds from starting the VMM process to the guest's first
-  userspace line, and the guest's own uptime printed in it (the difference is the
-  VMM's start and, for QEMU, its firmware). `GUEST userspace`: Debian's cloud kernel, the lab's initramfs
-  with guest.mode=userspace, 512 MiB, --vcpus N). QEMU -accel kvm and snapvisor boot
-  the same bzImage (QEMU through its firmware); snapvisor also boots the ELF vmlinux
-  decompressed on the host, its usual path. Runs alternate, so that load from
-  other users of the machine falls on all of them alike. Target: snapvisor within
-  1.3x of QEMU.
+  userspace line (`GUEST userspace`), and the guest's own uptime printed in it (the
+  difference is the VMM's start and, for QEMU, its firmware). Debian's cloud kernel,
+  the lab's initramfs with guest.mode=userspace, 512 MiB, --vcpus N. QEMU -accel
+  kvm and snapvisor boot the same bzImage (QEMU through its firmware); snapvisor
+  also boots the ELF vmlinux decompressed on the host, its usual path. Runs
+  alternate, so that load from other users of the machine falls on all of them
+  alike. Target: snapvisor within 1.3x of QEMU.
 - snapshot: pauses of a full and of incremental snapshots of a 512 MiB guest
   running the sqlite3 and memory workload on its ext4 root disk.
 - restore: a snapshot restored eagerly (restore() returns a started VM) and lazily
