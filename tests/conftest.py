@@ -2,6 +2,9 @@
 
 - `kvm` marker: VM tests need a usable /dev/kvm; where it is missing or not
   accessible they skip, saying why. They never pass without running.
+- `linux` marker: Linux guests at work need a hardware-style KVM; they run in the
+  lab (`scripts/lab test`, which sets SNAPVISOR_LAB_DIR) and are deselected
+  everywhere else, so the main suite neither runs nor lists them as skipped.
 - `testguest`: the project's own test guest, built once per session (into the
   session's own cache directory, SNAPVISOR_CACHE).
 - `s3_server` / `s3_bucket`: a real S3 server (SeaweedFS). `.ci/run` starts one and
@@ -51,6 +54,15 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if cache is not None:
         del os.environ["SNAPVISOR_CACHE"]
         cache.cleanup()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("SNAPVISOR_LAB_DIR"):
+        return
+    lab_only = [item for item in items if item.get_closest_marker("linux")]
+    if lab_only:
+        config.hook.pytest_deselected(items=lab_only)
+        items[:] = [item for item in items if not item.get_closest_marker("linux")]
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
