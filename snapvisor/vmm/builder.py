@@ -277,7 +277,7 @@ def build_microvm_for_boot(cfg: VmConfig) -> Vm:
     cmdline = " ".join([cfg.cmdline] + [kernel_cmdline_option(i) for i in range(devices)])
     initrd = Path(cfg.initrd) if cfg.initrd else None
     _check_memory(cfg.mem_size)
-    check_boot_files(Path(cfg.kernel), initrd, cmdline, cfg.mem_size)
+    image = check_boot_files(Path(cfg.kernel), initrd, cmdline, cfg.mem_size)
     with ExitStack() as stack:
         parts = _Parts(
             stack, cfg.vcpus, cfg.mem_size, cfg.serial_out, cfg.serial_in, prefault=cfg.prefault_memory,
@@ -290,6 +290,7 @@ def build_microvm_for_boot(cfg: VmConfig) -> Vm:
             cmdline,
             cfg.vcpus,
             parts.mmio_devices,
+            image=image,
         )
         for vcpu in parts.vcpus:
             enters = vcpu.index == 0 or boot.all_vcpus_at_entry

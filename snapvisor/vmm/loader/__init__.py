@@ -103,12 +103,14 @@ def _initrd_address(size: int, path: Path, kernel_end: int, initrd_max: int, ram
     return address
 
 
-def check_boot_files(kernel: Path, initrd: Path | None, cmdline: str, mem_size: int) -> None:
-    """Raise the BootError that loading would raise, without a VM."""
+def check_boot_files(kernel: Path, initrd: Path | None, cmdline: str, mem_size: int) -> bytes:
+    """Raise the BootError that loading would raise, without a VM; the kernel
+    image as read (for `load_kernel`: a kernel is read once)."""
     layout = [(gpa, gpa + size) for _name, _slot, gpa, size in plan_layout(mem_size)]
     ram_top = min(mem_size, MMIO_HOLE_START)
+    image = _read(kernel, "kernel", _KERNEL_FIX)
     plan = _plan_kernel(
-        _read(kernel, "kernel", _KERNEL_FIX), str(kernel), lambda gpa, n: any(s <= gpa and gpa + n <= e for s, e in layout), ram_top
+        image, str(kernel), lambda gpa, n: any(s <= gpa and gpa + n <= e for s, e in layout), ram_top
     )
     try:
         x86.encode_cmdline(cmdline, plan.cmdline_limit)
@@ -117,6 +119,7 @@ def check_boot_files(kernel: Path, initrd: Path | None, cmdline: str, mem_size: 
     if initrd is not None:
         size = _readable_size(initrd, "initrd", _INITRD_FIX)
         _initrd_address(size, initrd, plan.end, plan.initrd_max, ram_top)
+    return image
 
 
 def load_kernel(
@@ -126,12 +129,14 @@ def load_kernel(
     cmdline: str,
     vcpus: int = 1,
     mmio_devices: Sequence[MmioDevice] = (),
+    image: bytes | None = None,
 ) -> BootInfo:
     """Load kernel, initrd and command line and write every boot structure:
     for `vcpus` CPUs and the virtio-mmio `mmio_devices`, the ACPI tables (what
     a distribution kernel reads) and the MP table (what a kernel built
-    without ACPI reads)."""
-    image = _read(kernel, "kernel", _KERNEL_FIX)
+    without ACPI reads). `image`: the kernel's bytes, when already read."""
+    if image is None:
+        image = _read(kernel, "kernel", _KERNEL_FIX)
     ram_top = x86.ram_top_below_4g(memory)
     plan = _plan_kernel(image, str(kernel), memory.contains, ram_top)
     for gpa, offset, length, memsz in plan.segments:
