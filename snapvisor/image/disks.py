@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import traceback
 from pathlib import Path
 
 from snapvisor.errors import SnapvisorError
@@ -66,11 +67,30 @@ def write_sparse_image(reader: RegionReader, path: Path) -> None:
     written, so the file is as sparse as the disk was. Refuses to overwrite."""
     fd = create_image(path, reader.size)
     try:
-        with mmap.mmap(fd, reader.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as image:
+        image = mmap.mmap(fd, reader.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
             reader.read_into(image)
             image.flush()
+        except BaseException as exc:
+            # The failed read's frames still hold views of the mapping: drop them, so
+            # that it can be unmapped and the caller sees the read's own error.
+            release_frames(exc)
+            raise
+        finally:
+            image.close()
     except BaseException:
         os.close(fd)
         os.unlink(path)
         raise
     os.close(fd)
+
+
+def release_frames(exc: BaseException | None) -> None:
+    """Clear the local variables of the finished frames in `exc`'s traceback and in
+    those of the exceptions it chains: a buffer their views point into can then be
+    closed (else BufferError, hiding `exc`). The tracebacks still print."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__

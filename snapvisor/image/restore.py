@@ -17,7 +17,7 @@ from typing import BinaryIO, Callable, Mapping
 from snapvisor.errors import SnapvisorError
 from snapvisor.image.capture import STATE_BLOB
 from snapvisor.image.compat import IncompatibleSnapshot, check_compat
-from snapvisor.image.disks import attached_disks, create_image, region_name, write_sparse_image
+from snapvisor.image.disks import attached_disks, create_image, region_name, release_frames, write_sparse_image
 from snapvisor.image.lazy import LazyMemory
 from snapvisor.image.lazydisk import LazyDisks
 from snapvisor.image.state_codec import decode_state
@@ -169,7 +169,8 @@ def restore_vm(
                 on_error=stop_on_fetch_failure("disk blocks"),
             )
             lazy_disks.start(after=lazy_memory[0].wait)
-    except BaseException:
+    except BaseException as exc:
+        release_frames(exc)  # views of guest RAM and images in a failed read's frames: they must unmap
         if lazy_disks is not None:
             lazy_disks.close()
         for memory in lazy_memory:  # before guest RAM goes: its fill threads write there

@@ -319,12 +319,17 @@ class RegionReader:
                 copied += b - a
             progress.advance(copied * PAGE_SIZE)
 
-        if threads <= 1 or len(tasks) == 1:
-            for task in tasks:
-                run(task)
-        else:
-            with ThreadPoolExecutor(max_workers=threads) as pool:
-                list(pool.map(run, tasks))
+        try:
+            if threads <= 1 or len(tasks) == 1:
+                for task in tasks:
+                    run(task)
+            else:
+                with ThreadPoolExecutor(max_workers=threads) as pool:
+                    list(pool.map(run, tasks))
+        finally:
+            # `run` keeps `out` in its closure, and a failure's traceback keeps `run`:
+            # empty the cell so the caller can close the buffer `out` views.
+            del out
 
     def _check_and_copy(self, pack: PackInfo, fno: int, raw: bytes, slots: np.ndarray,
                         ids: np.ndarray, dest: np.ndarray, out) -> None:
