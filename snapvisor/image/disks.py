@@ -10,6 +10,7 @@ guest).
 
 from __future__ import annotations
 
+import gc
 import mmap
 import os
 import traceback
@@ -77,12 +78,27 @@ def write_sparse_image(reader: RegionReader, path: Path) -> None:
             release_frames(exc)
             raise
         finally:
-            image.close()
+            close_mapping(image)
     except BaseException:
         os.close(fd)
         os.unlink(path)
         raise
     os.close(fd)
+
+
+def close_mapping(mapping: mmap.mmap) -> None:
+    """Unmap `mapping` (written and flushed by then). A view of it may outlive the
+    read that made it, in a reference cycle the collector has not freed yet (seen
+    on reads through S3): collect, and where a view still lives the mapping goes
+    with it. Never a BufferError in place of the caller's result."""
+    try:
+        mapping.close()
+    except BufferError:
+        gc.collect()
+        try:
+            mapping.close()
+        except BufferError:
+            pass
 
 
 def release_frames(exc: BaseException | None) -> None:
