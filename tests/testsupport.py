@@ -13,6 +13,31 @@ def s3_options(s3_server: tuple[str, str, str]) -> dict:
     return {"endpoint_url": endpoint, "access_key": key, "secret_key": secret}
 
 
+def wait_until(condition, timeout: float, what: str, interval: float = 0.05):
+    """condition()'s first true value, polled until `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def hostile_address(rng, data: int, ram: int) -> int:
+    """A guest-physical address a fuzzed virtqueue descriptor may name: an ordinary
+    buffer at `data`, anywhere in guest RAM (`ram` bytes), across its end, past
+    it, in the MMIO hole, or one that wraps around 2^64."""
+    return rng.choice([
+        data + rng.randrange(0, 64 * 1024),
+        rng.randrange(0, ram),
+        ram - rng.randrange(0, 64),
+        ram + rng.randrange(0, 1 << 20),
+        0xD000_0000 + rng.randrange(0, 0x1000),
+        (1 << 64) - rng.randrange(1, 4096),
+    ])
+
+
 def wait_for_output(buffer: io.BytesIO, needle: bytes, timeout: float) -> bytes:
     """Poll a serial BytesIO until `needle` appears; returns everything so far."""
     deadline = time.monotonic() + timeout

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "snapshot"))
@@ -17,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "snapshot"))
 from guest_console import assert_healthy, last_rounds, rounds, wait_for_rounds  # noqa: E402
 
 from snapvisor.control import ApiClient, ApiUnreachable  # noqa: E402
+from testsupport import wait_until  # noqa: F401  (re-exported for the tests here)
 
 __all__ = ["assert_healthy", "last_rounds", "rounds", "wait_for_rounds", "wait_for_guest", "snapvisor", "Foreground",
            "wait_for_api", "wait_until", "s3_env"]
@@ -86,14 +86,6 @@ def wait_for_guest(process: Foreground, count: int, timeout: float = 60) -> byte
         raise AssertionError(f"{exc}\nexit status {process.process.poll()}, stderr: {process.stderr[-2000:]}") from None
 
 
-def wait_until(condition, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def wait_for_api(sock: Path, process: Foreground, timeout: float = 30) -> ApiClient:

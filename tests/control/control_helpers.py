@@ -6,25 +6,16 @@ from __future__ import annotations
 import json
 import socket
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "snapshot"))
 
 from guest_console import assert_healthy, last_rounds, rounds, wait_for_rounds  # noqa: E402
+from testsupport import wait_until
 
 __all__ = ["assert_healthy", "last_rounds", "rounds", "wait_for_rounds", "raw_request", "wait_until"]
 
 
-def wait_until(condition, timeout: float, what: str, interval: float = 0.05):
-    """condition()'s first true value, polled until `timeout` seconds have passed."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def raw_request(path: str, request: bytes, timeout: float = 15.0) -> tuple[int, dict | None]:

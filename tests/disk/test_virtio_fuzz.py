@@ -16,6 +16,7 @@ import pytest
 
 from snapvisor.vmm.devices.virtio.mmio import Reg
 from virtio_driver import AVAIL_GPA, DATA_GPA, DESC_GPA, NEEDS_RESET, QSIZE, STATUS_ALL_OK, USED_GPA, MiB, close_rig, make_rig
+from testsupport import hostile_address
 
 pytestmark = pytest.mark.kvm
 RAM = 2 * MiB
@@ -25,14 +26,7 @@ PAGE = 4096
 
 
 def _address(rng: random.Random) -> int:
-    return rng.choice([
-        DATA_GPA + rng.randrange(0, 64 * 1024),  # ordinary buffers
-        rng.randrange(0, RAM),  # anywhere, rings and descriptors included
-        RAM - rng.randrange(0, 64),  # straddling the end of RAM
-        RAM + rng.randrange(0, 1 << 20),  # just past it
-        0xD000_0000 + rng.randrange(0, 0x1000),  # the MMIO hole
-        (1 << 64) - rng.randrange(1, 4096),  # wraps around
-    ])
+    return hostile_address(rng, DATA_GPA, RAM)
 
 
 def _length(rng: random.Random) -> int:

@@ -17,6 +17,7 @@ import pytest
 
 from net_driver import HDR, RAM, MAC, NetRig, Ring, STATUS_ALL_OK, close_net_rig, make_net_rig
 from snapvisor.vmm.devices.virtio.mmio import STATUS_NEEDS_RESET, Reg
+from testsupport import hostile_address
 
 pytestmark = pytest.mark.kvm
 ROUNDS = 60
@@ -26,14 +27,7 @@ FRAME = MAC + bytes.fromhex("02aabbccdd02") + struct.pack("!H", 0x88B5) + bytes(
 
 
 def _address(rng: random.Random) -> int:
-    return rng.choice([
-        DATA + rng.randrange(0, 64 * 1024),  # ordinary buffers
-        rng.randrange(0, RAM),  # anywhere, rings and descriptors included
-        RAM - rng.randrange(0, 64),  # straddling the end of RAM
-        RAM + rng.randrange(0, 1 << 20),  # just past it
-        0xD000_0000 + rng.randrange(0, 0x1000),  # the MMIO hole
-        (1 << 64) - rng.randrange(1, 4096),  # wraps around
-    ])
+    return hostile_address(rng, DATA, RAM)
 
 
 def _length(rng: random.Random) -> int:
